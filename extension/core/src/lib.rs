@@ -1,0 +1,9 @@
+//! Pure logic of pgpay, free of pgrx so that it can be unit- and property-tested with plain
+//! `cargo test` and shared by the extension, the worker and stripe-fake.
+#![forbid(unsafe_code)]
+
+pub mod canonical_json;
+pub mod checkout;
+pub mod idempotency;
+pub mod signature;
+pub mod transition;
