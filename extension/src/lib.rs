@@ -1,0 +1,38 @@
+//! pgpay: exactly-once Stripe payments enforced inside PostgreSQL.
+//!
+//! The `#[pg_extern]` functions here are thin: the logic lives in `pgpay-core`, and what reads
+//! best as SQL (tables, constraints, plpgsql glue, grants) lives in `sql/`.
+
+use pgrx::prelude::*;
+
+mod checkout;
+mod errors;
+mod keys;
+mod signature;
+mod transition;
+
+::pgrx::pg_module_magic!(name, version);
+
+// The schema, in dependency order. Functions written in Rust are named where SQL needs them.
+extension_sql_file!("../../sql/01_schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../../sql/02_audit.sql", name = "audit", requires = ["schema"]);
+extension_sql_file!(
+    "../../sql/03_outbox.sql",
+    name = "outbox",
+    requires = ["audit"]
+);
+extension_sql_file!(
+    "../../sql/04_evidence.sql",
+    name = "evidence",
+    requires = ["outbox", transition::transition]
+);
+extension_sql_file!(
+    "../../sql/05_checkout.sql",
+    name = "checkout",
+    requires = [
+        "evidence",
+        keys::idempotency_key_of_text,
+        checkout::checkout_validate
+    ]
+);
+extension_sql_file!("../../sql/09_roles.sql", name = "roles", finalize);

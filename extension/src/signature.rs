@@ -1,0 +1,55 @@
+//! Stripe webhook signature checks. The parser and verifier live in `pgpay_core::signature`.
+
+use pgrx::prelude::*;
+use pgpay_core::signature::{verify, verify_any, Tolerance};
+
+use crate::errors::raise_invalid_parameter;
+
+/// `pay.verify_stripe_signature`: for tests and tooling. Production ingest never takes the secret
+/// as an argument (statement logs and pg_stat_statements would keep it): it reads stored secrets.
+/// NULL `now_unix` means the wall clock, as the SDKs use (hence volatile).
+#[pg_extern(volatile, parallel_safe)]
+fn verify_stripe_signature(
+    payload: Option<&str>,
+    header: Option<&str>,
+    secret: Option<&str>,
+    tolerance_s: default!(i32, 300),
+    now_unix: default!(Option<i64>, "NULL"),
+) -> Option<bool> {
+    let (payload, header, secret) = (payload?, header?, secret?);
+    let tolerance = tolerance(tolerance_s);
+    Some(verify(payload.as_bytes(), header, secret.as_bytes(), tolerance, now_or_current(now_unix)).is_ok())
+}
+
+/// Why a delivery fails against every one of `secrets`, or NULL when one of them verifies it.
+/// Used by `pay.ingest_webhook`, which passes the live secrets it read itself.
+#[pg_extern(immutable, parallel_safe, name = "_stripe_signature_failure")]
+fn stripe_signature_failure(
+    payload: &str,
+    header: Option<&str>,
+    secrets: Vec<String>,
+    tolerance_s: i32,
+    now_unix: i64,
+) -> Option<&'static str> {
+    let header = header.unwrap_or("");
+    verify_any(payload.as_bytes(), header, &secrets, tolerance(tolerance_s), now_unix)
+        .err()
+        .map(|e| e.reason())
+}
+
+fn tolerance(tolerance_s: i32) -> Tolerance {
+    match u32::try_from(tolerance_s) {
+        Ok(seconds) => Tolerance::from_seconds(seconds),
+        Err(_) => raise_invalid_parameter(format!(
+            "tolerance_s must be zero (no age check) or a positive number of seconds, got {tolerance_s}"
+        )),
+    }
+}
+
+fn now_or_current(now_unix: Option<i64>) -> i64 {
+    now_unix.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs() as i64)
+    })
+}

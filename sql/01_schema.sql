@@ -1,0 +1,121 @@
+-- pgpay schema: payments, their outbox commands and the audit log.
+-- The invariants of DESIGN.md are written here as named constraints, so the database refuses a
+-- bad state even if a function is wrong.
+
+CREATE TYPE pay.payment_status AS ENUM (
+    'creating',                 -- ours: no PaymentIntent yet
+    'requires_payment_method',
+    'requires_confirmation',
+    'requires_action',
+    'processing',
+    'requires_capture',
+    'succeeded',
+    'canceled',
+    'create_failed',            -- ours: Stripe refused the create
+    'superseded'                -- ours: a newer attempt of the same order replaced this one
+);
+
+-- One row per order: the lock that serialises every checkout call for an order_ref, taken even
+-- before the order's first payment exists.
+CREATE TABLE pay.orders (
+    order_ref   text PRIMARY KEY,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE pay.payments (
+    id                        uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    order_ref                 text NOT NULL REFERENCES pay.orders (order_ref),
+    attempt                   int NOT NULL,
+    amount                    bigint NOT NULL,
+    currency                  text NOT NULL,
+    status                    pay.payment_status NOT NULL DEFAULT 'creating',
+    stripe_payment_intent_id  text,
+    client_secret             text,
+    customer_ref              text,
+    metadata                  jsonb NOT NULL DEFAULT '{}',
+    description               text,
+    -- Key of the checkout's parameters: the same call again is recognised by it.
+    params_fingerprint        text NOT NULL,
+    -- Stripe time (unix seconds) of the newest evidence applied to `status`.
+    status_evidence_at        bigint,
+    amount_received           bigint NOT NULL DEFAULT 0,
+    amount_refunded           bigint NOT NULL DEFAULT 0,
+    disputed                  boolean NOT NULL DEFAULT false,
+    -- Why a human must look at this payment (amount mismatch, a second charge for one order, ...).
+    flagged_reason            text,
+    last_error                jsonb,
+    -- Deferred: the successor is written after its predecessor gives up its live slot.
+    superseded_by             uuid REFERENCES pay.payments (id) DEFERRABLE INITIALLY DEFERRED,
+    created_at                timestamptz NOT NULL DEFAULT now(),
+    updated_at                timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT payments_attempt_unique UNIQUE (order_ref, attempt),
+    CONSTRAINT payments_payment_intent_unique UNIQUE (stripe_payment_intent_id),
+    CONSTRAINT payments_attempt_positive CHECK (attempt > 0),
+    CONSTRAINT payments_amount_in_stripe_range CHECK (amount > 0 AND amount <= 99999999),
+    CONSTRAINT payments_currency_shape CHECK (currency ~ '^[a-z]{3}$'),
+    CONSTRAINT payments_metadata_is_object CHECK (jsonb_typeof(metadata) = 'object'),
+    CONSTRAINT payments_refund_within_amount CHECK (amount_refunded >= 0 AND amount_refunded <= greatest(amount, amount_received)),
+    CONSTRAINT payments_intent_once_known CHECK (status IN ('creating', 'create_failed', 'superseded', 'canceled') OR stripe_payment_intent_id IS NOT NULL),
+    CONSTRAINT payments_superseded_has_successor CHECK ((status = 'superseded') = (superseded_by IS NOT NULL))
+);
+
+-- At most one live attempt per order: a new attempt needs the old one superseded (or finished).
+CREATE UNIQUE INDEX payments_one_live_attempt_per_order ON pay.payments (order_ref)
+    WHERE status NOT IN ('superseded', 'canceled', 'create_failed');
+-- At most one succeeded attempt per order that is not being refunded as a double charge.
+CREATE UNIQUE INDEX payments_one_kept_success_per_order ON pay.payments (order_ref)
+    WHERE status = 'succeeded';
+CREATE INDEX payments_status_updated ON pay.payments (status, updated_at);
+
+CREATE TABLE pay.outbox (
+    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    payment_id        uuid NOT NULL REFERENCES pay.payments (id),
+    kind              text NOT NULL,
+    idempotency_key   text NOT NULL,
+    request           jsonb NOT NULL,
+    -- waiting: needs the PaymentIntent id, which the create command has not brought back yet.
+    status            text NOT NULL DEFAULT 'pending',
+    attempts          int NOT NULL DEFAULT 0,
+    run_after         timestamptz NOT NULL DEFAULT now(),
+    lease_owner       text,
+    lease_expires     timestamptz,
+    last_http_status  int,
+    last_error        text,
+    response          jsonb,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    first_attempt_at  timestamptz,
+    completed_at      timestamptz,
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT outbox_idempotency_key_unique UNIQUE (idempotency_key),
+    CONSTRAINT outbox_kind_known CHECK (kind IN ('create_payment_intent', 'cancel_payment_intent', 'refund')),
+    CONSTRAINT outbox_status_known CHECK (status IN ('waiting', 'pending', 'in_flight', 'done', 'dead', 'skipped')),
+    CONSTRAINT outbox_key_shape CHECK (length(idempotency_key) BETWEEN 1 AND 255),
+    CONSTRAINT outbox_request_shape CHECK (
+        request ? 'method' AND request ? 'path' AND jsonb_typeof(request -> 'params') = 'object'),
+    CONSTRAINT outbox_in_flight_has_lease CHECK (
+        (status = 'in_flight') = (lease_owner IS NOT NULL AND lease_expires IS NOT NULL)),
+    CONSTRAINT outbox_finished_has_completed_at CHECK (
+        (status IN ('done', 'dead', 'skipped')) = (completed_at IS NOT NULL)),
+    CONSTRAINT outbox_attempted_has_first_attempt CHECK ((attempts = 0) = (first_attempt_at IS NULL))
+);
+
+-- One create command per payment: a payment's PaymentIntent is asked for exactly once.
+CREATE UNIQUE INDEX outbox_one_create_per_payment ON pay.outbox (payment_id)
+    WHERE kind = 'create_payment_intent';
+CREATE INDEX outbox_due ON pay.outbox (run_after, id) WHERE status = 'pending';
+CREATE INDEX outbox_leases ON pay.outbox (lease_expires) WHERE status = 'in_flight';
+CREATE INDEX outbox_by_payment ON pay.outbox (payment_id);
+
+CREATE TABLE pay.audit_log (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    payment_id       uuid NOT NULL REFERENCES pay.payments (id),
+    from_status      pay.payment_status,
+    to_status        pay.payment_status NOT NULL,
+    -- What the evidence asked for, when it was not applied (to_status then equals from_status).
+    proposed_status  text,
+    cause            text NOT NULL,
+    evidence_id      text,
+    actor            text NOT NULL DEFAULT session_user,
+    at               timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX audit_log_by_payment ON pay.audit_log (payment_id, id);
