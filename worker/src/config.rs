@@ -1,0 +1,627 @@
+//! Configuration: defaults, then environment, then flags (clap's precedence), validated
+//! once at startup into a [`WorkerConfig`]. Library users (tests) build a
+//! [`WorkerConfig`] directly with [`WorkerConfig::new`] and adjust fields.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::Url;
+
+use crate::backoff::RetryPolicy;
+use crate::secret::SecretString;
+use crate::stripe::StripeConfig;
+
+/// Stripe's API.
+pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
+/// The API version the worker (and the extension's response handling) is written against.
+pub const DEFAULT_STRIPE_VERSION: &str = "2024-06-20";
+
+/// Everything `run` needs. `Debug` is safe to log: the database password and the Stripe key
+/// are redacted.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Where the outbox lives (`DATABASE_URL`), parsed. Its `Debug` hides the password.
+    pub database: tokio_postgres::Config,
+    /// How to reach Stripe.
+    pub stripe: StripeConfig,
+    /// `lease_owner` written by `claim_outbox`: hostname-pid-random by default.
+    pub worker_id: String,
+    /// Commands in flight at once (claimed and not yet written back).
+    pub concurrency: usize,
+    /// Rows per `claim_outbox` call.
+    pub batch_size: u32,
+    /// Lease per claimed row. A command is never started with less than its request
+    /// timeout left on the lease, so a lease taken over never overlaps a send of ours.
+    pub lease: Duration,
+    /// Periodic poll, the fallback for lost notifications and for retries coming due.
+    pub poll_interval: Duration,
+    /// Requests per second to Stripe; `0` lifts the limit.
+    pub rate_limit: f64,
+    /// Optional HTTP endpoint for `/healthz`, `/metrics`, `/webhooks/stripe`.
+    pub http_listen: Option<SocketAddr>,
+    /// How long shutdown waits for in-flight requests before releasing them.
+    pub shutdown_timeout: Duration,
+    /// Connections in the pool used for claim/complete and the HTTP endpoints.
+    pub db_pool_size: usize,
+    /// Retry delays.
+    pub retry: RetryPolicy,
+    /// `LISTEN pay_outbox`. Off only in tests that prove the poll alone delivers.
+    pub listen_for_notifications: bool,
+}
+
+/// A configuration that cannot work. Messages name the setting, never its secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `DATABASE_URL` does not parse.
+    #[error("DATABASE_URL is not a valid PostgreSQL connection string")]
+    DatabaseUrl(#[source] tokio_postgres::Error),
+    /// `sslmode=require` but this build connects without TLS.
+    #[error("DATABASE_URL asks for sslmode=require, but the worker connects without TLS (run it next to the database or on a Unix socket)")]
+    DatabaseTls,
+    /// No key given.
+    #[error("STRIPE_SECRET_KEY (or --stripe-secret-key-file) is required")]
+    MissingSecretKey,
+    /// Both the variable and the file are set.
+    #[error("set STRIPE_SECRET_KEY or --stripe-secret-key-file, not both")]
+    TwoSecretKeys,
+    /// The key file cannot be read.
+    #[error("cannot read the Stripe key file {path}")]
+    SecretKeyFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key is empty or has whitespace or control characters.
+    #[error("STRIPE_SECRET_KEY is empty or contains whitespace or control characters")]
+    BadSecretKey,
+    /// A live key would travel over plain HTTP to another machine.
+    #[error(
+        "refusing to send a live Stripe key over plain http to a non-loopback STRIPE_API_BASE"
+    )]
+    InsecureLiveKey,
+    /// `STRIPE_API_BASE` is not a usable base URL.
+    #[error("STRIPE_API_BASE {value:?} is not usable: {reason}")]
+    ApiBase {
+        /// The value (a URL without credentials).
+        value: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A setting outside its range.
+    #[error("{name}: {reason}")]
+    OutOfRange {
+        /// Flag name.
+        name: &'static str,
+        /// The rule it broke.
+        reason: String,
+    },
+}
+
+fn out_of_range(name: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::OutOfRange {
+        name,
+        reason: reason.into(),
+    }
+}
+
+/// hostname-pid-random: unique per process, readable in `pay.outbox.lease_owner`.
+pub fn default_worker_id() -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .take(64)
+        .collect();
+    let host = if host.is_empty() { "host".into() } else { host };
+    let mut rng = fastrand::Rng::new();
+    let suffix: String = (0..6)
+        .map(|_| rng.alphanumeric().to_ascii_lowercase())
+        .collect();
+    format!("{host}-{}-{suffix}", std::process::id())
+}
+
+fn parse_api_base(value: &str) -> Result<Url, ConfigError> {
+    let bad = |reason| ConfigError::ApiBase {
+        value: value.to_owned(),
+        reason,
+    };
+    let url = Url::parse(value).map_err(|_| bad("not a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("scheme must be https (or http for a local stand-in)"));
+    }
+    if url.host_str().is_none() {
+        return Err(bad("no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::ApiBase {
+            value: "[a URL with credentials]".into(),
+            reason: "must not carry credentials",
+        });
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("must not have a query or fragment"));
+    }
+    Ok(url)
+}
+
+/// Whether the base URL points at this machine (so plain http is harmless).
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+impl WorkerConfig {
+    /// A configuration with the defaults, for the given database, Stripe base and key.
+    pub fn new(
+        database_url: &str,
+        stripe_api_base: &str,
+        stripe_secret_key: impl Into<SecretString>,
+    ) -> Result<Self, ConfigError> {
+        let database = database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(ConfigError::DatabaseUrl)?;
+        let cfg = Self {
+            database,
+            stripe: StripeConfig {
+                api_base: parse_api_base(stripe_api_base)?,
+                secret_key: stripe_secret_key.into(),
+                api_version: DEFAULT_STRIPE_VERSION.to_owned(),
+                connect_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(30),
+            },
+            worker_id: default_worker_id(),
+            concurrency: 16,
+            batch_size: 32,
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            rate_limit: 20.0,
+            http_listen: None,
+            shutdown_timeout: Duration::from_secs(30),
+            db_pool_size: 4,
+            retry: RetryPolicy::default(),
+            listen_for_notifications: true,
+        };
+        Ok(cfg)
+    }
+
+    /// Checks every rule; `run` calls this before doing anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.database.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(ConfigError::DatabaseTls);
+        }
+        let key = self.stripe.secret_key.expose();
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::BadSecretKey);
+        }
+        let base = &self.stripe.api_base;
+        if base.scheme() == "http"
+            && !is_loopback(base)
+            && (key.starts_with("sk_live_") || key.starts_with("rk_live_"))
+        {
+            return Err(ConfigError::InsecureLiveKey);
+        }
+        let v = &self.stripe.api_version;
+        if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(out_of_range(
+                "--stripe-api-version",
+                "must be a non-empty version like 2024-06-20",
+            ));
+        }
+        let w = &self.worker_id;
+        if w.is_empty() || w.len() > 200 || w.chars().any(char::is_control) {
+            return Err(out_of_range(
+                "--worker-id",
+                "must be 1 to 200 characters without control characters",
+            ));
+        }
+        if !(1..=1024).contains(&self.concurrency) {
+            return Err(out_of_range("--concurrency", "must be between 1 and 1024"));
+        }
+        if !(1..=1000).contains(&self.batch_size) {
+            return Err(out_of_range("--batch-size", "must be between 1 and 1000"));
+        }
+        let ms = Duration::from_millis;
+        let rt = self.stripe.request_timeout;
+        if !(ms(100)..=Duration::from_secs(600)).contains(&rt) {
+            return Err(out_of_range(
+                "--request-timeout",
+                "must be between 100ms and 10m",
+            ));
+        }
+        if !(ms(100)..=rt).contains(&self.stripe.connect_timeout) {
+            return Err(out_of_range(
+                "--connect-timeout",
+                "must be at least 100ms and at most --request-timeout",
+            ));
+        }
+        if self.lease < rt + crate::dispatcher::LEASE_MARGIN * 2
+            || self.lease > Duration::from_secs(86_400)
+        {
+            return Err(out_of_range(
+                "--lease",
+                format!(
+                    "must be at least --request-timeout + {:?} (so a send always ends before the lease does) and at most 24h",
+                    crate::dispatcher::LEASE_MARGIN * 2
+                ),
+            ));
+        }
+        if !(ms(10)..=Duration::from_secs(3600)).contains(&self.poll_interval) {
+            return Err(out_of_range(
+                "--poll-interval",
+                "must be between 10ms and 1h",
+            ));
+        }
+        if !self.rate_limit.is_finite() || !(0.0..=10_000.0).contains(&self.rate_limit) {
+            return Err(out_of_range(
+                "--rate-limit",
+                "must be between 0 (unlimited) and 10000 requests/s",
+            ));
+        }
+        if self.shutdown_timeout > Duration::from_secs(3600) {
+            return Err(out_of_range("--shutdown-timeout", "must be at most 1h"));
+        }
+        if !(1..=64).contains(&self.db_pool_size) {
+            return Err(out_of_range("--db-pool-size", "must be between 1 and 64"));
+        }
+        let r = &self.retry;
+        if r.base < ms(1) || r.max < r.base || r.max > Duration::from_secs(86_400) {
+            return Err(out_of_range(
+                "--retry-base/--retry-max",
+                "need 1ms <= base <= max <= 24h",
+            ));
+        }
+        if r.retry_after_cap > Duration::from_secs(3600) {
+            return Err(out_of_range("--retry-after-cap", "must be at most 1h"));
+        }
+        Ok(())
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 1s, 60s, 2m)"))
+}
+
+/// `pgpay-worker run` flags. Each has an environment variable; flags win over the
+/// environment, which wins over the defaults. The Stripe key is read from
+/// `STRIPE_SECRET_KEY` or a file, never from a flag (argv is visible to every local user).
+#[derive(Clone, clap::Args)]
+#[command(
+    after_help = "The Stripe key comes from STRIPE_SECRET_KEY or --stripe-secret-key-file (never a flag: argv is world-readable).\nLogging: RUST_LOG (default info)."
+)]
+pub struct RunArgs {
+    /// PostgreSQL connection string of the database with the pgpay extension.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// File holding the Stripe secret key (alternative to STRIPE_SECRET_KEY).
+    #[arg(long, env = "STRIPE_SECRET_KEY_FILE", value_name = "PATH")]
+    pub stripe_secret_key_file: Option<PathBuf>,
+    /// Base URL of Stripe's API (point it at stripe-fake for the demo and tests).
+    #[arg(long, env = "STRIPE_API_BASE", default_value = DEFAULT_API_BASE)]
+    pub stripe_api_base: String,
+    /// Pinned Stripe-Version header.
+    #[arg(long, env = "STRIPE_API_VERSION", default_value = DEFAULT_STRIPE_VERSION)]
+    pub stripe_api_version: String,
+    /// Commands in flight at once.
+    #[arg(long, env = "PGPAY_WORKER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Rows per claim.
+    #[arg(long, env = "PGPAY_WORKER_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: u32,
+    /// Lease per claimed command.
+    #[arg(long, env = "PGPAY_WORKER_LEASE", default_value = "60s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// Poll interval (the fallback for lost notifications).
+    #[arg(long, env = "PGPAY_WORKER_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Requests per second to Stripe (0 = unlimited, for benchmarks against stripe-fake).
+    #[arg(long, env = "PGPAY_WORKER_RATE_LIMIT", default_value_t = 20.0)]
+    pub rate_limit: f64,
+    /// Serve /healthz, /metrics and /webhooks/stripe on this address (e.g. 127.0.0.1:9187).
+    #[arg(long, env = "PGPAY_WORKER_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// How long shutdown waits for in-flight requests.
+    #[arg(long, env = "PGPAY_WORKER_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Timeout for one request to Stripe.
+    #[arg(long, env = "PGPAY_WORKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Connect timeout for requests to Stripe.
+    #[arg(long, env = "PGPAY_WORKER_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Database connections for claims, write-backs and HTTP endpoints.
+    #[arg(long, env = "PGPAY_WORKER_DB_POOL_SIZE", default_value_t = 4)]
+    pub db_pool_size: usize,
+    /// Backoff ceiling of the first retry (doubles per attempt, full jitter).
+    #[arg(long, env = "PGPAY_WORKER_RETRY_BASE", default_value = "500ms", value_parser = parse_duration)]
+    pub retry_base: Duration,
+    /// Largest backoff ceiling.
+    #[arg(long, env = "PGPAY_WORKER_RETRY_MAX", default_value = "2m", value_parser = parse_duration)]
+    pub retry_max: Duration,
+    /// Retry-After values are honoured up to this.
+    #[arg(long, env = "PGPAY_WORKER_RETRY_AFTER_CAP", default_value = "60s", value_parser = parse_duration)]
+    pub retry_after_cap: Duration,
+    /// lease_owner name (default: hostname-pid-random).
+    #[arg(long, env = "PGPAY_WORKER_ID")]
+    pub worker_id: Option<String>,
+}
+
+impl RunArgs {
+    /// Resolves the key (from `stripe_secret_key_env`, the value of `STRIPE_SECRET_KEY`, or
+    /// the key file) and validates everything.
+    pub fn into_config(
+        self,
+        stripe_secret_key_env: Option<String>,
+    ) -> Result<WorkerConfig, ConfigError> {
+        let env_key = stripe_secret_key_env.filter(|k| !k.is_empty());
+        let key = match (env_key, &self.stripe_secret_key_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::TwoSecretKeys),
+            (Some(k), None) => SecretString::new(k),
+            (None, Some(path)) => {
+                let raw =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::SecretKeyFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                SecretString::new(raw.trim())
+            }
+            (None, None) => return Err(ConfigError::MissingSecretKey),
+        };
+        let mut cfg = WorkerConfig::new(&self.database_url, &self.stripe_api_base, key)?;
+        cfg.stripe.api_version = self.stripe_api_version;
+        cfg.stripe.request_timeout = self.request_timeout;
+        cfg.stripe.connect_timeout = self.connect_timeout;
+        if let Some(id) = self.worker_id {
+            cfg.worker_id = id;
+        }
+        cfg.concurrency = self.concurrency;
+        cfg.batch_size = self.batch_size;
+        cfg.lease = self.lease;
+        cfg.poll_interval = self.poll_interval;
+        cfg.rate_limit = self.rate_limit;
+        cfg.http_listen = self.http_listen;
+        cfg.shutdown_timeout = self.shutdown_timeout;
+        cfg.db_pool_size = self.db_pool_size;
+        cfg.retry = RetryPolicy {
+            base: self.retry_base,
+            max: self.retry_max,
+            retry_after_cap: self.retry_after_cap,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    const DB: &str = "postgres://pay_worker:hunter2@127.0.0.1:5432/pgpay";
+    const KEY: &str = "sk_test_51Hsupersecretvalue";
+
+    fn base() -> WorkerConfig {
+        WorkerConfig::new(DB, "http://127.0.0.1:12111", KEY).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        base().validate().unwrap();
+        let c = base();
+        assert_eq!(c.stripe.api_version, "2024-06-20");
+        assert_eq!(c.rate_limit, 20.0);
+        assert_eq!(c.poll_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn debug_never_contains_secrets() {
+        let c = base();
+        let dbg = format!("{c:?} {:#?}", c);
+        assert!(!dbg.contains("supersecret"), "{dbg}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(dbg.contains("[redacted]"), "{dbg}");
+    }
+
+    #[test]
+    fn errors_never_contain_secrets() {
+        let mut c = base();
+        c.stripe.secret_key = SecretString::new("sk_live_abc def");
+        let e = c.validate().unwrap_err();
+        assert!(matches!(e, ConfigError::BadSecretKey));
+        assert!(!format!("{e} {e:?}").contains("abc"));
+
+        let e = WorkerConfig::new(DB, "http://user:pw@127.0.0.1", KEY).unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("pw@"), "{e}");
+    }
+
+    #[test]
+    fn validation_table() {
+        type Tweak = fn(&mut WorkerConfig);
+        let bad: &[(&str, Tweak)] = &[
+            ("concurrency 0", |c| c.concurrency = 0),
+            ("concurrency huge", |c| c.concurrency = 5000),
+            ("batch 0", |c| c.batch_size = 0),
+            ("lease below request timeout", |c| {
+                c.lease = Duration::from_secs(30)
+            }),
+            ("poll 0", |c| c.poll_interval = Duration::ZERO),
+            ("rate negative", |c| c.rate_limit = -1.0),
+            ("rate NaN", |c| c.rate_limit = f64::NAN),
+            ("pool 0", |c| c.db_pool_size = 0),
+            ("retry max < base", |c| {
+                c.retry.max = Duration::from_millis(1)
+            }),
+            ("empty key", |c| c.stripe.secret_key = SecretString::new("")),
+            ("empty version", |c| c.stripe.api_version = String::new()),
+            ("empty worker id", |c| c.worker_id = String::new()),
+            ("connect > request timeout", |c| {
+                c.stripe.connect_timeout = Duration::from_secs(31)
+            }),
+            ("live key over http", |c| {
+                c.stripe.api_base = Url::parse("http://stripe-fake:12111").unwrap();
+                c.stripe.secret_key = SecretString::new("sk_live_x");
+            }),
+        ];
+        for (name, tweak) in bad {
+            let mut c = base();
+            tweak(&mut c);
+            assert!(c.validate().is_err(), "{name} should be rejected");
+        }
+        let good: &[(&str, Tweak)] = &[
+            ("rate 0 = unlimited", |c| c.rate_limit = 0.0),
+            ("test key over http to a compose host", |c| {
+                c.stripe.api_base = Url::parse("http://stripe-fake:12111").unwrap()
+            }),
+            ("live key over https", |c| {
+                c.stripe.api_base = Url::parse("https://api.stripe.com").unwrap();
+                c.stripe.secret_key = SecretString::new("sk_live_x");
+            }),
+            ("live key over http to loopback", |c| {
+                c.stripe.secret_key = SecretString::new("sk_live_x")
+            }),
+            ("short lease with short timeout", |c| {
+                c.stripe.request_timeout = Duration::from_secs(1);
+                c.stripe.connect_timeout = Duration::from_millis(500);
+                c.lease = Duration::from_secs(6);
+            }),
+            ("shutdown timeout 0", |c| {
+                c.shutdown_timeout = Duration::ZERO
+            }),
+        ];
+        for (name, tweak) in good {
+            let mut c = base();
+            tweak(&mut c);
+            c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        for bad_base in [
+            "ftp://x",
+            "not a url",
+            "https://api.stripe.com/?x=1",
+            "http:/",
+        ] {
+            assert!(WorkerConfig::new(DB, bad_base, KEY).is_err(), "{bad_base}");
+        }
+        assert!(matches!(
+            WorkerConfig::new("postgres://x:y@h:notaport/db", DEFAULT_API_BASE, KEY),
+            Err(ConfigError::DatabaseUrl(_))
+        ));
+        let mut c = WorkerConfig::new(
+            "postgres://u@127.0.0.1/db?sslmode=require",
+            DEFAULT_API_BASE,
+            KEY,
+        )
+        .unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::DatabaseTls)));
+        c.database.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+        c.validate().unwrap();
+    }
+
+    // All environment-dependent parsing lives in this one test: the process environment
+    // is shared by every test thread.
+    #[test]
+    fn layering_defaults_env_flags_and_key_sources() {
+        std::env::remove_var("PGPAY_WORKER_CONCURRENCY");
+        std::env::remove_var("PGPAY_WORKER_POLL_INTERVAL");
+        std::env::remove_var("STRIPE_SECRET_KEY_FILE");
+        std::env::set_var("DATABASE_URL", DB);
+
+        // Defaults.
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        let c = cli.run.clone().into_config(Some(KEY.into())).unwrap();
+        assert_eq!(c.concurrency, 16);
+        assert_eq!(c.poll_interval, Duration::from_secs(1));
+        assert_eq!(c.stripe.api_base.as_str(), "https://api.stripe.com/");
+
+        // Environment over defaults.
+        std::env::set_var("PGPAY_WORKER_CONCURRENCY", "3");
+        std::env::set_var("PGPAY_WORKER_POLL_INTERVAL", "250ms");
+        let c = Cli::try_parse_from(["x"])
+            .unwrap()
+            .run
+            .into_config(Some(KEY.into()))
+            .unwrap();
+        assert_eq!(c.concurrency, 3);
+        assert_eq!(c.poll_interval, Duration::from_millis(250));
+
+        // Flags over the environment.
+        let c = Cli::try_parse_from([
+            "x",
+            "--concurrency",
+            "5",
+            "--poll-interval",
+            "2s",
+            "--rate-limit",
+            "0",
+            "--lease",
+            "90s",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap()
+        .run
+        .into_config(Some(KEY.into()))
+        .unwrap();
+        assert_eq!(c.concurrency, 5);
+        assert_eq!(c.poll_interval, Duration::from_secs(2));
+        assert_eq!(c.rate_limit, 0.0);
+        assert_eq!(c.lease, Duration::from_secs(90));
+        assert_eq!(c.http_listen, Some("127.0.0.1:0".parse().unwrap()));
+        std::env::remove_var("PGPAY_WORKER_CONCURRENCY");
+        std::env::remove_var("PGPAY_WORKER_POLL_INTERVAL");
+
+        // Bad duration is a parse error naming the flag.
+        let err = Cli::try_parse_from(["x", "--lease", "forever"])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--lease"), "{err}");
+
+        // Key sources.
+        let args = Cli::try_parse_from(["x"]).unwrap().run;
+        assert!(matches!(
+            args.clone().into_config(None),
+            Err(ConfigError::MissingSecretKey)
+        ));
+        assert!(matches!(
+            args.clone().into_config(Some(String::new())),
+            Err(ConfigError::MissingSecretKey)
+        ));
+        let dir = std::env::temp_dir().join(format!("pgpay-worker-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, format!("{KEY}\n")).unwrap();
+        let with_file =
+            Cli::try_parse_from(["x", "--stripe-secret-key-file", file.to_str().unwrap()])
+                .unwrap()
+                .run;
+        let c = with_file.clone().into_config(None).unwrap();
+        assert_eq!(c.stripe.secret_key.expose(), KEY);
+        assert!(matches!(
+            with_file.into_config(Some(KEY.into())),
+            Err(ConfigError::TwoSecretKeys)
+        ));
+        let missing = Cli::try_parse_from(["x", "--stripe-secret-key-file", "/nonexistent/key"])
+            .unwrap()
+            .run;
+        assert!(matches!(
+            missing.into_config(None),
+            Err(ConfigError::SecretKeyFile { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // No flag takes the key itself.
+        assert!(Cli::try_parse_from(["x", "--stripe-secret-key", KEY]).is_err());
+        std::env::remove_var("DATABASE_URL");
+    }
+}

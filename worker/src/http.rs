@@ -1,0 +1,147 @@
+//! The optional HTTP endpoint: `/healthz`, `/metrics` and the webhook relay
+//! `/webhooks/stripe`, which hands the raw body and the `Stripe-Signature` header, byte
+//! for byte, to `pay.ingest_webhook` and answers with the status the database chose.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use deadpool_postgres::Pool;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::classify::ErrorChain;
+use crate::db;
+use crate::metrics::Metrics;
+
+/// Webhook bodies larger than this get 413. Stripe's events are a few KB.
+pub const MAX_WEBHOOK_BODY: usize = 1 << 20;
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/webhooks/stripe", post(stripe_webhook))
+        .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY))
+        .with_state(state)
+}
+
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+}
+
+async fn healthz(State(st): State<AppState>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(3), db::ping(&st.pool)).await {
+        Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Err(e)) => {
+            debug!(error = %ErrorChain(&e), "healthz: database unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n").into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database timeout\n").into_response(),
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    // Queue depth is sampled at scrape time; a slow or failing query leaves the last value.
+    match tokio::time::timeout(Duration::from_secs(2), db::queue_depth(&st.pool)).await {
+        Ok(Ok(rows)) => {
+            let mut pending = 0;
+            let mut in_flight = 0;
+            for (status, n) in rows {
+                match status.as_str() {
+                    "pending" => pending = n,
+                    "in_flight" => in_flight = n,
+                    _ => {}
+                }
+            }
+            st.metrics.set_queue_depth("pending", pending);
+            st.metrics.set_queue_depth("in_flight", in_flight);
+        }
+        Ok(Err(e)) => {
+            st.metrics.db_error("queue_depth");
+            debug!(error = %ErrorChain(&e), "metrics: queue depth query failed");
+        }
+        Err(_) => st.metrics.db_error("queue_depth"),
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+async fn stripe_webhook(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(payload) = std::str::from_utf8(&body) else {
+        st.metrics.webhook("rejected");
+        return answer(
+            StatusCode::BAD_REQUEST,
+            json!({"status": "rejected", "detail": "body is not UTF-8"}),
+        );
+    };
+    let signature = match headers.get("stripe-signature").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => {
+            st.metrics.webhook("rejected");
+            return answer(
+                StatusCode::BAD_REQUEST,
+                json!({"status": "rejected", "detail": "Stripe-Signature is not ASCII"}),
+            );
+        }
+    };
+    match db::ingest_webhook(&st.pool, payload, signature).await {
+        Ok(Some(r)) => {
+            st.metrics.webhook(match r.status.as_str() {
+                s @ ("applied" | "duplicate" | "stored" | "rejected") => s,
+                _ => "other",
+            });
+            let code = u16::try_from(r.http_status)
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            answer(code, json!({"status": r.status, "event_id": r.event_id}))
+        }
+        // A STRICT ingest function returns no row for a NULL (missing) header.
+        Ok(None) => {
+            st.metrics.webhook("rejected");
+            answer(
+                StatusCode::BAD_REQUEST,
+                json!({"status": "rejected", "detail": "missing Stripe-Signature"}),
+            )
+        }
+        Err(e) => {
+            // 5xx makes Stripe deliver again later; the event is not lost.
+            st.metrics.webhook("error");
+            warn!(error = %ErrorChain(&e), "webhook ingest failed");
+            answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"status": "error"}),
+            )
+        }
+    }
+}

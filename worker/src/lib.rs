@@ -1,0 +1,199 @@
+//! `pgpay-worker`: the sidecar that sends the pgpay outbox to Stripe.
+//!
+//! The database decides every payment state; the worker claims outbox commands, sends each
+//! with its stored Idempotency-Key, and hands Stripe's answer back through the fenced
+//! `pay.complete_outbox` / `pay.retry_outbox` / `pay.fail_outbox` functions
+//! (docs/outbox-contract.md).
+//!
+//! Start one in-process with [`start`] (tests do) or run it to completion with [`run`]
+//! (the binary does). Shutdown is a [`CancellationToken`] you pass in.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod classify;
+pub mod command;
+pub mod config;
+pub mod db;
+pub mod dispatcher;
+mod http;
+pub mod metrics;
+pub mod ratelimit;
+pub mod secret;
+pub mod stripe;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+pub use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use crate::config::{ConfigError, RunArgs, WorkerConfig};
+pub use crate::metrics::{Metrics, Outcome};
+pub use crate::secret::SecretString;
+
+use crate::dispatcher::{Dispatcher, Shared};
+
+/// Why the worker could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration is invalid.
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    /// The HTTP client could not be built.
+    #[error("could not set up the Stripe client")]
+    Client(#[from] stripe::ClientError),
+    /// The database pool could not be built.
+    #[error("could not set up the database pool")]
+    Db(#[from] db::DbError),
+    /// `--http-listen` could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("HTTP server failed")]
+    Http(#[source] std::io::Error),
+    /// A worker task panicked.
+    #[error("worker task panicked")]
+    Panicked(#[source] tokio::task::JoinError),
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    worker_id: String,
+    http_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    dispatcher: JoinHandle<()>,
+    http: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("worker_id", &self.worker_id)
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerHandle {
+    /// The `lease_owner` this worker claims under.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// The bound HTTP address (useful with port 0), when `http_listen` was set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// This worker's metrics (counters are readable directly, see [`Metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Asks for a graceful shutdown (same as cancelling the token given to [`start`]).
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until the worker has stopped (after a shutdown request).
+    pub async fn wait(self) -> Result<(), WorkerError> {
+        let d = self.dispatcher.await;
+        let h = match self.http {
+            Some(h) => Some(h.await),
+            None => None,
+        };
+        d.map_err(WorkerError::Panicked)?;
+        match h {
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(WorkerError::Http(e)),
+            Some(Err(e)) => Err(WorkerError::Panicked(e)),
+        }
+    }
+
+    /// Stops everything at once without releasing anything — what a crash (SIGKILL) does.
+    /// Claimed commands stay `in_flight` until their lease expires. For tests.
+    pub async fn abort(self) {
+        self.dispatcher.abort();
+        if let Some(h) = &self.http {
+            h.abort();
+        }
+        let _ = self.dispatcher.await;
+        if let Some(h) = self.http {
+            let _ = h.await;
+        }
+    }
+}
+
+/// Validates `config`, binds the HTTP listener (if any) and starts the dispatcher.
+/// Returns once the worker is running; cancelling `cancel` (or
+/// [`WorkerHandle::shutdown`]) stops it gracefully.
+pub async fn start(
+    config: WorkerConfig,
+    cancel: CancellationToken,
+) -> Result<WorkerHandle, WorkerError> {
+    config.validate()?;
+    if config.stripe.api_base.scheme() == "http" && !config::is_loopback(&config.stripe.api_base) {
+        warn!(
+            api_base = %config.stripe.api_base,
+            "STRIPE_API_BASE is plain http to another host; the API key travels unencrypted"
+        );
+    }
+    let cancel = cancel.child_token();
+    let metrics = Arc::new(Metrics::new());
+    let stripe = stripe::StripeClient::new(&config.stripe)?;
+    let pool = db::pool(&config.database, config.db_pool_size)?;
+
+    let (http, http_addr) = match config.http_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| WorkerError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| WorkerError::Bind { addr, source })?;
+            info!(addr = %bound, "HTTP endpoint listening");
+            let state = http::AppState {
+                pool: pool.clone(),
+                metrics: metrics.clone(),
+            };
+            (
+                Some(tokio::spawn(http::serve(listener, state, cancel.clone()))),
+                Some(bound),
+            )
+        }
+        None => (None, None),
+    };
+
+    info!(config = ?config, "starting pgpay-worker");
+    let worker_id = config.worker_id.clone();
+    let shared = Arc::new(Shared {
+        limiter: ratelimit::RateLimiter::new(config.rate_limit),
+        cfg: config,
+        pool,
+        stripe,
+        metrics: metrics.clone(),
+    });
+    let dispatcher = tokio::spawn(Dispatcher::new(shared, cancel.clone()).run());
+    Ok(WorkerHandle {
+        worker_id,
+        http_addr,
+        metrics,
+        cancel,
+        dispatcher,
+        http,
+    })
+}
+
+/// [`start`], then wait until `cancel` is cancelled and the worker has drained.
+pub async fn run(config: WorkerConfig, cancel: CancellationToken) -> Result<(), WorkerError> {
+    start(config, cancel).await?.wait().await
+}
