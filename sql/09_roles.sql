@@ -40,3 +40,19 @@ GRANT EXECUTE ON FUNCTION pay.fail_outbox(bigint, int, int, jsonb) TO pay_worker
 GRANT SELECT ON pay.outbox TO pay_worker;
 
 GRANT SELECT ON pay.payments, pay.outbox, pay.audit_log, pay.fulfillments, pay.refunds, pay.orders TO pay_auditor;
+
+-- Webhooks: pay_webhook may deliver and nothing else; the worker's relay delivers too.
+GRANT EXECUTE ON FUNCTION pay.ingest_webhook(text, text) TO pay_webhook, pay_worker;
+GRANT EXECUTE ON FUNCTION pay.stripe_webhook(pay."application/json") TO pay_webhook;
+GRANT INSERT ON pay.webhook_inbox TO pay_webhook;
+-- pay.add_webhook_secret and pay.revoke_webhook_secret stay with the extension's owner (a DBA).
+
+GRANT EXECUTE ON FUNCTION pay.claim_fulfillments(text, int, interval) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.complete_fulfillment(uuid) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.refund(uuid, bigint, text) TO pay_app;
+GRANT SELECT ON pay.flagged_payments TO pay_app;
+
+GRANT SELECT ON pay.webhook_events, pay.webhook_rejections, pay.webhook_secret_labels,
+                pay.webhook_stats, pay.stuck_payments, pay.outbox_health, pay.flagged_payments
+    TO pay_auditor;
+GRANT SELECT ON pay.outbox_health, pay.stuck_payments TO pay_worker;

@@ -35,4 +35,15 @@ extension_sql_file!(
         checkout::checkout_validate
     ]
 );
+extension_sql_file!(
+    "../../sql/06_webhooks.sql",
+    name = "webhooks",
+    requires = ["checkout", signature::stripe_signature_failure]
+);
+extension_sql_file!(
+    "../../sql/07_fulfillment.sql",
+    name = "fulfillment",
+    requires = ["webhooks"]
+);
+extension_sql_file!("../../sql/08_views.sql", name = "views", requires = ["fulfillment"]);
 extension_sql_file!("../../sql/09_roles.sql", name = "roles", finalize);

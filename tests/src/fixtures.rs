@@ -17,3 +17,19 @@ pub fn payment_intent(id: &str, payment_id: &str, amount: i64, currency: &str, s
         "metadata": { "pgpay_payment_id": payment_id },
     })
 }
+
+/// A Stripe event around `object`, serialised as Stripe sends it (pretty-printed, so byte-exact
+/// signing matters).
+pub fn event(id: &str, event_type: &str, created: i64, object: Value) -> String {
+    serde_json::to_string_pretty(&json!({
+        "id": id,
+        "object": "event",
+        "api_version": "2024-06-20",
+        "created": created,
+        "type": event_type,
+        "livemode": false,
+        "pending_webhooks": 1,
+        "data": { "object": object },
+    }))
+    .expect("json")
+}

@@ -3,6 +3,7 @@
 //! The extension must be installed first (`scripts/install-extension`, which `make test` runs).
 
 pub mod fixtures;
+pub mod stripe_sdk;
 
 use std::time::{Duration, Instant};
 
