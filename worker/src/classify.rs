@@ -152,7 +152,8 @@ pub fn decide(
     };
     let body: Option<Value> = serde_json::from_slice(&resp.body).ok();
     match classify_status(resp.status, resp.should_retry) {
-        Verdict::Complete => match body {
+        // complete_outbox takes the object Stripe answered; anything else is not Stripe.
+        Verdict::Complete => match body.filter(Value::is_object) {
             Some(response) => WriteBack::Complete {
                 http_status: resp.status,
                 response,
@@ -161,7 +162,7 @@ pub fn decide(
             None => WriteBack::Retry {
                 http_status: Some(resp.status),
                 error: format!(
-                    "HTTP {} with a body that is not JSON ({} bytes)",
+                    "HTTP {} with a body that is not a JSON object ({} bytes)",
                     resp.status,
                     resp.body.len()
                 ),
@@ -332,6 +333,7 @@ mod tests {
             (200, None, None, r#"{"id":"pi_1"}"#, K::Complete, 0),
             (200, None, Some(30), r#"{"id":"pi_1"}"#, K::Complete, 0),
             (200, None, None, "not json", K::Retry, 0),
+            (200, None, None, "[1, 2]", K::Retry, 0),
             (400, None, None, err_body, K::Fail, 0),
             (400, None, Some(5), err_body, K::Fail, 0),
             (400, Some(true), Some(5), err_body, K::Retry, 5),

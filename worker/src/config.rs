@@ -242,12 +242,12 @@ impl WorkerConfig {
             ));
         }
         if self.lease < rt + crate::dispatcher::LEASE_MARGIN * 2
-            || self.lease > Duration::from_secs(86_400)
+            || self.lease > Duration::from_secs(3600)
         {
             return Err(out_of_range(
                 "--lease",
                 format!(
-                    "must be at least --request-timeout + {:?} (so a send always ends before the lease does) and at most 24h",
+                    "must be at least --request-timeout + {:?} (so a send always ends before the lease does) and at most 1h (claim_outbox's limit)",
                     crate::dispatcher::LEASE_MARGIN * 2
                 ),
             ));

@@ -25,6 +25,30 @@ pub enum DbError {
     Build(#[source] deadpool_postgres::BuildError),
 }
 
+impl DbError {
+    /// Whether trying the same call again may succeed: connection trouble, the server
+    /// shutting down or overloaded, serialization failures and deadlocks. A call the
+    /// server rejected on its merits (bad argument, missing function, permission) is not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Pool(_) => true,
+            DbError::Build(_) => false,
+            DbError::Query(e) => match e.code() {
+                // No SQLSTATE: the connection failed or closed.
+                None => true,
+                Some(code) => {
+                    let c = code.code();
+                    c.starts_with("08") // connection exception
+                        || c.starts_with("40") // serialization failure, deadlock
+                        || c.starts_with("53") // insufficient resources
+                        || c.starts_with("57") // operator intervention (admin shutdown, cancel)
+                        || c == "55P03" // lock not available
+                }
+            },
+        }
+    }
+}
+
 /// Builds the small pool used for claims, write-backs and the HTTP endpoints.
 pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
     let mut pg = config.clone();

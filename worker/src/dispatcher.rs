@@ -368,10 +368,13 @@ impl Dispatcher {
             Err(e) => {
                 let entry = self.in_flight.remove(&e.id());
                 if let Some(InFlight { row }) = entry {
-                    if e.is_panic() {
+                    let why = if e.is_panic() {
                         error!(id = row.id, "command task panicked; releasing the command");
-                    }
-                    release(&self.shared, &row, "worker task ended unexpectedly").await;
+                        "worker task panicked"
+                    } else {
+                        "abandoned at shutdown while in flight"
+                    };
+                    release(&self.shared, &row, why).await;
                 }
             }
         }
@@ -528,6 +531,7 @@ async fn write_back(shared: &Shared, row: &ClaimedRow, wb: WriteBack) -> Outcome
     };
     let applied = call
         .retry(db_retry())
+        .when(DbError::is_transient)
         .notify(|e: &DbError, d| {
             metrics.db_error(op);
             warn!(error = %ErrorChain(e), retry_in = ?d, "write-back failed; retrying");
@@ -536,6 +540,33 @@ async fn write_back(shared: &Shared, row: &ClaimedRow, wb: WriteBack) -> Outcome
     let outcome = match applied {
         Ok(true) => success,
         Ok(false) => Outcome::Fenced,
+        Err(e) if !e.is_transient() && !matches!(wb, WriteBack::Retry { .. }) => {
+            // The database refused the answer on its merits (an extension bug, a check
+            // that fires): sending again would only get the same answer at the rate of the
+            // lease. Park the command as a retry with backoff and the reason in last_error,
+            // where outbox_health shows it, instead.
+            metrics.db_error(op);
+            error!(
+                error = %ErrorChain(&e),
+                "the database rejected Stripe's answer; parking the command for a retry"
+            );
+            let delay = shared
+                .cfg
+                .retry
+                .delay(row.attempt, None, &mut fastrand::Rng::new());
+            let why = format!(
+                "the database rejected the {op} write-back: {}",
+                db_error_text(&e)
+            );
+            match db::retry(pool, row.id, row.attempt, None, &why, delay).await {
+                Ok(true) => {
+                    metrics.retry("write_back_rejected");
+                    Outcome::Retried
+                }
+                Ok(false) => Outcome::Fenced,
+                Err(_) => Outcome::Abandoned,
+            }
+        }
         Err(e) => {
             metrics.db_error(op);
             error!(
@@ -589,6 +620,7 @@ async fn release(shared: &Shared, row: &ClaimedRow, why: &str) -> Outcome {
     let pool = &shared.pool;
     let applied = (|| db::retry(pool, row.id, row.attempt, None, why, Duration::ZERO))
         .retry(db_retry().with_total_delay(Some(Duration::from_secs(3))))
+        .when(DbError::is_transient)
         .await;
     let outcome = match applied {
         Ok(true) => Outcome::Released,
@@ -606,6 +638,17 @@ async fn release(shared: &Shared, row: &ClaimedRow, why: &str) -> Outcome {
     debug!(id = row.id, why, outcome = outcome.as_str(), "released");
     shared.metrics.command(&row.kind, outcome);
     outcome
+}
+
+/// `SQLSTATE: message` of a database error, for `last_error`.
+fn db_error_text(e: &DbError) -> String {
+    match e {
+        DbError::Query(q) => match q.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => ErrorChain(e).to_string(),
+        },
+        _ => ErrorChain(e).to_string(),
+    }
 }
 
 fn db_retry() -> ExponentialBuilder {
