@@ -223,7 +223,11 @@ impl Dispatcher {
                 Event::Cancelled => break,
                 Event::TaskDone(done) => {
                     self.on_task_done(done).await;
+                    // With a backlog, refill in batches rather than one claim per finished
+                    // command: wait until a quarter of the slots are free (or all are).
                     self.backlog
+                        && (self.tasks.is_empty()
+                            || self.semaphore.available_permits() >= self.refill_threshold())
                 }
                 Event::Listener(ev) => self.on_listener_event(ev),
                 Event::Tick => {
@@ -281,6 +285,11 @@ impl Dispatcher {
                 false
             }
         }
+    }
+
+    fn refill_threshold(&self) -> usize {
+        let cfg = &self.shared.cfg;
+        (cfg.concurrency.min(cfg.batch_size as usize) / 4).max(1)
     }
 
     fn next_reconnect_delay(&mut self) -> Duration {

@@ -24,6 +24,7 @@ pub mod stripe;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 pub use tokio_util::sync::CancellationToken;
@@ -146,6 +147,22 @@ pub async fn start(
             api_base = %config.stripe.api_base,
             "STRIPE_API_BASE is plain http to another host; the API key travels unencrypted"
         );
+    }
+    if config.rate_limit > 0.0 {
+        // Claimed commands queue for the rate limiter while their lease runs; a queue
+        // longer than the lease makes them expire and be released unsent.
+        let queue = Duration::from_secs_f64(config.concurrency as f64 / config.rate_limit);
+        let window = config
+            .lease
+            .saturating_sub(config.stripe.request_timeout + dispatcher::LEASE_MARGIN * 2);
+        if queue > window {
+            warn!(
+                ?queue,
+                ?window,
+                "--concurrency / --rate-limit exceeds what the lease allows; commands may be \
+                 released unsent and claimed again (raise --lease or lower --concurrency)"
+            );
+        }
     }
     let cancel = cancel.child_token();
     let metrics = Arc::new(Metrics::new());
