@@ -112,8 +112,10 @@ const RETRY: &str = "SELECT pay.retry_outbox($1::bigint, $2::int, $3::int, $4::t
 const FAIL: &str = "SELECT pay.fail_outbox($1::bigint, $2::int, $3::int, $4::jsonb)";
 const INGEST: &str = "SELECT status::text, http_status::int, event_id::text, detail::text \
      FROM pay.ingest_webhook($1::text, $2::text)";
-const QUEUE_DEPTH: &str = "SELECT status::text, count(*)::bigint FROM pay.outbox \
-     WHERE status IN ('pending', 'in_flight') GROUP BY status";
+// Two counts, each matching one of the partial indexes (outbox_due, outbox_leases), so a
+// scrape never scans the finished commands.
+const QUEUE_DEPTH: &str = "SELECT 'pending', count(*) FROM pay.outbox WHERE status = 'pending' \
+     UNION ALL SELECT 'in_flight', count(*) FROM pay.outbox WHERE status = 'in_flight'";
 
 async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, DbError> {
     pool.get().await.map_err(DbError::Pool)

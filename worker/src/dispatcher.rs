@@ -161,7 +161,8 @@ struct InFlight {
 
 enum Event {
     Cancelled,
-    TaskDone(Result<(TaskId, ()), JoinError>),
+    TaskDone(Result<(TaskId, Option<Duration>), JoinError>),
+    RetryDue,
     Listener(ListenerEvent),
     Tick,
 }
@@ -170,7 +171,7 @@ pub(crate) struct Dispatcher {
     shared: Arc<Shared>,
     cancel: CancellationToken,
     semaphore: Arc<Semaphore>,
-    tasks: JoinSet<()>,
+    tasks: JoinSet<Option<Duration>>,
     in_flight: HashMap<TaskId, InFlight>,
     listener: Listener,
     reconnect: backon::ExponentialBackoff,
@@ -178,6 +179,8 @@ pub(crate) struct Dispatcher {
     // again as soon as a slot frees up instead of waiting for the next tick.
     backlog: bool,
     claim_failing: bool,
+    // The earliest retry this worker scheduled: claim then instead of waiting for the poll.
+    next_due: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -197,6 +200,7 @@ impl Dispatcher {
             reconnect: reconnect_backoff(),
             backlog: false,
             claim_failing: false,
+            next_due: None,
         }
     }
 
@@ -217,6 +221,8 @@ impl Dispatcher {
                     Event::TaskDone(done)
                 }
                 ev = self.listener.next_event() => Event::Listener(ev),
+                _ = tokio::time::sleep_until(self.next_due.unwrap_or_else(Instant::now)),
+                    if self.next_due.is_some() => Event::RetryDue,
                 _ = poll.tick() => Event::Tick,
             };
             let claim = match event {
@@ -230,6 +236,10 @@ impl Dispatcher {
                             || self.semaphore.available_permits() >= self.refill_threshold())
                 }
                 Event::Listener(ev) => self.on_listener_event(ev),
+                Event::RetryDue => {
+                    self.next_due = None;
+                    true
+                }
                 Event::Tick => {
                     self.shared.metrics.poll();
                     true
@@ -369,10 +379,14 @@ impl Dispatcher {
         self.in_flight.insert(handle.id(), InFlight { row });
     }
 
-    async fn on_task_done(&mut self, done: Result<(TaskId, ()), JoinError>) {
+    async fn on_task_done(&mut self, done: Result<(TaskId, Option<Duration>), JoinError>) {
         match done {
-            Ok((id, ())) => {
+            Ok((id, retry_in)) => {
                 self.in_flight.remove(&id);
+                if let Some(d) = retry_in {
+                    let due = Instant::now() + d;
+                    self.next_due = Some(self.next_due.map_or(due, |n| n.min(due)));
+                }
             }
             Err(e) => {
                 let entry = self.in_flight.remove(&e.id());
@@ -423,14 +437,15 @@ impl Dispatcher {
 }
 
 /// One command, from parse to write-back. Never returns an error: every failure ends in
-/// a write-back (or, if the database is unreachable, in the lease running out).
+/// a write-back (or, if the database is unreachable, in the lease running out). Returns the
+/// retry delay when the command was handed back for a retry.
 async fn process(
     shared: Arc<Shared>,
     row: ClaimedRow,
     lease_deadline: Instant,
     cancel: CancellationToken,
     _permit: OwnedSemaphorePermit,
-) {
+) -> Option<Duration> {
     let prepared = parse_request(&row.request, row.idempotency_key.as_deref())
         .map_err(|e| e.to_string())
         .and_then(|req| match shared.stripe.url_for(&req) {
@@ -446,7 +461,7 @@ async fn process(
                 error: worker_error(format!("malformed outbox command: {msg}")),
             };
             write_back(&shared, &row, wb).await;
-            return;
+            return None;
         }
     };
 
@@ -454,7 +469,7 @@ async fn process(
         biased;
         _ = cancel.cancelled() => {
             release(&shared, &row, "released at shutdown").await;
-            return;
+            return None;
         }
         _ = shared.limiter.acquire() => {}
     }
@@ -466,7 +481,7 @@ async fn process(
         // Sending now could overlap with another worker that takes over the lease.
         warn!("lease nearly expired before the request could start; releasing");
         release(&shared, &row, "lease nearly expired before send").await;
-        return;
+        return None;
     }
     let timeout = shared.stripe.request_timeout().min(remaining);
 
@@ -492,7 +507,14 @@ async fn process(
         &shared.cfg.retry,
         &mut fastrand::Rng::new(),
     );
-    write_back(&shared, &row, wb).await;
+    let retry_in = match &wb {
+        WriteBack::Retry { delay, .. } => Some(*delay),
+        _ => None,
+    };
+    match write_back(&shared, &row, wb).await {
+        Outcome::Retried => retry_in,
+        _ => None,
+    }
 }
 
 /// Calls the fenced outbox function for `wb`, retrying a failing database briefly.

@@ -309,6 +309,72 @@ mod tests {
         );
     }
 
+    fn create() -> StripeRequest {
+        parse_request(
+            &json!({"method": "POST", "path": "/v1/payment_intents", "params": {"amount": "1"}}),
+            Some("k"),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn transport_failures_are_told_apart() {
+        // Nothing listens: connection refused.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let c = client(&refused);
+        let err = c
+            .send(
+                &create(),
+                c.url_for(&create()).unwrap(),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendError::Connect(_)), "{err:?}");
+
+        // Accepts and never answers: timeout.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = client(&format!("http://{}", silent.local_addr().unwrap()));
+        let hold = tokio::spawn(async move {
+            let (sock, _) = silent.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(sock);
+        });
+        let err = c
+            .send(
+                &create(),
+                c.url_for(&create()).unwrap(),
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendError::Timeout(_)), "{err:?}");
+        hold.abort();
+
+        // Accepts and hangs up: transport error.
+        let rude = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = client(&format!("http://{}", rude.local_addr().unwrap()));
+        tokio::spawn(async move {
+            let (sock, _) = rude.accept().await.unwrap();
+            drop(sock);
+        });
+        let err = c
+            .send(
+                &create(),
+                c.url_for(&create()).unwrap(),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendError::Transport(_)), "{err:?}");
+        // No URL (which could carry query parameters) in the message.
+        assert!(!crate::classify::ErrorChain(&err)
+            .to_string()
+            .contains("127.0.0.1"));
+    }
+
     #[test]
     fn bad_key_is_a_config_error_not_a_panic() {
         let err = StripeClient::new(&StripeConfig {

@@ -626,3 +626,31 @@ async fn shutdown_drains_requests_in_flight() {
     worker.wait().await.unwrap();
     assert_eq!(outbox_row(&client, id).await.status, "done");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_comes_due_without_waiting_for_the_poll() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let stripe = ScriptedStripe::start(|_, n| {
+        if n < 2 {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let mut cfg = config(&db, &stripe.base_url());
+    cfg.poll_interval = Duration::from_secs(3600);
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(wait_until(WAIT, || async { worker.metrics().listener_is_connected() }).await);
+    let payment = checkout(&client, "retry-soon", 500).await;
+    let (id, key) = create_command(&client, &payment).await;
+    assert!(wait_for_status(&client, id, "done", Duration::from_secs(5)).await);
+    assert_eq!(stripe.requests_for(&key).len(), 3);
+    assert_eq!(worker.metrics().polls(), 1, "only the poll at start");
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
