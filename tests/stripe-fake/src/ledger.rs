@@ -1,0 +1,212 @@
+//! What really happened, for tests to count: objects by status, requests per endpoint,
+//! idempotent replays and conflicts, faults fired, webhook deliveries.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::State;
+use crate::webhooks::{DeliveryRecord, WebhookCounts};
+
+/// Running counters kept beside the objects.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// By route template, e.g. `POST /v1/payment_intents/:id/confirm`.
+    pub requests: BTreeMap<&'static str, u64>,
+    pub responses: BTreeMap<u16, u64>,
+    pub payment_intents_created: u64,
+    pub events_by_type: BTreeMap<String, u64>,
+    pub replays: u64,
+    pub conflicts: u64,
+    pub in_flight_409: u64,
+    pub faults_fired: BTreeMap<&'static str, u64>,
+    pub rate_limited: u64,
+}
+
+/// A snapshot of the ledger (`GET /_fake/ledger`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// The fake's clock, unix seconds.
+    pub now: i64,
+    pub clock_offset_secs: i64,
+    pub payment_intents: PaymentIntentLedger,
+    /// Charges made by confirmations (failed ones included).
+    pub charges: u64,
+    pub refunds: RefundLedger,
+    pub events: EventLedger,
+    /// API requests by route template (`POST /v1/payment_intents`), counted whatever the answer.
+    pub requests: BTreeMap<String, u64>,
+    /// API answers by HTTP status (`"200"`, `"409"`); connections closed by a fault are not here.
+    pub responses: BTreeMap<String, u64>,
+    pub idempotency: IdempotencyLedger,
+    /// By action (`drop_response_after_commit`, ...).
+    pub faults_fired: BTreeMap<String, u64>,
+    /// 429s from the emulated rate limit (not from faults).
+    pub rate_limited: u64,
+    pub webhooks: WebhookCounts,
+    /// The newest delivery attempts, oldest first (at most 10,000).
+    pub deliveries: Vec<DeliveryRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PaymentIntentLedger {
+    /// Created through the API or seeded, since the last reset.
+    pub created: u64,
+    pub by_status: BTreeMap<String, u64>,
+    /// Every PaymentIntent, oldest first (empty when lists were not asked for).
+    pub list: Vec<PaymentIntentSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentIntentSummary {
+    pub id: String,
+    pub status: String,
+    pub amount: i64,
+    pub amount_received: i64,
+    pub currency: String,
+    pub created: i64,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RefundLedger {
+    pub count: u64,
+    pub amount: i64,
+    pub list: Vec<RefundSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundSummary {
+    pub id: String,
+    pub payment_intent: String,
+    pub charge: String,
+    pub amount: i64,
+    pub created: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventLedger {
+    pub total: u64,
+    pub by_type: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IdempotencyLedger {
+    /// Keys with a stored answer, within retention.
+    pub stored_keys: u64,
+    /// Keys whose first request is still running.
+    pub in_flight: u64,
+    /// Answers replayed (`Idempotent-Replayed: true`).
+    pub replays: u64,
+    /// Same key, other parameters or endpoint: 400 `idempotency_error`.
+    pub conflicts: u64,
+    /// Same key while the first request ran: 409.
+    pub in_flight_409: u64,
+    pub retention_secs: i64,
+}
+
+impl Ledger {
+    /// How many PaymentIntents have this status now.
+    pub fn status_count(&self, status: &str) -> u64 {
+        self.payment_intents
+            .by_status
+            .get(status)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many requests reached this route template (`"POST /v1/payment_intents"`).
+    pub fn requests_to(&self, route: &str) -> u64 {
+        self.requests.get(route).copied().unwrap_or(0)
+    }
+
+    pub fn fault_count(&self, action: &str) -> u64 {
+        self.faults_fired.get(action).copied().unwrap_or(0)
+    }
+
+    /// PaymentIntents whose metadata has `key` = `value` (say, one order's `order_ref`).
+    pub fn payment_intents_with(&self, key: &str, value: &str) -> Vec<&PaymentIntentSummary> {
+        self.payment_intents
+            .list
+            .iter()
+            .filter(|pi| pi.metadata.get(key).map(String::as_str) == Some(value))
+            .collect()
+    }
+}
+
+/// Builds the snapshot; `lists` false leaves out the per-object lists (cheap for 100,000 objects).
+pub fn snapshot(state: &State, now: i64, clock_offset_secs: i64, lists: bool) -> Ledger {
+    let counters = &state.counters;
+    let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
+    let mut list = Vec::new();
+    for (_, pi) in state.payment_intents.all.iter() {
+        *by_status.entry(pi.status.as_str().to_owned()).or_default() += 1;
+        if lists {
+            list.push(PaymentIntentSummary {
+                id: pi.id.clone(),
+                status: pi.status.as_str().to_owned(),
+                amount: pi.amount,
+                amount_received: pi.amount_received,
+                currency: pi.currency.clone(),
+                created: pi.created,
+                metadata: pi.metadata.clone(),
+            });
+        }
+    }
+    let mut refunds = RefundLedger::default();
+    for (_, refund) in state.refunds.iter() {
+        refunds.count += 1;
+        refunds.amount += refund.amount;
+        if lists {
+            refunds.list.push(RefundSummary {
+                id: refund.id.clone(),
+                payment_intent: refund.payment_intent.clone(),
+                charge: refund.charge.clone(),
+                amount: refund.amount,
+                created: refund.created,
+            });
+        }
+    }
+    let (stored_keys, in_flight) = state.idempotency.counts(now);
+    Ledger {
+        now,
+        clock_offset_secs,
+        payment_intents: PaymentIntentLedger {
+            created: counters.payment_intents_created,
+            by_status,
+            list,
+        },
+        charges: state.charges.len() as u64,
+        refunds,
+        events: EventLedger {
+            total: state.events.len() as u64,
+            by_type: counters.events_by_type.clone(),
+        },
+        requests: stringify(&counters.requests),
+        responses: counters
+            .responses
+            .iter()
+            .map(|(status, n)| (status.to_string(), *n))
+            .collect(),
+        idempotency: IdempotencyLedger {
+            stored_keys,
+            in_flight,
+            replays: counters.replays,
+            conflicts: counters.conflicts,
+            in_flight_409: counters.in_flight_409,
+            retention_secs: state.idempotency.retention_secs(),
+        },
+        faults_fired: stringify(&counters.faults_fired),
+        rate_limited: counters.rate_limited,
+        webhooks: state.webhooks.counts.clone(),
+        deliveries: if lists {
+            state.webhooks.records()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+fn stringify(map: &BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {
+    map.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}

@@ -1,0 +1,106 @@
+//! The API surface: which method and path reach which handler.
+
+use hyper::Method;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    CreatePaymentIntent,
+    ListPaymentIntents,
+    SearchPaymentIntents,
+    RetrievePaymentIntent(String),
+    UpdatePaymentIntent(String),
+    CancelPaymentIntent(String),
+    ConfirmPaymentIntent(String),
+    CreateRefund,
+    ListRefunds,
+    RetrieveRefund(String),
+    RetrieveCharge(String),
+    ListEvents,
+    RetrieveEvent(String),
+}
+
+impl Route {
+    pub fn find(method: &Method, path: &str) -> Option<Route> {
+        let rest = path.strip_prefix("/v1/")?;
+        let segments: Vec<&str> = rest.split('/').collect();
+        let id = |s: &str| s.to_owned();
+        let route = match (method.as_str(), segments.as_slice()) {
+            ("POST", ["payment_intents"]) => Route::CreatePaymentIntent,
+            ("GET", ["payment_intents"]) => Route::ListPaymentIntents,
+            ("GET", ["payment_intents", "search"]) => Route::SearchPaymentIntents,
+            ("GET", ["payment_intents", pi]) => Route::RetrievePaymentIntent(id(pi)),
+            ("POST", ["payment_intents", pi]) => Route::UpdatePaymentIntent(id(pi)),
+            ("POST", ["payment_intents", pi, "cancel"]) => Route::CancelPaymentIntent(id(pi)),
+            ("POST", ["payment_intents", pi, "confirm"]) => Route::ConfirmPaymentIntent(id(pi)),
+            ("POST", ["refunds"]) => Route::CreateRefund,
+            ("GET", ["refunds"]) => Route::ListRefunds,
+            ("GET", ["refunds", re]) => Route::RetrieveRefund(id(re)),
+            ("GET", ["charges", ch]) => Route::RetrieveCharge(id(ch)),
+            ("GET", ["events"]) => Route::ListEvents,
+            ("GET", ["events", evt]) => Route::RetrieveEvent(id(evt)),
+            _ => return None,
+        };
+        Some(route)
+    }
+
+    /// The route as counted in the ledger.
+    pub fn template(&self) -> &'static str {
+        match self {
+            Route::CreatePaymentIntent => "POST /v1/payment_intents",
+            Route::ListPaymentIntents => "GET /v1/payment_intents",
+            Route::SearchPaymentIntents => "GET /v1/payment_intents/search",
+            Route::RetrievePaymentIntent(_) => "GET /v1/payment_intents/:id",
+            Route::UpdatePaymentIntent(_) => "POST /v1/payment_intents/:id",
+            Route::CancelPaymentIntent(_) => "POST /v1/payment_intents/:id/cancel",
+            Route::ConfirmPaymentIntent(_) => "POST /v1/payment_intents/:id/confirm",
+            Route::CreateRefund => "POST /v1/refunds",
+            Route::ListRefunds => "GET /v1/refunds",
+            Route::RetrieveRefund(_) => "GET /v1/refunds/:id",
+            Route::RetrieveCharge(_) => "GET /v1/charges/:id",
+            Route::ListEvents => "GET /v1/events",
+            Route::RetrieveEvent(_) => "GET /v1/events/:id",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let cases = [
+            (
+                Method::POST,
+                "/v1/payment_intents",
+                Some(Route::CreatePaymentIntent),
+            ),
+            (
+                Method::GET,
+                "/v1/payment_intents/search",
+                Some(Route::SearchPaymentIntents),
+            ),
+            (
+                Method::GET,
+                "/v1/payment_intents/pi_1",
+                Some(Route::RetrievePaymentIntent("pi_1".into())),
+            ),
+            (
+                Method::POST,
+                "/v1/payment_intents/pi_1/confirm",
+                Some(Route::ConfirmPaymentIntent("pi_1".into())),
+            ),
+            (Method::DELETE, "/v1/payment_intents/pi_1", None),
+            (Method::GET, "/v1/payment_intents/pi_1/cancel", None),
+            (Method::GET, "/v2/payment_intents", None),
+            (
+                Method::GET,
+                "/v1/events/evt_1",
+                Some(Route::RetrieveEvent("evt_1".into())),
+            ),
+        ];
+        for (method, path, expected) in cases {
+            assert_eq!(Route::find(&method, path), expected, "{method} {path}");
+        }
+    }
+}
