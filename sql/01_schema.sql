@@ -65,7 +65,9 @@ CREATE UNIQUE INDEX payments_one_live_attempt_per_order ON pay.payments (order_r
 -- At most one succeeded attempt per order that is not being refunded as a double charge.
 CREATE UNIQUE INDEX payments_one_kept_success_per_order ON pay.payments (order_ref)
     WHERE status = 'succeeded';
-CREATE INDEX payments_status_updated ON pay.payments (status, updated_at);
+-- Open payments by age, for pay.stuck_payments; finished payments leave the index.
+CREATE INDEX payments_open_by_update ON pay.payments (updated_at)
+    WHERE status NOT IN ('succeeded', 'canceled', 'create_failed', 'superseded');
 
 CREATE TABLE pay.outbox (
     id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -119,3 +121,8 @@ CREATE TABLE pay.audit_log (
     at               timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX audit_log_by_payment ON pay.audit_log (payment_id, id);
+
+-- Search path: every SECURITY DEFINER entry point pins search_path (pg_catalog, pay, pg_temp
+-- last). Internal helpers (pay._*) are callable by the owner only, schema-qualify every name and
+-- run under the entry point's pinned path; they carry no SET clause because a function-level SET
+-- costs a GUC save/restore and a search-path recomputation on every call (measured on ingest).

@@ -3,7 +3,6 @@
 
 CREATE FUNCTION pay._audit_log_is_append_only() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
 BEGIN
     RAISE EXCEPTION 'pay.audit_log is append-only: % is not allowed', TG_OP
@@ -19,7 +18,8 @@ CREATE TRIGGER audit_log_no_truncate
     BEFORE TRUNCATE ON pay.audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION pay._audit_log_is_append_only();
 
--- Writes one audit row. Every status change goes through here.
+-- Writes one audit row. Every status change goes through here. (plpgsql, not SQL: a SQL function
+-- that cannot be inlined is planned again on every call.)
 CREATE FUNCTION pay._audit(
     p_payment_id uuid,
     p_from pay.payment_status,
@@ -28,11 +28,12 @@ CREATE FUNCTION pay._audit(
     p_evidence_id text DEFAULT NULL,
     p_proposed text DEFAULT NULL
 ) RETURNS void
-LANGUAGE sql
-SET search_path = pg_catalog, pay, pg_temp
+LANGUAGE plpgsql
 AS $$
+BEGIN
     INSERT INTO pay.audit_log (payment_id, from_status, to_status, proposed_status, cause, evidence_id)
     VALUES (p_payment_id, p_from, p_to, p_proposed, p_cause, p_evidence_id);
+END;
 $$;
 
 CREATE FUNCTION pay.payment_timeline(payment_id uuid)

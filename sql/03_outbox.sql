@@ -14,7 +14,6 @@ CREATE FUNCTION pay._enqueue(
     p_params jsonb
 ) RETURNS bigint
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
 DECLARE
     v_intent text;
@@ -46,7 +45,6 @@ $$;
 -- Called once the PaymentIntent id is known: commands that waited for it become sendable.
 CREATE FUNCTION pay._release_waiting_commands(p_payment_id uuid, p_intent text) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
 BEGIN
     UPDATE pay.outbox o
@@ -64,7 +62,6 @@ $$;
 -- Called when the PaymentIntent will never exist: what waited for it has nothing to act on.
 CREATE FUNCTION pay._skip_waiting_commands(p_payment_id uuid, p_why text) RETURNS void
 LANGUAGE sql
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
     UPDATE pay.outbox o
     SET status = 'skipped', last_error = p_why, completed_at = now(), updated_at = now()
@@ -126,7 +123,6 @@ CREATE FUNCTION pay._finish_outbox_if_current_attempt(
     p_id bigint, p_attempt int, p_status text, p_http_status int, p_error text, p_response jsonb, p_run_after timestamptz
 ) RETURNS pay.outbox
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
 DECLARE
     v_command pay.outbox;
@@ -219,7 +215,7 @@ BEGIN
     IF v_command.id IS NULL THEN
         RETURN false;
     END IF;
-    SELECT * INTO v_payment FROM pay.payments p WHERE p.id = v_command.payment_id FOR UPDATE;
+    SELECT * INTO v_payment FROM pay.payments p WHERE p.id = v_command.payment_id FOR NO KEY UPDATE;
     UPDATE pay.payments p SET last_error = error, updated_at = now() WHERE p.id = v_payment.id;
     IF v_command.kind = 'create_payment_intent' THEN
         -- Stripe refused the create: there will never be a PaymentIntent for this attempt.

@@ -26,33 +26,45 @@ CREATE TABLE pay.refunds (
 );
 CREATE INDEX refunds_by_payment ON pay.refunds (payment_id);
 
--- Returns 'applied', 'unchanged', 'ignored' or 'flagged'.
-CREATE FUNCTION pay._apply_payment_intent(
-    p_payment_id uuid,
+-- Locks a payment for the caller's transaction and returns it.
+CREATE FUNCTION pay._lock_payment(p_payment_id uuid) RETURNS pay.payments
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v pay.payments;
+BEGIN
+    SELECT * INTO v FROM pay.payments p WHERE p.id = p_payment_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no payment %', p_payment_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v;
+END;
+$$;
+
+-- Applies a PaymentIntent object (from an event, an API answer or reconciliation) to payment `v`,
+-- which the caller has locked. Returns 'applied', 'unchanged', 'ignored' or 'flagged'.
+-- The transition's writes (status, audit row, fulfillment) are one statement: on the hot path
+-- every statement's executor start-up costs about as much as its work.
+CREATE FUNCTION pay._apply_payment_intent_locked(
+    v pay.payments,
     p_intent jsonb,
     p_cause text,
     p_evidence_id text,
     p_evidence_at bigint
 ) RETURNS text
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
 DECLARE
-    v pay.payments;
     v_intent_id text := p_intent ->> 'id';
     v_proposed text := p_intent ->> 'status';
     v_decision text;
-    v_new pay.payment_status;
     v_mismatch text;
     v_received bigint;
+    v_error jsonb := p_intent -> 'last_payment_error';
 BEGIN
     IF v_intent_id IS NULL OR v_proposed IS NULL OR p_intent ->> 'object' IS DISTINCT FROM 'payment_intent' THEN
-        RAISE EXCEPTION 'evidence for payment % is not a PaymentIntent object', p_payment_id
+        RAISE EXCEPTION 'evidence for payment % is not a PaymentIntent object', v.id
             USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    SELECT * INTO v FROM pay.payments p WHERE p.id = p_payment_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no payment %', p_payment_id USING ERRCODE = 'no_data_found';
     END IF;
 
     IF v.stripe_payment_intent_id IS NULL THEN
@@ -78,8 +90,7 @@ BEGIN
     v_received := coalesce((p_intent ->> 'amount_received')::bigint, 0);
 
     IF v_decision = 'apply' THEN
-        v_new := v_proposed::pay.payment_status;
-        IF v_new = 'succeeded' THEN
+        IF v_proposed = 'succeeded' THEN
             v_mismatch := CASE
                 WHEN lower(p_intent ->> 'currency') IS DISTINCT FROM v.currency THEN
                     'currency ' || coalesce(p_intent ->> 'currency', 'missing') || ' differs from the payment''s ' || v.currency
@@ -89,25 +100,30 @@ BEGIN
                     || ' differs from the payment''s ' || v.amount
             END;
         END IF;
-        UPDATE pay.payments p
-        SET status = v_new,
-            status_evidence_at = p_evidence_at,
-            amount_received = greatest(p.amount_received, v_received),
-            last_error = CASE WHEN p_intent -> 'last_payment_error' IS NOT NULL AND p_intent -> 'last_payment_error' <> 'null'
-                              THEN p_intent -> 'last_payment_error' ELSE p.last_error END,
-            flagged_reason = coalesce('success not fulfilled: ' || v_mismatch, p.flagged_reason),
-            updated_at = now()
-        WHERE p.id = v.id;
-        PERFORM pay._audit(v.id, v.status, v_new, p_cause, p_evidence_id);
-        IF v_new = 'succeeded' THEN
-            IF v_mismatch IS NULL THEN
-                INSERT INTO pay.fulfillments (payment_id, order_ref) VALUES (v.id, v.order_ref);
-            ELSE
-                PERFORM pay._audit(v.id, v_new, v_new, 'flagged, not fulfilled: ' || v_mismatch, p_evidence_id);
-                RETURN 'flagged';
-            END IF;
+        IF v_error IS NULL OR v_error = 'null' THEN
+            v_error := v.last_error;
         END IF;
-        RETURN 'applied';
+        WITH moved AS (
+            UPDATE pay.payments p
+            SET status = v_proposed::pay.payment_status,
+                status_evidence_at = p_evidence_at,
+                amount_received = greatest(p.amount_received, v_received),
+                last_error = v_error,
+                flagged_reason = coalesce('success not fulfilled: ' || v_mismatch, p.flagged_reason),
+                updated_at = now()
+            WHERE p.id = v.id
+            RETURNING p.id, p.order_ref, p.status
+        ), audited AS (
+            INSERT INTO pay.audit_log (payment_id, from_status, to_status, cause, evidence_id)
+            SELECT m.id, v.status, m.status, p_cause, p_evidence_id FROM moved m
+            UNION ALL
+            SELECT m.id, m.status, m.status, 'flagged, not fulfilled: ' || v_mismatch, p_evidence_id
+            FROM moved m WHERE v_mismatch IS NOT NULL
+        )
+        -- Exactly one fulfillment per success, in the transaction of the transition (invariant 5).
+        INSERT INTO pay.fulfillments (payment_id, order_ref)
+        SELECT m.id, m.order_ref FROM moved m WHERE m.status = 'succeeded' AND v_mismatch IS NULL;
+        RETURN CASE WHEN v_mismatch IS NULL THEN 'applied' ELSE 'flagged' END;
     ELSIF v_decision = 'unchanged' THEN
         UPDATE pay.payments p
         SET status_evidence_at = greatest(p.status_evidence_at, p_evidence_at),
@@ -141,12 +157,24 @@ BEGIN
 END;
 $$;
 
+-- The same, for callers that have not locked the payment yet.
+CREATE FUNCTION pay._apply_payment_intent(
+    p_payment_id uuid,
+    p_intent jsonb,
+    p_cause text,
+    p_evidence_id text,
+    p_evidence_at bigint
+) RETURNS text
+LANGUAGE sql
+AS $$
+    SELECT pay._apply_payment_intent_locked(pay._lock_payment(p_payment_id), p_intent, p_cause, p_evidence_id, p_evidence_at);
+$$;
+
 -- A Refund object (an API answer or a refund.* event): recorded once per refund id; the payment's
 -- refunded amount is the sum of the refunds that did not fail, never less than Stripe last said.
 CREATE FUNCTION pay._apply_refund_answer(p_payment_id uuid, p_refund jsonb, p_evidence_id text)
 RETURNS text
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
 DECLARE
     v pay.payments;
@@ -157,7 +185,7 @@ BEGIN
         RAISE EXCEPTION 'evidence for payment % is not a Refund object', p_payment_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO v FROM pay.payments p WHERE p.id = p_payment_id FOR UPDATE;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = p_payment_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no payment %', p_payment_id USING ERRCODE = 'no_data_found';
     END IF;

@@ -2,7 +2,6 @@
 
 CREATE FUNCTION pay.idempotency_key(scope text, parts jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pg_catalog, pay, pg_temp
 -- jsonb's text form keeps every digit of a number; pgpay-core canonicalises it (RFC 8785 style).
 AS $$ SELECT pay._idempotency_key_of_text(scope, parts::text) $$;
 
@@ -125,7 +124,7 @@ DECLARE
     v pay.payments;
     v_create pay.outbox;
 BEGIN
-    SELECT * INTO v FROM pay.payments p WHERE p.id = cancel_checkout.payment_id FOR UPDATE;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = cancel_checkout.payment_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'cancel_checkout: no payment %', payment_id USING ERRCODE = 'no_data_found';
     END IF;

@@ -31,9 +31,8 @@ CREATE TABLE pay.webhook_events (
     source              text NOT NULL DEFAULT 'webhook',
     duplicate_deliveries int NOT NULL DEFAULT 0,
     last_duplicate_at   timestamptz
-);
-CREATE INDEX webhook_events_by_payment ON pay.webhook_events (payment_id) WHERE payment_id IS NOT NULL;
-CREATE INDEX webhook_events_received ON pay.webhook_events (received_at);
+) WITH (fillfactor = 90);  -- room for HOT updates of the duplicate counters
+-- Only the primary key: every index here is paid for by every delivery.
 
 -- Rejections are counted by reason and day; attacker payloads are never stored.
 CREATE TABLE pay.webhook_rejections (
@@ -92,19 +91,19 @@ CREATE VIEW pay.webhook_secret_labels AS
     FROM pay.webhook_secrets;
 
 CREATE FUNCTION pay._count_rejection(p_reason text) RETURNS void
-LANGUAGE sql
-SET search_path = pg_catalog, pay, pg_temp
+LANGUAGE plpgsql
 AS $$
+BEGIN
     INSERT INTO pay.webhook_rejections AS r (day, reason, count, last_at)
     VALUES (current_date, p_reason, 1, now())
     ON CONFLICT (day, reason) DO UPDATE SET count = r.count + 1, last_at = excluded.last_at;
+END;
 $$;
 
 -- The payment an object speaks of: by PaymentIntent id, else by our metadata (a PaymentIntent
 -- whose create answer was lost). NULL when it is not ours.
 CREATE FUNCTION pay._payment_for_intent(p_intent_id text, p_metadata jsonb) RETURNS uuid
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
 DECLARE
     v_id uuid;
@@ -124,110 +123,128 @@ BEGIN
 END;
 $$;
 
--- Applies one Stripe event (already verified or fetched from the API). Returns the outcome
--- (applied, ignored, flagged, unchanged, stored), the payment it concerned and a detail.
-CREATE FUNCTION pay._apply_event(p_event jsonb, OUT outcome text, OUT payment_id uuid, OUT detail text)
+-- The payment a Stripe event concerns, or NULL (an unknown type, or an object that is not ours).
+CREATE FUNCTION pay._payment_for_event(p_event jsonb) RETURNS uuid
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_object jsonb := p_event #> '{data,object}';
+BEGIN
+    RETURN CASE v_object ->> 'object'
+        WHEN 'payment_intent' THEN pay._payment_for_intent(v_object ->> 'id', v_object -> 'metadata')
+        WHEN 'refund' THEN pay._payment_for_intent(v_object ->> 'payment_intent', v_object -> 'metadata')
+        WHEN 'charge' THEN pay._payment_for_intent(v_object ->> 'payment_intent', v_object -> 'metadata')
+        WHEN 'dispute' THEN pay._payment_for_intent(v_object ->> 'payment_intent', v_object -> 'metadata')
+    END;
+END;
+$$;
+
+-- Applies one Stripe event about payment p_payment (locked by the caller). Returns the outcome
+-- (applied, ignored, flagged, unchanged, stored) and a detail.
+CREATE FUNCTION pay._apply_event(p_event jsonb, p_payment pay.payments, OUT outcome text, OUT detail text)
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
 DECLARE
     v_type text := p_event ->> 'type';
     v_object jsonb := p_event #> '{data,object}';
     v_event_id text := p_event ->> 'id';
     v_created bigint;
-    v_payment pay.payments;
+    p_payment_id uuid := p_payment.id;
+    v_payment pay.payments := p_payment;
 BEGIN
     v_created := CASE WHEN p_event ->> 'created' ~ '^[0-9]{1,12}$' THEN (p_event ->> 'created')::bigint
                       ELSE floor(extract(epoch FROM now()))::bigint END;
     IF v_object ->> 'object' = 'payment_intent' AND v_type LIKE 'payment_intent.%' THEN
-        payment_id := pay._payment_for_intent(v_object ->> 'id', v_object -> 'metadata');
-        IF payment_id IS NULL THEN
-            outcome := 'stored';
-            detail := 'not a pgpay PaymentIntent';
-            RETURN;
-        END IF;
-        outcome := pay._apply_payment_intent(payment_id, v_object, 'webhook ' || v_type, v_event_id, v_created);
-        detail := v_type || ' -> ' || outcome;
-    ELSIF v_object ->> 'object' = 'refund' THEN
-        payment_id := pay._payment_for_intent(v_object ->> 'payment_intent', v_object -> 'metadata');
-        IF payment_id IS NULL THEN
-            outcome := 'stored';
-            detail := 'refund of a PaymentIntent that is not pgpay''s';
-            RETURN;
-        END IF;
-        outcome := pay._apply_refund_answer(payment_id, v_object, v_event_id);
-        detail := v_type || ' -> ' || outcome;
+        outcome := pay._apply_payment_intent_locked(p_payment, v_object, 'webhook ' || v_type, v_event_id, v_created);
+    ELSIF v_object ->> 'object' = 'refund' AND v_type LIKE '%refund.%' THEN
+        outcome := pay._apply_refund_answer(p_payment_id, v_object, v_event_id);
     ELSIF v_type = 'charge.refunded' AND v_object ->> 'object' = 'charge' THEN
-        payment_id := pay._payment_for_intent(v_object ->> 'payment_intent', v_object -> 'metadata');
-        IF payment_id IS NULL THEN
-            outcome := 'stored';
-            detail := 'charge of a PaymentIntent that is not pgpay''s';
-            RETURN;
-        END IF;
-        SELECT * INTO v_payment FROM pay.payments p WHERE p.id = payment_id FOR UPDATE;
         -- The charge carries the absolute refunded total: take it when it says more than we know.
         UPDATE pay.payments p
         SET amount_refunded = least(greatest(p.amount_refunded, coalesce((v_object ->> 'amount_refunded')::bigint, 0)),
                                     greatest(p.amount, p.amount_received)),
             updated_at = now()
-        WHERE p.id = payment_id AND p.amount_refunded < coalesce((v_object ->> 'amount_refunded')::bigint, 0);
+        WHERE p.id = p_payment_id AND p.amount_refunded < coalesce((v_object ->> 'amount_refunded')::bigint, 0);
         IF FOUND THEN
-            PERFORM pay._audit(payment_id, v_payment.status, v_payment.status,
+            PERFORM pay._audit(p_payment_id, v_payment.status, v_payment.status,
                 'charge refunded: ' || (v_object ->> 'amount_refunded') || ' of ' || (v_object ->> 'amount'), v_event_id);
             outcome := 'applied';
         ELSE
             outcome := 'unchanged';
         END IF;
-        detail := v_type || ' -> ' || outcome;
     ELSIF v_type LIKE 'charge.dispute.%' AND v_object ->> 'object' = 'dispute' THEN
-        payment_id := pay._payment_for_intent(v_object ->> 'payment_intent', v_object -> 'metadata');
-        IF payment_id IS NULL THEN
-            outcome := 'stored';
-            detail := 'dispute on a PaymentIntent that is not pgpay''s';
-            RETURN;
-        END IF;
-        SELECT * INTO v_payment FROM pay.payments p WHERE p.id = payment_id FOR UPDATE;
-        UPDATE pay.payments p SET disputed = true, updated_at = now() WHERE p.id = payment_id AND NOT p.disputed;
-        PERFORM pay._audit(payment_id, v_payment.status, v_payment.status,
+        UPDATE pay.payments p SET disputed = true, updated_at = now() WHERE p.id = p_payment_id AND NOT p.disputed;
+        PERFORM pay._audit(p_payment_id, v_payment.status, v_payment.status,
             v_type || ' (' || coalesce(v_object ->> 'reason', 'no reason') || ', ' || coalesce(v_object ->> 'status', '') || ')',
             v_event_id);
         outcome := 'applied';
-        detail := v_type || ' -> disputed';
     ELSE
         outcome := 'stored';
-        detail := 'no handler for ' || coalesce(v_type, 'an event without a type');
+        detail := 'no handler for ' || coalesce(v_type, 'an event without a type') || ' on this payment';
+        RETURN;
+    END IF;
+    detail := v_type || ' -> ' || outcome;
+END;
+$$;
+
+-- Stores an event once and applies it: one write of the event row, with its outcome. Returns a
+-- NULL outcome when the event id was seen before.
+--
+-- Dedup without a second write: every event about a payment first takes that payment's row lock,
+-- so two deliveries of one event serialise there and the second finds the first's row. Events
+-- about no payment go straight to the insert, where the primary key does the same job.
+CREATE FUNCTION pay._store_and_apply_event(p_payload text, p_event jsonb, p_source text,
+    OUT outcome text, OUT payment_id uuid, OUT detail text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_event_id text := p_event ->> 'id';
+    v_payment pay.payments;
+    v_applied record;
+BEGIN
+    payment_id := pay._payment_for_event(p_event);
+    IF payment_id IS NOT NULL THEN
+        v_payment := pay._lock_payment(payment_id);
+        IF EXISTS (SELECT 1 FROM pay.webhook_events e WHERE e.event_id = v_event_id) THEN
+            PERFORM pay._count_duplicate(v_event_id);
+            outcome := NULL;
+            payment_id := NULL;
+            RETURN;
+        END IF;
+        SELECT * INTO v_applied FROM pay._apply_event(p_event, v_payment);
+        outcome := v_applied.outcome;
+        detail := v_applied.detail;
+    ELSE
+        outcome := 'stored';
+        detail := 'not about a pgpay payment';
+    END IF;
+    INSERT INTO pay.webhook_events (event_id, type, payload, stripe_created, livemode, outcome, payment_id, detail, source)
+    VALUES (v_event_id, p_event ->> 'type', p_payload,
+            CASE WHEN p_event ->> 'created' ~ '^[0-9]{1,12}$' THEN (p_event ->> 'created')::bigint END,
+            CASE WHEN jsonb_typeof(p_event -> 'livemode') = 'boolean' THEN (p_event ->> 'livemode')::boolean END,
+            outcome, payment_id, detail, p_source)
+    ON CONFLICT (event_id) DO NOTHING;
+    IF NOT FOUND THEN
+        IF payment_id IS NOT NULL THEN
+            -- Cannot happen under the payment lock; if it ever does, undo the apply (the caller
+            -- answers 5xx and Stripe's retry finds the event).
+            RAISE EXCEPTION 'event % was stored concurrently while its payment was locked', v_event_id
+                USING ERRCODE = 'serialization_failure';
+        END IF;
+        PERFORM pay._count_duplicate(v_event_id);
+        outcome := NULL;
+        payment_id := NULL;
     END IF;
 END;
 $$;
 
--- Stores an event once and applies it. Returns NULL outcome when the event id was seen before.
-CREATE FUNCTION pay._store_and_apply_event(p_payload text, p_event jsonb, p_source text,
-    OUT outcome text, OUT payment_id uuid, OUT detail text)
+CREATE FUNCTION pay._count_duplicate(p_event_id text) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pay, pg_temp
 AS $$
-DECLARE
-    v_event_id text := p_event ->> 'id';
 BEGIN
-    -- The primary key is the dedup: a concurrent delivery of the same id waits here for the first
-    -- transaction and then finds the row, so exactly one applies.
-    INSERT INTO pay.webhook_events (event_id, type, payload, stripe_created, livemode, outcome, source)
-    VALUES (v_event_id, p_event ->> 'type', p_payload,
-            CASE WHEN p_event ->> 'created' ~ '^[0-9]{1,12}$' THEN (p_event ->> 'created')::bigint END,
-            CASE WHEN jsonb_typeof(p_event -> 'livemode') = 'boolean' THEN (p_event ->> 'livemode')::boolean END,
-            'received', p_source)
-    ON CONFLICT (event_id) DO NOTHING;
-    IF NOT FOUND THEN
-        UPDATE pay.webhook_events e
-        SET duplicate_deliveries = e.duplicate_deliveries + 1, last_duplicate_at = now()
-        WHERE e.event_id = v_event_id;
-        RETURN;
-    END IF;
-    SELECT a.outcome, a.payment_id, a.detail INTO outcome, payment_id, detail FROM pay._apply_event(p_event) a;
     UPDATE pay.webhook_events e
-    SET outcome = _store_and_apply_event.outcome, payment_id = _store_and_apply_event.payment_id,
-        detail = _store_and_apply_event.detail
-    WHERE e.event_id = v_event_id;
+    SET duplicate_deliveries = e.duplicate_deliveries + 1, last_duplicate_at = now()
+    WHERE e.event_id = p_event_id;
 END;
 $$;
 

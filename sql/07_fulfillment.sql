@@ -72,7 +72,7 @@ DECLARE
     v_ordinal int;
     v_params jsonb;
 BEGIN
-    SELECT * INTO v FROM pay.payments p WHERE p.id = refund.payment_id FOR UPDATE;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = refund.payment_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'refund: no payment %', payment_id USING ERRCODE = 'no_data_found';
     END IF;
