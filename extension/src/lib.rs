@@ -46,4 +46,9 @@ extension_sql_file!(
     requires = ["webhooks"]
 );
 extension_sql_file!("../../sql/08_views.sql", name = "views", requires = ["fulfillment"]);
-extension_sql_file!("../../sql/09_roles.sql", name = "roles", finalize);
+extension_sql_file!(
+    "../../sql/10_reconciliation.sql",
+    name = "reconciliation",
+    requires = ["views"]
+);
+extension_sql_file!("../../sql/99_roles.sql", name = "roles", finalize);

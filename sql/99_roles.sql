@@ -56,3 +56,17 @@ GRANT SELECT ON pay.webhook_events, pay.webhook_rejections, pay.webhook_secret_l
                 pay.webhook_stats, pay.stuck_payments, pay.outbox_health, pay.flagged_payments
     TO pay_auditor;
 GRANT SELECT ON pay.outbox_health, pay.stuck_payments TO pay_worker;
+
+-- Reconciliation: evidence from Stripe's API, read with the API key only the worker holds.
+GRANT EXECUTE ON FUNCTION pay.apply_stripe_object(jsonb, text, bigint) TO pay_worker;
+GRANT EXECUTE ON FUNCTION pay.apply_stripe_objects(jsonb, text, bigint) TO pay_worker;
+GRANT EXECUTE ON FUNCTION pay.apply_stripe_event(jsonb) TO pay_worker;
+GRANT EXECUTE ON FUNCTION pay.start_reconciliation(text, timestamptz, timestamptz, interval) TO pay_worker;
+GRANT EXECUTE ON FUNCTION pay.progress_reconciliation(bigint, int, int, int, int, int, int, interval) TO pay_worker;
+GRANT EXECUTE ON FUNCTION pay.finish_reconciliation(bigint, text) TO pay_worker;
+GRANT EXECUTE ON FUNCTION pay.record_reconciliation_finding(bigint, text, uuid, text, text, text, text) TO pay_worker;
+GRANT EXECUTE ON FUNCTION pay.record_missing_at_stripe(bigint, text[]) TO pay_worker;
+GRANT EXECUTE ON FUNCTION pay.rekey_create_command(bigint, int, text) TO pay_worker;
+GRANT EXECUTE ON FUNCTION pay.status_report() TO pay_worker, pay_auditor;
+GRANT SELECT ON pay.reconciliation_runs, pay.findings, pay.reconciliation_findings TO pay_auditor;
+GRANT SELECT ON pay.reconciliation_runs TO pay_worker;

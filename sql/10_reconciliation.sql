@@ -1,0 +1,364 @@
+-- Reconciliation: the database converges to Stripe's ledger, and every difference is explained
+-- (invariant 8). The worker pages through Stripe's API and hands each object here; the same
+-- transition rule as webhooks decides.
+
+CREATE TABLE pay.reconciliation_runs (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    worker           text NOT NULL,
+    window_start     timestamptz NOT NULL,
+    window_end       timestamptz NOT NULL,
+    started_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at      timestamptz,
+    lease_expires    timestamptz NOT NULL,
+    pages            int NOT NULL DEFAULT 0,
+    objects          int NOT NULL DEFAULT 0,
+    applied          int NOT NULL DEFAULT 0,
+    adopted          int NOT NULL DEFAULT 0,
+    not_ours         int NOT NULL DEFAULT 0,
+    events_replayed  int NOT NULL DEFAULT 0,
+    findings         int NOT NULL DEFAULT 0,
+    error            text,
+    CONSTRAINT reconciliation_runs_window CHECK (window_start < window_end)
+);
+-- One run at a time across every worker replica: a second open run cannot be inserted.
+CREATE UNIQUE INDEX reconciliation_runs_one_open ON pay.reconciliation_runs ((true)) WHERE finished_at IS NULL;
+
+CREATE TABLE pay.findings (
+    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id            bigint REFERENCES pay.reconciliation_runs (id),
+    kind              text NOT NULL,
+    payment_id        uuid REFERENCES pay.payments (id),
+    stripe_object_id  text,
+    expected          text,
+    actual            text,
+    detail            text,
+    found_at          timestamptz NOT NULL DEFAULT now(),
+    resolved_at       timestamptz,
+    CONSTRAINT findings_kind_known CHECK (kind IN (
+        'amount_drift', 'currency_drift', 'status_drift_fixed', 'status_mismatch', 'orphan_adopted',
+        'missing_at_stripe', 'not_ours', 'second_payment_intent', 'unknown_payment'))
+);
+-- The same difference is recorded once: a re-run on an unchanged ledger finds nothing new.
+CREATE UNIQUE INDEX findings_once ON pay.findings (
+    kind, coalesce(payment_id, '00000000-0000-0000-0000-000000000000'), coalesce(stripe_object_id, ''),
+    coalesce(expected, ''), coalesce(actual, ''));
+
+CREATE VIEW pay.reconciliation_findings AS
+    SELECT f.id, f.kind, f.payment_id, p.order_ref, f.stripe_object_id, f.expected, f.actual, f.detail,
+           f.run_id, f.found_at, f.resolved_at, f.resolved_at IS NULL AS open
+    FROM pay.findings f
+    LEFT JOIN pay.payments p ON p.id = f.payment_id;
+
+-- Records a finding once; returns whether it was new.
+CREATE FUNCTION pay._record_finding(p_run_id bigint, p_kind text, p_payment_id uuid, p_stripe_id text,
+    p_expected text, p_actual text, p_detail text) RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO pay.findings (run_id, kind, payment_id, stripe_object_id, expected, actual, detail)
+    VALUES (p_run_id, p_kind, p_payment_id, p_stripe_id, p_expected, p_actual, p_detail)
+    ON CONFLICT DO NOTHING;
+    IF FOUND AND p_run_id IS NOT NULL THEN
+        UPDATE pay.reconciliation_runs r SET findings = r.findings + 1 WHERE r.id = p_run_id;
+    END IF;
+    RETURN FOUND;
+END;
+$$;
+
+CREATE FUNCTION pay.record_reconciliation_finding(run_id bigint, kind text, payment_id uuid, stripe_object_id text,
+    expected text, actual text, detail text DEFAULT NULL) RETURNS boolean
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+    SELECT pay._record_finding(run_id, kind, payment_id, stripe_object_id, expected, actual, detail);
+$$;
+
+-- Starts a run, or returns NULL when another live run holds the lease. A run whose worker died is
+-- closed with an error once its lease has expired.
+CREATE FUNCTION pay.start_reconciliation(worker text, window_start timestamptz, window_end timestamptz DEFAULT now(),
+    lease interval DEFAULT '10 minutes') RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    IF window_start IS NULL OR window_end IS NULL OR window_start >= window_end THEN
+        RAISE EXCEPTION 'start_reconciliation: window_start must be before window_end' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE pay.reconciliation_runs r
+    SET finished_at = clock_timestamp(), error = coalesce(r.error, 'abandoned: the lease of ' || r.worker || ' expired')
+    WHERE r.finished_at IS NULL AND r.lease_expires < clock_timestamp();
+    INSERT INTO pay.reconciliation_runs (worker, window_start, window_end, lease_expires)
+    VALUES (worker, window_start, window_end, clock_timestamp() + lease)
+    ON CONFLICT DO NOTHING
+    RETURNING id INTO v_id;
+    RETURN v_id;
+END;
+$$;
+
+-- Progress and lease renewal in one call, once per page. Returns false when the run is no longer
+-- this worker's (its lease expired and it was closed): the worker must stop.
+CREATE FUNCTION pay.progress_reconciliation(run_id bigint, pages int, objects int, applied int, adopted int,
+    not_ours int, events_replayed int, lease interval DEFAULT '10 minutes') RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+BEGIN
+    UPDATE pay.reconciliation_runs r
+    SET pages = progress_reconciliation.pages, objects = progress_reconciliation.objects,
+        applied = progress_reconciliation.applied, adopted = progress_reconciliation.adopted,
+        not_ours = progress_reconciliation.not_ours, events_replayed = progress_reconciliation.events_replayed,
+        lease_expires = clock_timestamp() + lease
+    WHERE r.id = run_id AND r.finished_at IS NULL;
+    RETURN FOUND;
+END;
+$$;
+
+CREATE FUNCTION pay.finish_reconciliation(run_id bigint, error text DEFAULT NULL) RETURNS pay.reconciliation_runs
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v pay.reconciliation_runs;
+BEGIN
+    UPDATE pay.reconciliation_runs r SET finished_at = clock_timestamp(), error = finish_reconciliation.error
+    WHERE r.id = run_id AND r.finished_at IS NULL
+    RETURNING * INTO v;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'finish_reconciliation: run % is not open', run_id USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    RETURN v;
+END;
+$$;
+
+-- Applies one object read from Stripe's API. Outcomes: applied, unchanged, ignored, flagged,
+-- adopted (a PaymentIntent carrying our metadata that the payment did not know), not_ours.
+-- Drift is recorded as findings of run p_run_id.
+CREATE FUNCTION pay._apply_stripe_object(p_object jsonb, p_source text, p_run_id bigint,
+    OUT outcome text, OUT payment_id uuid, OUT detail text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v pay.payments;
+    v_id text := p_object ->> 'id';
+    v_claimed text := p_object #>> '{metadata,pgpay_payment_id}';
+    v_status text := p_object ->> 'status';
+    v_amount bigint;
+    v_currency text := lower(p_object ->> 'currency');
+    v_adopted boolean := false;
+    v_before pay.payment_status;
+    v_result text;
+BEGIN
+    IF p_object ->> 'object' = 'refund' THEN
+        payment_id := pay._payment_for_intent(p_object ->> 'payment_intent', p_object -> 'metadata');
+        IF payment_id IS NULL THEN
+            outcome := 'not_ours';
+            RETURN;
+        END IF;
+        outcome := pay._apply_refund_answer(payment_id, p_object, p_source);
+        RETURN;
+    END IF;
+    IF p_object ->> 'object' IS DISTINCT FROM 'payment_intent' OR v_id IS NULL OR v_status IS NULL THEN
+        RAISE EXCEPTION 'apply_stripe_object: expected a PaymentIntent or Refund object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_amount := CASE WHEN p_object ->> 'amount' ~ '^[0-9]{1,18}$' THEN (p_object ->> 'amount')::bigint END;
+
+    -- Read first without a lock: an unchanged payment (the common case) writes nothing.
+    SELECT * INTO v FROM pay.payments p WHERE p.stripe_payment_intent_id = v_id;
+    IF NOT FOUND THEN
+        IF v_claimed IS NULL OR v_claimed !~ '^[0-9a-fA-F-]{36}$' THEN
+            outcome := 'not_ours';
+            detail := 'no pgpay metadata';
+            RETURN;
+        END IF;
+        SELECT * INTO v FROM pay.payments p WHERE p.id = v_claimed::uuid;
+        IF NOT FOUND THEN
+            PERFORM pay._record_finding(p_run_id, 'unknown_payment', NULL, v_id, v_claimed, NULL,
+                'the PaymentIntent names a pgpay payment this database does not have');
+            outcome := 'not_ours';
+            detail := 'names an unknown payment';
+            RETURN;
+        END IF;
+    END IF;
+    payment_id := v.id;
+    IF v.stripe_payment_intent_id = v_id AND v.status::text = v_status AND v.amount = v_amount
+       AND v.currency = v_currency AND v.client_secret IS NOT NULL THEN
+        outcome := 'unchanged';
+        RETURN;
+    END IF;
+
+    v := pay._lock_payment(v.id);
+    v_before := v.status;
+    IF v.stripe_payment_intent_id IS NOT NULL AND v.stripe_payment_intent_id <> v_id THEN
+        PERFORM pay._record_finding(p_run_id, 'second_payment_intent', v.id, v_id, v.stripe_payment_intent_id, v_id,
+            'a second PaymentIntent carries this payment''s id');
+    ELSIF v.stripe_payment_intent_id IS NULL THEN
+        -- A crash between Stripe's create and our commit: adopt it, and close the create command so
+        -- it is never sent again (past Stripe's key retention it would create a second one).
+        v_adopted := true;
+        UPDATE pay.outbox o
+        SET status = 'done', response = p_object, last_http_status = 200, lease_owner = NULL, lease_expires = NULL,
+            last_error = 'adopted by ' || p_source, completed_at = now(), updated_at = now(),
+            attempts = greatest(o.attempts, 1), first_attempt_at = coalesce(o.first_attempt_at, now())
+        WHERE o.payment_id = v.id AND o.kind = 'create_payment_intent' AND o.status IN ('pending', 'in_flight');
+        PERFORM pay._record_finding(p_run_id, 'orphan_adopted', v.id, v_id, NULL, v_id,
+            'PaymentIntent created at Stripe but never recorded; adopted');
+    END IF;
+    IF v_amount IS DISTINCT FROM v.amount THEN
+        PERFORM pay._record_finding(p_run_id, 'amount_drift', v.id, v_id, v.amount::text, v_amount::text, NULL);
+    END IF;
+    IF v_currency IS DISTINCT FROM v.currency THEN
+        PERFORM pay._record_finding(p_run_id, 'currency_drift', v.id, v_id, v.currency, v_currency, NULL);
+    END IF;
+    v_result := pay._apply_payment_intent_locked(v, p_object, p_source, p_source || ':' || v_id,
+                                                 floor(extract(epoch FROM now()))::bigint);
+    IF v_result IN ('applied', 'flagged') AND v_status IS DISTINCT FROM v_before::text AND NOT v_adopted THEN
+        PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v_status,
+            'missed by webhooks; fixed from the API');
+    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text THEN
+        -- A terminal status here that Stripe contradicts: only a human can say which is right.
+        PERFORM pay._record_finding(p_run_id, 'status_mismatch', v.id, v_id, v_before::text, v_status,
+            'the payment is terminal here but Stripe reports another status');
+    END IF;
+    outcome := CASE WHEN v_adopted THEN 'adopted' ELSE v_result END;
+    detail := v_status;
+END;
+$$;
+
+CREATE FUNCTION pay.apply_stripe_object(object jsonb, source text DEFAULT 'reconcile', run_id bigint DEFAULT NULL)
+RETURNS TABLE (outcome text, payment_id uuid, detail text)
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+    SELECT a.outcome, a.payment_id, a.detail FROM pay._apply_stripe_object(object, source, run_id) a;
+$$;
+
+-- One round trip per page: the objects of a list answer, in order.
+CREATE FUNCTION pay.apply_stripe_objects(objects jsonb, source text DEFAULT 'reconcile', run_id bigint DEFAULT NULL)
+RETURNS TABLE (stripe_object_id text, outcome text, payment_id uuid, detail text)
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+    SELECT o.value ->> 'id', a.outcome, a.payment_id, a.detail
+    FROM jsonb_array_elements(CASE WHEN jsonb_typeof(objects) = 'array' THEN objects ELSE '[]' END)
+         WITH ORDINALITY o(value, n)
+    CROSS JOIN LATERAL pay._apply_stripe_object(o.value, source, run_id) a
+    ORDER BY o.n;
+$$;
+
+-- Events read from Stripe's API (GET /v1/events), not a signed delivery: trusted because only the
+-- worker, holding the API key, can call this. Same dedup and transition path as webhooks.
+CREATE FUNCTION pay.apply_stripe_event(event jsonb)
+RETURNS TABLE (status text, event_id text, detail text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    IF jsonb_typeof(event) IS DISTINCT FROM 'object' OR event ->> 'object' IS DISTINCT FROM 'event'
+       OR event ->> 'id' IS NULL OR event ->> 'type' IS NULL THEN
+        RAISE EXCEPTION 'apply_stripe_event: not a Stripe event object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v FROM pay._store_and_apply_event(event::text, event, 'api');
+    RETURN QUERY SELECT CASE WHEN v.outcome IS NULL THEN 'duplicate' WHEN v.outcome = 'stored' THEN 'stored' ELSE 'applied' END,
+                        event ->> 'id', v.detail;
+END;
+$$;
+
+-- Payments whose PaymentIntent reconciliation did not see in a complete listing of its window.
+CREATE FUNCTION pay.record_missing_at_stripe(run_id bigint, seen_intents text[]) RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_run pay.reconciliation_runs;
+    v_count int := 0;
+    v record;
+BEGIN
+    SELECT * INTO v_run FROM pay.reconciliation_runs r WHERE r.id = run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'record_missing_at_stripe: no run %', run_id USING ERRCODE = 'no_data_found';
+    END IF;
+    FOR v IN
+        SELECT p.id, p.stripe_payment_intent_id FROM pay.payments p
+        WHERE p.stripe_payment_intent_id IS NOT NULL
+          AND p.created_at >= v_run.window_start AND p.created_at < v_run.window_end - interval '1 minute'
+          AND NOT (p.stripe_payment_intent_id = ANY (seen_intents))
+    LOOP
+        IF pay._record_finding(run_id, 'missing_at_stripe', v.id, v.stripe_payment_intent_id, 'listed by Stripe', 'absent',
+                               'the payment''s PaymentIntent was not in Stripe''s list for the window') THEN
+            v_count := v_count + 1;
+        END IF;
+    END LOOP;
+    RETURN v_count;
+END;
+$$;
+
+-- Past Stripe's idempotency key retention a create is never blindly re-sent with its old key (a
+-- forgotten key creates a second PaymentIntent): after the worker found no PaymentIntent with this
+-- payment's id, the command gets a new derived key, and the audit log says why. Fenced by attempt.
+CREATE FUNCTION pay.rekey_create_command(id bigint, attempt int, reason text) RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_command pay.outbox;
+    v_payment pay.payments;
+    v_key text;
+BEGIN
+    SELECT * INTO v_command FROM pay.outbox o
+    WHERE o.id = rekey_create_command.id AND o.attempts = attempt AND o.status = 'in_flight'
+      AND o.kind = 'create_payment_intent'
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    v_payment := pay._lock_payment(v_command.payment_id);
+    IF v_payment.stripe_payment_intent_id IS NOT NULL THEN
+        RETURN NULL;  -- it was adopted meanwhile: nothing to re-key
+    END IF;
+    v_key := pay.idempotency_key('pgpay.pi_create.rekeyed',
+        jsonb_build_object('previous', v_command.idempotency_key, 'attempt', attempt));
+    UPDATE pay.outbox o SET idempotency_key = v_key, updated_at = now() WHERE o.id = v_command.id;
+    PERFORM pay._audit(v_payment.id, v_payment.status, v_payment.status,
+        'create re-keyed past Stripe''s key retention: ' || left(coalesce(reason, 'no reason given'), 500),
+        'outbox:' || v_command.id || '#' || attempt);
+    RETURN v_key;
+END;
+$$;
+
+-- What `pgpay-worker status` prints, and whether a human is needed.
+CREATE FUNCTION pay.status_report() RETURNS jsonb
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'outbox', coalesce((SELECT jsonb_object_agg(s.status, s.n) FROM (
+            SELECT o.status, count(*) AS n FROM pay.outbox o GROUP BY o.status) s), '{}'),
+        'oldest_pending_seconds', (SELECT floor(extract(epoch FROM now() - min(o.created_at)))
+                                   FROM pay.outbox o WHERE o.status IN ('pending', 'in_flight')),
+        'dead_commands', (SELECT count(*) FROM pay.outbox o WHERE o.status = 'dead'),
+        'expired_leases', (SELECT count(*) FROM pay.outbox o WHERE o.status = 'in_flight' AND o.lease_expires < now()),
+        'stuck_payments', (SELECT count(*) FROM pay.stuck_payments),
+        'flagged_payments', (SELECT count(*) FROM pay.flagged_payments),
+        'open_findings', (SELECT count(*) FROM pay.findings f WHERE f.resolved_at IS NULL),
+        'last_reconciliation', (SELECT to_jsonb(r) - 'lease_expires' FROM pay.reconciliation_runs r ORDER BY r.id DESC LIMIT 1),
+        'webhook_rejections_24h', (SELECT coalesce(sum(r.count), 0) FROM pay.webhook_rejections r
+                                   WHERE r.last_at > now() - interval '24 hours'),
+        'live_webhook_secrets', (SELECT count(*) FROM pay.webhook_secrets s
+                                 WHERE s.revoked_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now()))
+    );
+$$;
