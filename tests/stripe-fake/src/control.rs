@@ -1,25 +1,5 @@
 //! The control API under `/_fake/` (no API key: the fake listens on loopback for tests and the
-//! demo). Bodies are JSON; errors use Stripe's error shape.
-//!
-//! | method and path | body | answer |
-//! |---|---|---|
-//! | `GET /_fake/ledger[?lists=false]` | | [`crate::Ledger`] |
-//! | `POST /_fake/reset` | | `{"reset":true}` |
-//! | `GET /_fake/clock`, `POST /_fake/clock` | `{"advance_secs":90000}` | `{"now":..,"offset_secs":..}` |
-//! | `GET /_fake/faults` | | `{"rules":[{"id","rule","fired","remaining"}]}` |
-//! | `POST /_fake/faults` | a [`crate::FaultRule`] or `{"rules":[...]}` | `{"ids":[1]}` |
-//! | `DELETE /_fake/faults` | | `{"cleared":true}` |
-//! | `POST /_fake/seed` | [`crate::SeedRequest`] | [`crate::SeedReport`] |
-//! | `GET/POST /_fake/rate_limit` | `{"per_second":25}` or `{"per_second":null}` | `{"per_second":..}` |
-//! | `GET /_fake/webhook` | | `{"url":..,"options":..}` (never the secret) |
-//! | `POST /_fake/webhook` | `{"url":"http://..","secret":"whsec_.."}` | same as GET |
-//! | `DELETE /_fake/webhook` | | same as GET |
-//! | `POST /_fake/webhook/options` | [`crate::DeliveryOptionsPatch`] | [`crate::DeliveryOptions`] |
-//! | `POST /_fake/webhook/hold`, `POST /_fake/webhook/release` | | `{"holding":..}`, `{"released":n}` |
-//! | `POST /_fake/events/:id/resend` | | `{"resent":"evt_.."}` |
-//! | `POST /_fake/payment_intents/:id/confirm` | `{"payment_method":"pm_card_visa"}` | the PaymentIntent, or a 402 card error |
-//! | `POST /_fake/payment_intents/:id/authenticate` | `{"succeed":true}` | the PaymentIntent |
-//! | `POST /_fake/idempotency` | `{"retention_secs":86400}` | `{"retention_secs":..}` |
+//! demo). The table of endpoints is in the crate documentation.
 
 use std::sync::Arc;
 

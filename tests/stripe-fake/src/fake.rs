@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -19,6 +20,8 @@ use crate::server;
 use crate::shared::Shared;
 use crate::webhooks::{self, DeliveryOptions, DeliveryOptionsPatch, WebhookEndpoint, WebhookError};
 
+/// Shortest pause between two checks of a waiter's condition.
+const MIN_RECHECK: Duration = Duration::from_millis(2);
 /// Per webhook attempt; a receiver slower than this counts as a failed attempt.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -108,29 +111,50 @@ impl StripeFake {
         self.shared.ledger(false)
     }
 
-    /// Waits until `condition` holds for the ledger, re-checking after every change, up to
-    /// `timeout`. Returns the ledger that satisfied it.
+    /// Waits until `condition` holds for the full ledger (with lists), re-checking after changes,
+    /// up to `timeout`. Returns the ledger that satisfied it. Each check copies every object, so
+    /// with many thousands of objects prefer [`StripeFake::wait_for_counts`].
     pub async fn wait_for(
         &self,
         timeout: Duration,
         condition: impl Fn(&Ledger) -> bool,
     ) -> Result<Ledger, WaitTimeout> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        self.wait(timeout, true, condition).await
+    }
+
+    /// Like [`StripeFake::wait_for`], on [`StripeFake::ledger_counts`]: cheap at any size.
+    pub async fn wait_for_counts(
+        &self,
+        timeout: Duration,
+        condition: impl Fn(&Ledger) -> bool,
+    ) -> Result<Ledger, WaitTimeout> {
+        self.wait(timeout, false, condition).await
+    }
+
+    async fn wait(
+        &self,
+        timeout: Duration,
+        lists: bool,
+        condition: impl Fn(&Ledger) -> bool,
+    ) -> Result<Ledger, WaitTimeout> {
+        let deadline = Instant::now() + timeout;
         let mut changes = self.shared.subscribe();
         loop {
-            let ledger = self.ledger();
+            let checked = Instant::now();
+            let ledger = self.shared.ledger(lists);
             if condition(&ledger) {
                 return Ok(ledger);
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => {
-                    return Err(WaitTimeout {
-                        timeout,
-                        last: Box::new(ledger),
-                    })
-                }
+            let changed = tokio::time::timeout_at(deadline, changes.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
+                return Err(WaitTimeout {
+                    timeout,
+                    last: Box::new(ledger),
+                });
             }
+            // Under load every request is a change; checking at most this often keeps a waiter
+            // from competing with the server for the lock.
+            tokio::time::sleep_until((checked + MIN_RECHECK).min(deadline)).await;
         }
     }
 

@@ -25,14 +25,62 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Endpoints
+//! # Stripe endpoints
 //!
-//! Stripe's, with `Authorization: Bearer <api_key>`: `POST/GET /v1/payment_intents`,
-//! `GET /v1/payment_intents/search`, `GET/POST /v1/payment_intents/:id`,
-//! `POST /v1/payment_intents/:id/cancel`, `POST /v1/payment_intents/:id/confirm`,
-//! `POST/GET /v1/refunds`, `GET /v1/refunds/:id`, `GET /v1/charges/:id`, `GET /v1/events`,
-//! `GET /v1/events/:id`. The control API lives under `/_fake/` (see the table in the `control`
-//! module's source, and the README of the binary's `--help`).
+//! With `Authorization: Bearer <api_key>`; form-encoded bodies; JSON answers with `Request-Id`.
+//!
+//! | endpoint | notes |
+//! |---|---|
+//! | `POST /v1/payment_intents` | `amount`, `currency`, `description`, `customer`, `receipt_email`, `metadata[..]`, `payment_method`, `confirm` |
+//! | `GET /v1/payment_intents` | newest first; `limit`, `starting_after`, `ending_before`, `created[gt/gte/lt/lte]`, `customer` |
+//! | `GET /v1/payment_intents/search` | `query` (`metadata['k']:'v'`, `status:'..'`, `amount>n`, ... with AND or OR), `limit`, `page` |
+//! | `GET /v1/payment_intents/:id`, `POST /v1/payment_intents/:id` | update: amount/currency/payment_method while open, metadata/description always |
+//! | `POST /v1/payment_intents/:id/confirm` | `pm_card_visa` succeeds, `pm_card_chargeDeclined` is a 402, `pm_card_authenticationRequired` needs action |
+//! | `POST /v1/payment_intents/:id/cancel` | `cancellation_reason` |
+//! | `POST /v1/refunds`, `GET /v1/refunds[/:id]` | `payment_intent` or `charge`, `amount` (default: what is left), `reason` |
+//! | `GET /v1/charges/:id` | |
+//! | `GET /v1/events[/:id]` | newest first; list parameters plus `type` (`payment_intent.*`) or `types[]` |
+//!
+//! # Control endpoints
+//!
+//! No API key; JSON bodies (an empty body reads as `{}`); errors in Stripe's error shape. Each has
+//! a method on [`StripeFake`] that does the same.
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /_fake/ledger[?lists=false]` | | [`Ledger`] |
+//! | `POST /_fake/reset` | | `{"reset":true}` |
+//! | `GET /_fake/clock`, `POST /_fake/clock` | `{"advance_secs":90000}` | `{"now":..,"offset_secs":..}` |
+//! | `GET /_fake/faults` | | `{"rules":[`[`FaultStatus`]`]}` |
+//! | `POST /_fake/faults` | a [`FaultRule`] or `{"rules":[...]}` | `{"ids":[1]}` |
+//! | `DELETE /_fake/faults` | | `{"cleared":true}` |
+//! | `POST /_fake/seed` | [`SeedRequest`] | [`SeedReport`] |
+//! | `GET/POST /_fake/rate_limit` | `{"per_second":25}` or `{"per_second":null}` | `{"per_second":..}` |
+//! | `GET /_fake/webhook` | | `{"url":..,"options":..}` (never the secret) |
+//! | `POST /_fake/webhook` | `{"url":"http://..","secret":"whsec_.."}` | as GET |
+//! | `DELETE /_fake/webhook` | | as GET |
+//! | `POST /_fake/webhook/options` | [`DeliveryOptionsPatch`] | [`DeliveryOptions`] |
+//! | `POST /_fake/webhook/hold` | | `{"holding":true}` |
+//! | `POST /_fake/webhook/release` | | `{"released":n}` |
+//! | `POST /_fake/events/:id/resend` | | `{"resent":"evt_.."}` |
+//! | `POST /_fake/payment_intents/:id/confirm` | `{"payment_method":"pm_card_visa"}` | the PaymentIntent, or a 402 card error |
+//! | `POST /_fake/payment_intents/:id/authenticate` | `{"succeed":true}` | the PaymentIntent |
+//! | `POST /_fake/idempotency` | `{"retention_secs":86400}` | `{"retention_secs":..}` |
+//!
+//! A fault rule: `{"method":"POST","path":"/v1/payment_intents/*","action":"latency",
+//! "latency_ms":300,"times":1}`; `action` is one of [`FaultAction`]'s (`drop_response_after_commit`,
+//! `fail_before_commit`, `rate_limit` with `retry_after_secs`, `latency` with `latency_ms`,
+//! `reset_connection`); `*` in `path` matches anything, `/` included; `times` and `probability`
+//! (seeded by [`Config::seed`]) limit when it fires, and without either it fires on every match.
+//!
+//! # Idempotency, precisely
+//!
+//! Keys are scoped to the API key and kept for [`Config::idempotency_retention_secs`] (24 h) of
+//! the fake's clock. A request's answer is stored unless it is a 5xx, a 429, or a failure of
+//! parameter validation (Stripe saves results only once an endpoint began executing, so a request
+//! with a typo can be corrected and resent with the same key); card declines (402) and state
+//! errors are stored and replayed. Requests run to completion even if the client hangs up, as on
+//! Stripe.
 //!
 //! # Differences from Stripe worth knowing
 //! - Only test-mode card PaymentMethods (`pm_card_visa`, `pm_card_chargeDeclined`,
@@ -41,6 +89,8 @@
 //! - Search is immediately consistent (Stripe's lags by up to a minute).
 //! - Webhook retries are compressed to milliseconds; signatures carry wall-clock time even when the
 //!   fake's clock was advanced, since the receiver checks them against its own clock.
+//! - Webhooks go out one at a time in event order by default ([`Config::webhook_concurrency`]);
+//!   reordering is an explicit option.
 #![forbid(unsafe_code)]
 
 mod api;

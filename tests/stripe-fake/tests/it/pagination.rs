@@ -311,7 +311,12 @@ async fn twenty_thousand_in_pages_of_one_hundred() {
         "{:?}",
         started.elapsed()
     );
-    let ledger = fake.ledger_counts();
+    let ledger = fake
+        .wait_for_counts(crate::helpers::DEADLINE, |l| {
+            l.requests_to("GET /v1/payment_intents") == 200
+        })
+        .await
+        .expect("every page counted");
     assert_eq!(ledger.status_count("succeeded"), 15_000);
     assert_eq!(ledger.status_count("canceled"), 5_000);
     assert!(ledger.payment_intents.list.is_empty());
