@@ -56,6 +56,8 @@ pub enum RetryReason {
     Connect,
     /// Broken connection or body.
     Transport,
+    /// The lookup of a create past Stripe's key retention did not work out.
+    LookupFailed,
 }
 
 impl RetryReason {
@@ -71,6 +73,7 @@ impl RetryReason {
             RetryReason::Timeout => "timeout",
             RetryReason::Connect => "connect",
             RetryReason::Transport => "transport",
+            RetryReason::LookupFailed => "lookup_failed",
         }
     }
 }

@@ -48,6 +48,10 @@ pub struct WorkerConfig {
     pub retry: RetryPolicy,
     /// `LISTEN pay_outbox`. Off only in tests that prove the poll alone delivers.
     pub listen_for_notifications: bool,
+    /// A create first attempted longer ago than this may have outlived Stripe's 24-hour
+    /// Idempotency-Key retention: it is looked up by metadata (and adopted, or re-keyed)
+    /// instead of being re-sent blindly. Default 23 h: an hour of margin.
+    pub key_retention_guard: Duration,
 }
 
 /// A configuration that cannot work. Messages name the setting, never its secret value.
@@ -187,6 +191,7 @@ impl WorkerConfig {
             db_pool_size: 4,
             retry: RetryPolicy::default(),
             listen_for_notifications: true,
+            key_retention_guard: Duration::from_secs(23 * 3600),
         };
         Ok(cfg)
     }
@@ -280,6 +285,14 @@ impl WorkerConfig {
         if r.retry_after_cap > Duration::from_secs(3600) {
             return Err(out_of_range("--retry-after-cap", "must be at most 1h"));
         }
+        if !(Duration::from_secs(60)..=Duration::from_secs(24 * 3600))
+            .contains(&self.key_retention_guard)
+        {
+            return Err(out_of_range(
+                "--key-retention-guard",
+                "must be between 1m and 24h (Stripe keeps keys for 24h)",
+            ));
+        }
         Ok(())
     }
 }
@@ -350,6 +363,10 @@ pub struct RunArgs {
     /// lease_owner name (default: hostname-pid-random).
     #[arg(long, env = "PGPAY_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Creates first attempted longer ago than this are looked up at Stripe before a re-send
+    /// (Stripe forgets Idempotency-Keys after 24h).
+    #[arg(long, env = "PGPAY_WORKER_KEY_RETENTION_GUARD", default_value = "23h", value_parser = parse_duration)]
+    pub key_retention_guard: Duration,
 }
 
 impl RunArgs {
@@ -388,6 +405,7 @@ impl RunArgs {
         cfg.http_listen = self.http_listen;
         cfg.shutdown_timeout = self.shutdown_timeout;
         cfg.db_pool_size = self.db_pool_size;
+        cfg.key_retention_guard = self.key_retention_guard;
         cfg.retry = RetryPolicy {
             base: self.retry_base,
             max: self.retry_max,
@@ -460,6 +478,9 @@ mod tests {
             ("rate negative", |c| c.rate_limit = -1.0),
             ("rate NaN", |c| c.rate_limit = f64::NAN),
             ("pool 0", |c| c.db_pool_size = 0),
+            ("key guard past Stripe's retention", |c| {
+                c.key_retention_guard = Duration::from_secs(25 * 3600)
+            }),
             ("retry max < base", |c| {
                 c.retry.max = Duration::from_millis(1)
             }),

@@ -90,6 +90,9 @@ pub struct ClaimedRow {
     pub request: Value,
     /// The claim's attempt number, passed back for fencing.
     pub attempt: i32,
+    /// The command was first attempted longer ago than the key-retention guard: Stripe
+    /// may have forgotten its Idempotency-Key (computed with the database's clock).
+    pub past_key_retention: bool,
 }
 
 // The key and the params stay out of logs.
@@ -104,8 +107,10 @@ impl std::fmt::Debug for ClaimedRow {
     }
 }
 
-const CLAIM: &str = "SELECT id, payment_id::text, kind::text, idempotency_key::text, request::jsonb, attempts::int \
+const CLAIM: &str = "SELECT id, payment_id::text, kind::text, idempotency_key::text, request::jsonb, attempts::int, \
+     coalesce(first_attempt_at < now() - make_interval(secs => $4::float8), false) \
      FROM pay.claim_outbox($1::text, $2::int, make_interval(secs => $3::float8))";
+const REKEY: &str = "SELECT pay.rekey_create_command($1::bigint, $2::int, $3::text)";
 const COMPLETE: &str = "SELECT pay.complete_outbox($1::bigint, $2::int, $3::int, $4::jsonb)";
 const RETRY: &str = "SELECT pay.retry_outbox($1::bigint, $2::int, $3::int, $4::text, \
      now() + make_interval(secs => $5::float8))";
@@ -127,11 +132,20 @@ pub async fn claim(
     worker: &str,
     max_rows: i32,
     lease: Duration,
+    key_retention_guard: Duration,
 ) -> Result<Vec<ClaimedRow>, DbError> {
     let c = client(pool).await?;
     let stmt = c.prepare_cached(CLAIM).await.map_err(DbError::Query)?;
     let rows = c
-        .query(&stmt, &[&worker, &max_rows, &lease.as_secs_f64()])
+        .query(
+            &stmt,
+            &[
+                &worker,
+                &max_rows,
+                &lease.as_secs_f64(),
+                &key_retention_guard.as_secs_f64(),
+            ],
+        )
         .await
         .map_err(DbError::Query)?;
     rows.iter()
@@ -143,6 +157,7 @@ pub async fn claim(
                 idempotency_key: r.try_get(3)?,
                 request: r.try_get::<_, Option<Value>>(4)?.unwrap_or(Value::Null),
                 attempt: r.try_get(5)?,
+                past_key_retention: r.try_get(6)?,
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()
@@ -198,6 +213,23 @@ pub async fn fail(
     error: &Value,
 ) -> Result<bool, DbError> {
     fenced_call(pool, FAIL, &[&id, &attempt, &http_status, error]).await
+}
+
+/// `pay.rekey_create_command(id, attempt, reason)`: the new key, or `None` when the
+/// command was fenced or its PaymentIntent was adopted meanwhile.
+pub async fn rekey_create(
+    pool: &Pool,
+    id: i64,
+    attempt: i32,
+    reason: &str,
+) -> Result<Option<String>, DbError> {
+    let c = client(pool).await?;
+    let stmt = c.prepare_cached(REKEY).await.map_err(DbError::Query)?;
+    let row = c
+        .query_one(&stmt, &[&id, &attempt, &reason])
+        .await
+        .map_err(DbError::Query)?;
+    row.try_get(0).map_err(DbError::Query)
 }
 
 /// One row of `pay.ingest_webhook`.

@@ -23,13 +23,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::backoff::reconnect_backoff;
-use crate::classify::{decide, worker_error, ErrorChain, WriteBack};
-use crate::command::parse_request;
+use crate::classify::{decide, worker_error, ErrorChain, RetryReason, WriteBack};
+use crate::command::{parse_request, Method, StripeRequest};
 use crate::config::WorkerConfig;
 use crate::db::{self, ClaimedRow, DbError};
 use crate::metrics::{Metrics, Outcome};
 use crate::ratelimit::RateLimiter;
-use crate::stripe::StripeClient;
+use crate::stripe::{SendError, StripeClient, StripeResponse};
 
 /// The outbox doorbell channel.
 pub const CHANNEL: &str = "pay_outbox";
@@ -322,7 +322,15 @@ impl Dispatcher {
             // Measured before the claim, so our idea of the lease ends no later than the
             // database's `now() + lease`.
             let claimed_at = Instant::now();
-            let rows = match db::claim(&shared.pool, &cfg.worker_id, free as i32, cfg.lease).await {
+            let rows = match db::claim(
+                &shared.pool,
+                &cfg.worker_id,
+                free as i32,
+                cfg.lease,
+                cfg.key_retention_guard,
+            )
+            .await
+            {
                 Ok(rows) => {
                     if self.claim_failing {
                         info!("claiming works again");
@@ -436,6 +444,9 @@ impl Dispatcher {
     }
 }
 
+/// The kind whose re-send past Stripe's key retention could create a second PaymentIntent.
+const CREATE: &str = "create_payment_intent";
+
 /// One command, from parse to write-back. Never returns an error: every failure ends in
 /// a write-back (or, if the database is unreachable, in the lease running out). Returns the
 /// retry delay when the command was handed back for a retry.
@@ -452,7 +463,7 @@ async fn process(
             Ok(url) => Ok((req, url)),
             Err(e) => Err(e.to_string()),
         });
-    let (req, url) = match prepared {
+    let (mut req, url) = match prepared {
         Ok(p) => p,
         Err(msg) => {
             warn!(error = %msg, "malformed command; failing it permanently");
@@ -460,37 +471,72 @@ async fn process(
                 http_status: None,
                 error: worker_error(format!("malformed outbox command: {msg}")),
             };
-            write_back(&shared, &row, wb).await;
-            return None;
+            return finish(&shared, &row, wb).await;
         }
     };
 
+    let mut timeout = send_slot(&shared, &row, lease_deadline, &cancel).await?;
+    if row.past_key_retention && row.kind == CREATE && req.method == Method::Post {
+        match key_retention_lookup(&shared, &row, timeout).await {
+            Lookup::Rekeyed(key) => req.idempotency_key = Some(key),
+            Lookup::Done(wb) => return finish(&shared, &row, wb).await,
+            Lookup::Release(why) => {
+                release(&shared, &row, why).await;
+                return None;
+            }
+        }
+        timeout = send_slot(&shared, &row, lease_deadline, &cancel).await?;
+    }
+
+    let result = send_timed(&shared, &row.kind, &req, url, timeout).await;
+    let wb = decide(
+        result,
+        row.attempt,
+        &shared.cfg.retry,
+        &mut fastrand::Rng::new(),
+    );
+    finish(&shared, &row, wb).await
+}
+
+/// Waits for a rate-limit slot and checks the lease. Returns the timeout for the request,
+/// or `None` after releasing the command (shutdown, or too little lease left to send).
+async fn send_slot(
+    shared: &Shared,
+    row: &ClaimedRow,
+    lease_deadline: Instant,
+    cancel: &CancellationToken,
+) -> Option<Duration> {
     tokio::select! {
         biased;
         _ = cancel.cancelled() => {
-            release(&shared, &row, "released at shutdown").await;
+            release(shared, row, "released at shutdown").await;
             return None;
         }
         _ = shared.limiter.acquire() => {}
     }
-
     let remaining = lease_deadline
         .saturating_duration_since(Instant::now())
         .saturating_sub(LEASE_MARGIN);
     if remaining < MIN_SEND_WINDOW {
         // Sending now could overlap with another worker that takes over the lease.
         warn!("lease nearly expired before the request could start; releasing");
-        release(&shared, &row, "lease nearly expired before send").await;
+        release(shared, row, "lease nearly expired before send").await;
         return None;
     }
-    let timeout = shared.stripe.request_timeout().min(remaining);
+    Some(shared.stripe.request_timeout().min(remaining))
+}
 
+async fn send_timed(
+    shared: &Shared,
+    kind: &str,
+    req: &StripeRequest,
+    url: reqwest::Url,
+    timeout: Duration,
+) -> Result<StripeResponse, SendError> {
     let started = Instant::now();
-    let result = shared.stripe.send(&req, url, timeout).await;
+    let result = shared.stripe.send(req, url, timeout).await;
     let elapsed = started.elapsed();
-    shared
-        .metrics
-        .observe_latency(&row.kind, elapsed.as_secs_f64());
+    shared.metrics.observe_latency(kind, elapsed.as_secs_f64());
     match &result {
         Ok(resp) => debug!(
             status = resp.status,
@@ -501,19 +547,127 @@ async fn process(
         ),
         Err(e) => debug!(error = %ErrorChain(e), ?elapsed, "no answer from Stripe"),
     }
-    let wb = decide(
-        result,
-        row.attempt,
-        &shared.cfg.retry,
-        &mut fastrand::Rng::new(),
-    );
+    result
+}
+
+/// Writes back and returns the retry delay when the command went back for a retry.
+async fn finish(shared: &Shared, row: &ClaimedRow, wb: WriteBack) -> Option<Duration> {
     let retry_in = match &wb {
         WriteBack::Retry { delay, .. } => Some(*delay),
         _ => None,
     };
-    match write_back(&shared, &row, wb).await {
+    match write_back(shared, row, wb).await {
         Outcome::Retried => retry_in,
         _ => None,
+    }
+}
+
+enum Lookup {
+    /// Nothing at Stripe: send the create with this new key.
+    Rekeyed(String),
+    /// Adopted (complete) or the lookup failed (retry).
+    Done(WriteBack),
+    /// The re-key was declined (adopted meanwhile, or fenced): hand the command back.
+    Release(&'static str),
+}
+
+/// Invariant 2 past Stripe's 24-hour key retention: a create whose first attempt is older
+/// than the guard is never re-sent with its old key (Stripe may have forgotten it and would
+/// create a second PaymentIntent). Search by our metadata instead: found, it is adopted as
+/// the create's answer; not found, the extension re-keys the command and it is sent anew.
+async fn key_retention_lookup(shared: &Shared, row: &ClaimedRow, timeout: Duration) -> Lookup {
+    let retry = |error: String| {
+        shared.metrics.key_lookup("failed");
+        Lookup::Done(WriteBack::Retry {
+            http_status: None,
+            error,
+            delay: shared
+                .cfg
+                .retry
+                .delay(row.attempt, None, &mut fastrand::Rng::new()),
+            reason: RetryReason::LookupFailed,
+        })
+    };
+    let Some(payment_id) = row.payment_id.as_deref() else {
+        return retry("key-retention lookup: the command has no payment id".into());
+    };
+    let search = StripeRequest {
+        method: Method::Get,
+        path: "/v1/payment_intents/search".into(),
+        params: vec![
+            ("limit".into(), "10".into()),
+            (
+                "query".into(),
+                format!("metadata['pgpay_payment_id']:'{payment_id}'"),
+            ),
+        ],
+        idempotency_key: None,
+    };
+    let Ok(url) = shared.stripe.url_for(&search) else {
+        return retry("key-retention lookup: cannot build the search URL".into());
+    };
+    info!("create is past Stripe's key retention; looking for its PaymentIntent before re-sending");
+    let resp = match send_timed(shared, &row.kind, &search, url, timeout).await {
+        Ok(resp) if (200..300).contains(&resp.status) => resp,
+        result => {
+            // Whatever the search says, a failed lookup never fails the create: try again.
+            let error = match decide(
+                result,
+                row.attempt,
+                &shared.cfg.retry,
+                &mut fastrand::Rng::new(),
+            ) {
+                WriteBack::Retry { error, .. } => error,
+                WriteBack::Fail { error, http_status } => format!(
+                    "HTTP {} {}",
+                    http_status.unwrap_or(0),
+                    error["error"]["message"].as_str().unwrap_or("")
+                ),
+                WriteBack::Complete { .. } => String::new(),
+            };
+            return retry(format!("key-retention lookup failed: {error}"));
+        }
+    };
+    let data = match serde_json::from_slice::<serde_json::Value>(&resp.body)
+        .ok()
+        .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
+    {
+        Some(serde_json::Value::Array(data)) => data,
+        _ => return retry("key-retention lookup: the search answer has no data list".into()),
+    };
+    if data.len() > 1 {
+        warn!(
+            found = data.len(),
+            "more than one PaymentIntent carries this payment's id; adopting the first"
+        );
+    }
+    let found = data.into_iter().find(|pi| pi["object"] == "payment_intent");
+    if let Some(pi) = found {
+        shared.metrics.key_lookup("adopted");
+        info!("found the PaymentIntent at Stripe; adopting it instead of creating another");
+        return Lookup::Done(WriteBack::Complete {
+            http_status: resp.status,
+            response: pi,
+            replayed: false,
+        });
+    }
+    let reason = format!(
+        "no PaymentIntent with metadata pgpay_payment_id={payment_id} at Stripe after the key's retention"
+    );
+    match db::rekey_create(&shared.pool, row.id, row.attempt, &reason).await {
+        Ok(Some(key)) => {
+            shared.metrics.key_lookup("rekeyed");
+            info!("no PaymentIntent at Stripe; the create was re-keyed and is sent anew");
+            Lookup::Rekeyed(key)
+        }
+        Ok(None) => Lookup::Release("re-key declined: adopted meanwhile or taken over"),
+        Err(e) => {
+            shared.metrics.db_error("rekey");
+            retry(format!(
+                "key-retention lookup: re-key failed: {}",
+                db_error_text(&e)
+            ))
+        }
     }
 }
 

@@ -64,6 +64,11 @@ struct StatusLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: String,
 }
@@ -102,6 +107,7 @@ pub struct Metrics {
     listener_reconnects: Counter,
     db_errors: Family<OpLabels, Counter>,
     webhooks: Family<StatusLabels, Counter>,
+    key_lookups: Family<ResultLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -129,6 +135,7 @@ impl Metrics {
     /// - `pgpay_worker_listener_connected` (gauge), `pgpay_worker_listener_reconnects_total`
     /// - `pgpay_worker_db_errors_total{op}`
     /// - `pgpay_worker_webhooks_total{status}`
+    /// - `pgpay_worker_key_retention_lookups_total{result}` (adopted, rekeyed, failed)
     pub fn new() -> Self {
         let m = Self {
             registry: Mutex::new(Registry::with_prefix("pgpay_worker")),
@@ -146,6 +153,7 @@ impl Metrics {
             listener_reconnects: Counter::default(),
             db_errors: Family::default(),
             webhooks: Family::default(),
+            key_lookups: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -210,6 +218,11 @@ impl Metrics {
                 "webhooks",
                 "Webhook deliveries relayed to pay.ingest_webhook, by status",
                 m.webhooks.clone(),
+            );
+            r.register(
+                "key_retention_lookups",
+                "Creates past Stripe's key retention looked up before a re-send, by result",
+                m.key_lookups.clone(),
             );
         }
         m
@@ -290,6 +303,21 @@ impl Metrics {
             .inc();
     }
 
+    pub(crate) fn key_lookup(&self, result: &str) {
+        self.key_lookups
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+    /// Key-retention lookups with `result` (`adopted`, `rekeyed`, `failed`).
+    pub fn key_lookups(&self, result: &str) -> u64 {
+        self.key_lookups
+            .get(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .map_or(0, |c| c.get())
+    }
     /// Commands of `kind` that ended with `outcome` so far (for tests and status output).
     pub fn commands(&self, kind: &str, outcome: Outcome) -> u64 {
         self.commands

@@ -1,0 +1,477 @@
+//! The worker against `stripe-fake` (Stripe's idempotency semantics, fault injection, a
+//! ledger of what really happened) and a real PostgreSQL with the extension. Counting at
+//! the fake's ledger is what proves exactly-once: N orders, N PaymentIntents.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::{checkout, config, count, init_tracing, wait_for_count, WAIT};
+use pgpay_tests::{wait_until, TestDb};
+use pgpay_worker::CancellationToken;
+use stripe_fake::{Config as FakeConfig, FaultAction, FaultRule, StripeFake};
+
+const FAKE_KEY: &str = "sk_test_worker_vs_fake";
+const WEBHOOK_SECRET: &str = "whsec_worker_vs_fake";
+
+async fn fake(rate_limit_per_second: Option<u32>) -> StripeFake {
+    StripeFake::start(FakeConfig {
+        api_key: FAKE_KEY.into(),
+        rate_limit_per_second,
+        ..FakeConfig::default()
+    })
+    .await
+    .expect("start stripe-fake")
+}
+
+fn worker_config(db: &TestDb, fake: &StripeFake) -> pgpay_worker::WorkerConfig {
+    let mut cfg = config(db, &fake.base_url());
+    cfg.stripe.secret_key = FAKE_KEY.into();
+    cfg
+}
+
+/// order_ref → payment_intent id, as the database recorded them.
+async fn recorded_intents(
+    client: &pgpay_tests::tokio_postgres::Client,
+) -> BTreeMap<String, Option<String>> {
+    client
+        .query(
+            "SELECT order_ref, stripe_payment_intent_id FROM pay.payments",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_and_faults_never_yield_a_second_payment_intent() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake(None).await;
+    // Every kind of trouble, on the creates: answers lost after Stripe committed, failures
+    // before it did, 429s, reset connections.
+    for rule in [
+        FaultRule::new(
+            "POST",
+            "/v1/payment_intents",
+            FaultAction::DropResponseAfterCommit,
+        )
+        .times(12),
+        FaultRule::new("POST", "/v1/payment_intents", FaultAction::FailBeforeCommit).times(4),
+        FaultRule::new("POST", "/v1/payment_intents", FaultAction::RateLimit)
+            .times(3)
+            .retry_after_secs(1),
+        FaultRule::new("POST", "/v1/payment_intents", FaultAction::ResetConnection).times(3),
+    ] {
+        fake.add_fault(rule).unwrap();
+    }
+    let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+        .await
+        .unwrap();
+    const N: i64 = 20;
+    for i in 0..N {
+        checkout(&client, &format!("exactly-once-{i}"), 1000 + i).await;
+    }
+    assert!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE kind = 'create_payment_intent' AND status = 'done'",
+            N,
+            WAIT * 2
+        )
+        .await,
+        "every create was recorded"
+    );
+    let ledger = fake.ledger();
+    assert_eq!(
+        ledger.payment_intents.created, N as u64,
+        "N orders, N PaymentIntents"
+    );
+    assert_eq!(ledger.fault_count("drop_response_after_commit"), 12);
+    assert_eq!(
+        ledger.idempotency.conflicts, 0,
+        "the same parameters on every attempt"
+    );
+    // A lost answer is recovered by a replay of the stored one (a replay can itself be
+    // lost to a later fault, so the fake may count more than the worker saw).
+    let seen = worker.metrics().idempotent_replays();
+    assert!(
+        seen >= 1 && seen <= ledger.idempotency.replays,
+        "worker saw {seen} replays, fake {:?}",
+        ledger.idempotency
+    );
+
+    // The database and the fake agree, order by order.
+    let recorded = recorded_intents(&client).await;
+    assert_eq!(recorded.len(), N as usize);
+    for (order, intent) in &recorded {
+        let at_fake = ledger.payment_intents_with("order_ref", order);
+        assert_eq!(at_fake.len(), 1, "one PaymentIntent for {order}");
+        assert_eq!(intent.as_deref(), Some(at_fake[0].id.as_str()));
+    }
+    let distinct: BTreeSet<_> = recorded.values().collect();
+    assert_eq!(distinct.len(), N as usize);
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_times_out_is_sent_again_with_the_same_key() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake(None).await;
+    // The first create takes longer than the worker waits: the worker gives up and sends it
+    // again with the same key. (stripe-fake abandons the work when the client hangs up, so
+    // this cannot produce Stripe's 409 for a key in flight; the scripted tests cover 409.)
+    fake.add_fault(
+        FaultRule::new("POST", "/v1/payment_intents", FaultAction::Latency)
+            .latency_ms(2500)
+            .times(1),
+    )
+    .unwrap();
+    let mut cfg = worker_config(&db, &fake);
+    cfg.stripe.request_timeout = Duration::from_millis(500);
+    cfg.stripe.connect_timeout = Duration::from_millis(500);
+    cfg.retry.base = Duration::from_millis(100);
+    cfg.retry.max = Duration::from_millis(300);
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    checkout(&client, "slow-stripe", 2500).await;
+    assert!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM pay.payments WHERE stripe_payment_intent_id IS NOT NULL",
+            1,
+            WAIT
+        )
+        .await
+    );
+    let ledger = fake.ledger();
+    assert_eq!(ledger.payment_intents.created, 1);
+    assert_eq!(ledger.idempotency.conflicts, 0);
+    assert!(worker.metrics().retries("timeout") >= 1);
+    assert!(ledger.requests_to("POST /v1/payment_intents") >= 2);
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limiter_keeps_the_worker_under_stripes_limit() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    // Stripe allows 10/s here; the worker is set to 8/s and must never be refused.
+    let fake = fake(Some(10)).await;
+    let mut cfg = worker_config(&db, &fake);
+    cfg.rate_limit = 8.0;
+    cfg.concurrency = 16;
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    const N: i64 = 24;
+    let started = std::time::Instant::now();
+    for i in 0..N {
+        checkout(&client, &format!("limited-{i}"), 100 + i).await;
+    }
+    assert!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE status = 'done'",
+            N,
+            WAIT
+        )
+        .await
+    );
+    let ledger = fake.ledger();
+    assert_eq!(ledger.rate_limited, 0, "the worker stayed under the limit");
+    assert_eq!(ledger.payment_intents.created, N as u64);
+    // 24 requests at 8/s cannot take less than 23/8 s.
+    assert!(started.elapsed() >= Duration::from_millis(2800));
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_client_limit_stripes_429s_are_retried_until_done() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake(Some(5)).await;
+    let mut cfg = worker_config(&db, &fake);
+    cfg.rate_limit = 0.0;
+    cfg.concurrency = 16;
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    const N: i64 = 15;
+    for i in 0..N {
+        checkout(&client, &format!("unlimited-{i}"), 100 + i).await;
+    }
+    assert!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE status = 'done'",
+            N,
+            WAIT * 2
+        )
+        .await
+    );
+    let ledger = fake.ledger();
+    assert!(ledger.rate_limited > 0, "the burst was refused at first");
+    assert_eq!(ledger.payment_intents.created, N as u64);
+    assert_eq!(worker.metrics().retries("http_429"), ledger.rate_limited);
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_pay_webhook_fulfil_and_refund_end_to_end() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    client
+        .execute(
+            "SELECT pay.add_webhook_secret($1, 'fake')",
+            &[&WEBHOOK_SECRET],
+        )
+        .await
+        .unwrap();
+    let fake = fake(None).await;
+    let mut cfg = worker_config(&db, &fake);
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    fake.set_webhook(
+        format!("http://{}/webhooks/stripe", worker.http_addr().unwrap()),
+        WEBHOOK_SECRET,
+    )
+    .unwrap();
+
+    let payment = checkout(&client, "e2e-order", 4200).await;
+    let intent: String = client
+        .query_one(
+            "SELECT stripe_payment_intent_id FROM pay.wait_for_intent($1::text::uuid, 10000)",
+            &[&payment],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // The customer pays; Stripe tells the database through the worker's relay.
+    fake.confirm(&intent, "pm_card_visa").await.unwrap();
+    assert!(
+        wait_for_count(&client, "SELECT count(*) FROM pay.fulfillments", 1, WAIT).await,
+        "the success webhook was relayed and fulfilled once"
+    );
+    let status: String = client
+        .query_one(
+            "SELECT status::text FROM pay.payments WHERE id = $1::text::uuid",
+            &[&payment],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "succeeded");
+
+    // A refund goes out through the outbox, with its own key.
+    client
+        .execute("SELECT pay.refund($1::text::uuid)", &[&payment])
+        .await
+        .unwrap();
+    let refunded = fake
+        .wait_for(WAIT, |l| l.refunds.count == 1)
+        .await
+        .expect("the refund reached Stripe");
+    assert_eq!(refunded.refunds.amount, 4200);
+    assert!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE kind = 'refund' AND status = 'done'",
+            1,
+            WAIT
+        )
+        .await
+    );
+    assert!(
+        wait_until(WAIT, || async {
+            count(&client, "SELECT count(*) FROM pay.webhook_events").await >= 2
+        })
+        .await
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.fulfillments").await,
+        1
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_goes_out_after_the_create_with_the_intent_in_its_path() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake(None).await;
+    // Hold the create at Stripe for a moment, so the cancel is written while the create is
+    // in flight: it waits for the PaymentIntent id and goes out once the create's answer
+    // brings it.
+    fake.add_fault(
+        FaultRule::new("POST", "/v1/payment_intents", FaultAction::Latency)
+            .latency_ms(500)
+            .times(1),
+    )
+    .unwrap();
+    let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+        .await
+        .unwrap();
+    let payment = checkout(&client, "cancel-me", 300).await;
+    fake.wait_for(WAIT, |l| l.requests_to("POST /v1/payment_intents") == 1)
+        .await
+        .expect("the create reached Stripe");
+    client
+        .execute("SELECT pay.cancel_checkout($1::text::uuid)", &[&payment])
+        .await
+        .unwrap();
+    let ledger = fake
+        .wait_for(WAIT, |l| l.status_count("canceled") == 1)
+        .await
+        .expect("the cancel reached Stripe");
+    assert_eq!(ledger.payment_intents.created, 1);
+    assert!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE status = 'done'",
+            2,
+            WAIT
+        )
+        .await
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+/// Runs one worker until the create's first attempt has been written back as a retry, then
+/// stops it, and makes that attempt look 25 hours old: to the database (first_attempt_at) and
+/// to the fake (its clock, so it has forgotten the Idempotency-Key as Stripe would).
+async fn first_attempt_a_day_ago(
+    db: &TestDb,
+    client: &pgpay_tests::tokio_postgres::Client,
+    fake: &StripeFake,
+    order: &str,
+) -> (String, i64, String) {
+    let worker = pgpay_worker::start(worker_config(db, fake), CancellationToken::new())
+        .await
+        .unwrap();
+    let payment = checkout(client, order, 1500).await;
+    let (id, key) = common::create_command(client, &payment).await;
+    assert!(
+        wait_until(WAIT, || async {
+            let row = common::outbox_row(client, id).await;
+            row.status == "pending" && row.attempts == 1
+        })
+        .await,
+        "the first attempt was written back as a retry"
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    client
+        .execute(
+            "UPDATE pay.outbox SET first_attempt_at = now() - interval '25 hours', run_after = now() WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    fake.advance_clock(25 * 3600);
+    (payment, id, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_key_retention_a_lost_create_is_adopted_not_created_again() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake(None).await;
+    // Stripe creates the PaymentIntent, the answer is lost, and the retry comes a day later.
+    fake.add_fault(
+        FaultRule::new(
+            "POST",
+            "/v1/payment_intents",
+            FaultAction::DropResponseAfterCommit,
+        )
+        .times(1),
+    )
+    .unwrap();
+    let (payment, id, key) = first_attempt_a_day_ago(&db, &client, &fake, "a-day-late").await;
+    assert_eq!(fake.ledger().payment_intents.created, 1);
+
+    let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(common::wait_for_status(&client, id, "done", WAIT).await);
+    let ledger = fake.ledger();
+    assert_eq!(ledger.payment_intents.created, 1, "no second PaymentIntent");
+    assert_eq!(ledger.requests_to("GET /v1/payment_intents/search"), 1);
+    assert_eq!(
+        ledger.requests_to("POST /v1/payment_intents"),
+        1,
+        "the create was not re-sent"
+    );
+    let (_, intent) = common::payment_status(&client, &payment).await;
+    assert_eq!(
+        intent.as_deref(),
+        Some(ledger.payment_intents.list[0].id.as_str())
+    );
+    assert_eq!(worker.metrics().key_lookups("adopted"), 1);
+    assert_eq!(
+        common::create_command(&client, &payment).await.1,
+        key,
+        "not re-keyed"
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_key_retention_a_create_that_never_happened_is_rekeyed() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake(None).await;
+    // The first attempt failed before Stripe did anything.
+    fake.add_fault(
+        FaultRule::new("POST", "/v1/payment_intents", FaultAction::FailBeforeCommit).times(1),
+    )
+    .unwrap();
+    let (payment, id, old_key) =
+        first_attempt_a_day_ago(&db, &client, &fake, "never-happened").await;
+    assert_eq!(fake.ledger().payment_intents.created, 0);
+
+    let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(common::wait_for_status(&client, id, "done", WAIT).await);
+    let ledger = fake.ledger();
+    assert_eq!(ledger.payment_intents.created, 1);
+    assert_eq!(ledger.requests_to("GET /v1/payment_intents/search"), 1);
+    let (_, new_key) = common::create_command(&client, &payment).await;
+    assert_ne!(new_key, old_key, "re-keyed");
+    assert_eq!(worker.metrics().key_lookups("rekeyed"), 1);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.audit_log WHERE cause LIKE 'create re-keyed%'"
+        )
+        .await,
+        1
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
