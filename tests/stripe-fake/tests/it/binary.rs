@@ -1,8 +1,12 @@
 //! The `stripe-fake` binary: prints its base URL, serves, exits cleanly on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const DEADLINE: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn prints_its_url_and_exits_on_sigterm() {
@@ -10,17 +14,15 @@ async fn prints_its_url_and_exits_on_sigterm() {
         .args(["--listen", "127.0.0.1:0", "--api-key", "sk_test_binary"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .expect("the binary starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let base = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map(|_| line)
-    })
-    .await
-    .expect("task")
-    .expect("a line");
-    let base = base.trim().to_owned();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let base = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("a line in time")
+        .expect("readable")
+        .expect("a line");
     assert!(base.starts_with("http://127.0.0.1:"), "{base:?}");
 
     let answer = reqwest::Client::new()
@@ -32,27 +34,22 @@ async fn prints_its_url_and_exits_on_sigterm() {
         .expect("answer");
     assert_eq!(answer.status(), 200);
 
+    let pid = child.id().expect("running").to_string();
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &pid])
         .status()
+        .await
         .expect("kill runs");
     assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the fake did not exit on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("the fake exits on SIGTERM")
+        .expect("exit status");
     assert!(status.success(), "{status:?}");
 }
 
-#[test]
-fn refuses_half_a_webhook_configuration() {
+#[tokio::test]
+async fn refuses_half_a_webhook_configuration() {
     let output = Command::new(env!("CARGO_BIN_EXE_stripe-fake"))
         .args([
             "--listen",
@@ -61,6 +58,7 @@ fn refuses_half_a_webhook_configuration() {
             "http://127.0.0.1:1/",
         ])
         .output()
+        .await
         .expect("runs");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("webhook-secret"));
