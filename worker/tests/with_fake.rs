@@ -121,14 +121,14 @@ async fn lost_answers_and_faults_never_yield_a_second_payment_intent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_that_times_out_is_sent_again_with_the_same_key() {
+async fn a_key_still_in_flight_at_stripe_is_retried_after_the_409() {
     init_tracing();
     let db = TestDb::create().await;
     let client = db.connect().await;
     let fake = fake(None).await;
     // The first create takes longer than the worker waits: the worker gives up and sends it
-    // again with the same key. (stripe-fake abandons the work when the client hangs up, so
-    // this cannot produce Stripe's 409 for a key in flight; the scripted tests cover 409.)
+    // again with the same key while Stripe still works on the first, gets 409, and retries
+    // until Stripe replays the stored answer.
     fake.add_fault(
         FaultRule::new("POST", "/v1/payment_intents", FaultAction::Latency)
             .latency_ms(2500)
@@ -156,8 +156,16 @@ async fn a_request_that_times_out_is_sent_again_with_the_same_key() {
     let ledger = fake.ledger();
     assert_eq!(ledger.payment_intents.created, 1);
     assert_eq!(ledger.idempotency.conflicts, 0);
+    assert!(
+        ledger.idempotency.in_flight_409 >= 1,
+        "{:?}",
+        ledger.idempotency
+    );
     assert!(worker.metrics().retries("timeout") >= 1);
-    assert!(ledger.requests_to("POST /v1/payment_intents") >= 2);
+    // Stripe marks its 409 for a key in flight with Stripe-Should-Retry: true.
+    let m = worker.metrics();
+    assert!(m.retries("http_409") + m.retries("should_retry") >= 1);
+    assert_eq!(m.idempotent_replays(), 1);
     worker.shutdown();
     worker.wait().await.unwrap();
 }
@@ -358,33 +366,51 @@ async fn cancel_goes_out_after_the_create_with_the_intent_in_its_path() {
     worker.wait().await.unwrap();
 }
 
-/// Runs one worker until the create's first attempt has been written back as a retry, then
-/// stops it, and makes that attempt look 25 hours old: to the database (first_attempt_at) and
-/// to the fake (its clock, so it has forgotten the Idempotency-Key as Stripe would).
+/// Plays a first attempt of the create a day ago: claims it, optionally sends it to the fake
+/// (whose answer is then "lost"), hands it back for a retry, and makes that attempt look 25
+/// hours old to the database (first_attempt_at) and to the fake (its clock, so it has
+/// forgotten the Idempotency-Key as Stripe would).
 async fn first_attempt_a_day_ago(
-    db: &TestDb,
     client: &pgpay_tests::tokio_postgres::Client,
     fake: &StripeFake,
     order: &str,
+    reached_stripe: bool,
 ) -> (String, i64, String) {
-    let worker = pgpay_worker::start(worker_config(db, fake), CancellationToken::new())
+    let payment = checkout(client, order, 1500).await;
+    let row = client
+        .query_one(
+            "SELECT id, attempts, idempotency_key, request FROM pay.claim_outbox('first-attempt', 1, interval '60 seconds')",
+            &[],
+        )
         .await
         .unwrap();
-    let payment = checkout(client, order, 1500).await;
-    let (id, key) = common::create_command(client, &payment).await;
-    assert!(
-        wait_until(WAIT, || async {
-            let row = common::outbox_row(client, id).await;
-            row.status == "pending" && row.attempts == 1
-        })
-        .await,
-        "the first attempt was written back as a retry"
-    );
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    let (id, attempt, key, request): (i64, i32, String, serde_json::Value) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if reached_stripe {
+        let req = pgpay_worker::command::parse_request(&request, Some(&key)).unwrap();
+        let resp = reqwest::Client::new()
+            .post(format!("{}{}", fake.base_url(), req.path))
+            .header("Authorization", format!("Bearer {FAKE_KEY}"))
+            .header("Idempotency-Key", &key)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(pgpay_worker::command::encode_form(&req.params))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    let handed_back: bool = client
+        .query_one(
+            "SELECT pay.retry_outbox($1, $2, NULL, 'the answer was lost', now())",
+            &[&id, &attempt],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(handed_back);
     client
         .execute(
-            "UPDATE pay.outbox SET first_attempt_at = now() - interval '25 hours', run_after = now() WHERE id = $1",
+            "UPDATE pay.outbox SET first_attempt_at = now() - interval '25 hours' WHERE id = $1",
             &[&id],
         )
         .await
@@ -399,17 +425,8 @@ async fn past_key_retention_a_lost_create_is_adopted_not_created_again() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let fake = fake(None).await;
-    // Stripe creates the PaymentIntent, the answer is lost, and the retry comes a day later.
-    fake.add_fault(
-        FaultRule::new(
-            "POST",
-            "/v1/payment_intents",
-            FaultAction::DropResponseAfterCommit,
-        )
-        .times(1),
-    )
-    .unwrap();
-    let (payment, id, key) = first_attempt_a_day_ago(&db, &client, &fake, "a-day-late").await;
+    // Stripe created the PaymentIntent, the answer was lost, and the retry comes a day later.
+    let (payment, id, key) = first_attempt_a_day_ago(&client, &fake, "a-day-late", true).await;
     assert_eq!(fake.ledger().payment_intents.created, 1);
 
     let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
@@ -445,13 +462,9 @@ async fn past_key_retention_a_create_that_never_happened_is_rekeyed() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let fake = fake(None).await;
-    // The first attempt failed before Stripe did anything.
-    fake.add_fault(
-        FaultRule::new("POST", "/v1/payment_intents", FaultAction::FailBeforeCommit).times(1),
-    )
-    .unwrap();
+    // The first attempt never reached Stripe.
     let (payment, id, old_key) =
-        first_attempt_a_day_ago(&db, &client, &fake, "never-happened").await;
+        first_attempt_a_day_ago(&client, &fake, "never-happened", false).await;
     assert_eq!(fake.ledger().payment_intents.created, 0);
 
     let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
