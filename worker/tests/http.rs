@@ -155,3 +155,92 @@ async fn healthz_reports_an_unreachable_database() {
     worker.shutdown();
     worker.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_needs_nothing_but_the_pay_worker_role() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let admin = db.connect().await;
+    let role = format!("{}_worker", db.name());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT pay_worker TO {role}; \
+             GRANT CONNECT ON DATABASE {db} TO {role};",
+            db = db.name()
+        ))
+        .await
+        .unwrap();
+    admin
+        .execute("SELECT pay.add_webhook_secret($1, 'primary')", &[&SECRET])
+        .await
+        .unwrap();
+    let stripe = ScriptedStripe::start(|_, n| {
+        if n == 0 {
+            Reply::status(500)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let mut cfg = config(&db, &stripe.base_url());
+    cfg.database = format!("postgres://{role}@127.0.0.1:5432/{}", db.name())
+        .parse()
+        .unwrap();
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    let base = format!("http://{}", worker.http_addr().unwrap());
+
+    // Claim, retry, complete; a declined-style failure path is the same grant.
+    let payment = checkout(&admin, "least-privilege", 100).await;
+    let (id, _) = create_command(&admin, &payment).await;
+    assert!(wait_for_status(&admin, id, "done", WAIT).await);
+    // The relay and the metrics' queue depth.
+    let payload = fixtures::event(
+        "evt_role_1",
+        "payment_intent.created",
+        unix_now(),
+        fixtures::payment_intent(
+            "pi_other",
+            "00000000-0000-0000-0000-000000000000",
+            100,
+            "usd",
+            "requires_payment_method",
+        ),
+    );
+    let http = reqwest::Client::new();
+    let (status, _) = post(
+        &http,
+        &format!("{base}/webhooks/stripe"),
+        payload.clone().into_bytes(),
+        Some(&sign(&payload)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("pgpay_worker_queue_depth{status=\"pending\"} 0"),
+        "{text}"
+    );
+    assert!(!text.contains("pgpay_worker_db_errors_total{"), "{text}");
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+}
