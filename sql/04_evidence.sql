@@ -125,6 +125,17 @@ BEGIN
         SELECT m.id, m.order_ref FROM moved m WHERE m.status = 'succeeded' AND v_mismatch IS NULL;
         RETURN CASE WHEN v_mismatch IS NULL THEN 'applied' ELSE 'flagged' END;
     ELSIF v_decision = 'unchanged' THEN
+        IF v_error IS NOT NULL AND v_error <> 'null' AND v_error IS DISTINCT FROM v.last_error THEN
+            -- A failed attempt leaves the status where it was (requires_payment_method): the
+            -- decline itself is the news, so it is recorded and audited.
+            UPDATE pay.payments p
+            SET last_error = v_error, status_evidence_at = greatest(p.status_evidence_at, p_evidence_at), updated_at = now()
+            WHERE p.id = v.id;
+            PERFORM pay._audit(v.id, v.status, v.status,
+                p_cause || ': ' || coalesce(v_error ->> 'code', 'error') || ' ' || coalesce(v_error ->> 'message', ''),
+                p_evidence_id);
+            RETURN 'applied';
+        END IF;
         UPDATE pay.payments p
         SET status_evidence_at = greatest(p.status_evidence_at, p_evidence_at),
             amount_received = greatest(p.amount_received, v_received)

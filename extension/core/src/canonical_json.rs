@@ -335,7 +335,9 @@ impl Decimal {
                 out.push('.');
                 out.push_str(&self.digits[1..]);
             }
-            let _ = write!(out, "e{}{}", if n - 1 >= 0 { "+" } else { "-" }, (n - 1).abs());
+            let exponent = n - 1;
+            let sign = if exponent >= 0 { "+" } else { "-" };
+            let _ = write!(out, "e{sign}{}", exponent.abs());
         }
     }
 }
