@@ -72,14 +72,7 @@ fn realistic_intent(intent: &str, payment: &str, status: &str) -> serde_json::Va
 }
 
 fn deliveries(prefix: &str, intents: &[(String, String)], now: i64) -> Vec<Delivery> {
-    let mut out = Vec::with_capacity(EVENTS_PER_ROUND);
-    for (i, (intent, payment)) in intents.iter().enumerate() {
-        let status = if i % 2 == 0 { "succeeded" } else { "processing" };
-        let event_id = format!("evt_{prefix}_{i}");
-        let payload = fixtures::event(&event_id, &format!("payment_intent.{status}"), now, realistic_intent(intent, payment, status));
-        let header = sign_header(payload.as_bytes(), SECRET.as_bytes(), now);
-        out.push(Delivery { payload, header, event_id, intent: intent.clone(), status, created: now });
-    }
+    let mut out = deliveries_for(prefix, intents, now);
     // One delivery in ten repeats an earlier one, as Stripe's retries do.
     let repeats: Vec<usize> = (0..EVENTS_PER_ROUND / 10).map(|k| k * 9).collect();
     for (k, &i) in repeats.iter().enumerate() {
@@ -88,6 +81,19 @@ fn deliveries(prefix: &str, intents: &[(String, String)], now: i64) -> Vec<Deliv
         out.insert((i + 50 + k).min(out.len()), copy);
     }
     out.truncate(EVENTS_PER_ROUND);
+    out
+}
+
+/// One signed event per payment: half succeed (and are fulfilled), half start processing.
+fn deliveries_for(prefix: &str, intents: &[(String, String)], now: i64) -> Vec<Delivery> {
+    let mut out = Vec::with_capacity(intents.len());
+    for (i, (intent, payment)) in intents.iter().enumerate() {
+        let status = if i % 2 == 0 { "succeeded" } else { "processing" };
+        let event_id = format!("evt_{prefix}_{i}");
+        let payload = fixtures::event(&event_id, &format!("payment_intent.{status}"), now, realistic_intent(intent, payment, status));
+        let header = sign_header(payload.as_bytes(), SECRET.as_bytes(), now);
+        out.push(Delivery { payload, header, event_id, intent: intent.clone(), status, created: now });
+    }
     out
 }
 
@@ -107,14 +113,15 @@ async fn seed_payments(client: &Client, prefix: &str, count: usize) -> Vec<(Stri
         .collect()
 }
 
-async fn run_round(db: &TestDb, path: Path, work: Vec<Delivery>) -> (f64, Vec<Duration>) {
+/// Runs one round on the long-lived pool of connections (as an HTTP layer's pool would be), so
+/// neither path pays backend start-up inside the measurement.
+async fn run_round(pool: &[Arc<Client>], path: Path, work: Vec<Delivery>) -> (f64, Vec<Duration>) {
     let work = Arc::new(work);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     let started = Instant::now();
-    for _ in 0..CLIENTS {
-        let (work, next) = (work.clone(), next.clone());
-        let client = db.connect().await;
+    for client in pool {
+        let (work, next, client) = (work.clone(), next.clone(), client.clone());
         tasks.push(tokio::spawn(async move {
             let statement = match path {
                 Path::Ingest => client.prepare("SELECT status FROM pay.ingest_webhook($1, $2)").await.unwrap(),
@@ -167,6 +174,17 @@ async fn main() {
     let admin = db.connect().await;
     admin.execute("SELECT pay.add_webhook_secret($1, 'bench')", &[&SECRET]).await.unwrap();
     let now = pgpay_tests::stripe_sdk::unix_now();
+    let mut pool = Vec::new();
+    for _ in 0..CLIENTS {
+        pool.push(Arc::new(db.connect().await));
+    }
+    // Warm both paths on every connection (plans, function caches, the extension's library).
+    let warm_intents = seed_payments(&admin, "warm", CLIENTS * 20).await;
+    let warm = deliveries_for("warm", &warm_intents, now);
+    let (_, _) = run_round(&pool, Path::Ingest, warm).await;
+    let warm_intents = seed_payments(&admin, "warmb", CLIENTS * 20).await;
+    let warm = deliveries_for("warmb", &warm_intents, now);
+    let (_, _) = run_round(&pool, Path::Baseline, warm).await;
     println!("ingest benchmark: {CLIENTS} clients, {EVENTS_PER_ROUND} deliveries per round (10 % duplicates), {ROUNDS} rounds each, alternating");
     let mut results: Vec<(Path, f64, Duration, Duration)> = Vec::new();
     for round in 0..ROUNDS {
@@ -176,7 +194,7 @@ async fn main() {
             let work = deliveries(&prefix, &intents, now);
             let size = work.iter().map(|d| d.payload.len()).sum::<usize>() / work.len();
             admin.batch_execute("VACUUM ANALYZE pay.payments").await.unwrap();
-            let (rate, mut latencies) = run_round(&db, path, work).await;
+            let (rate, mut latencies) = run_round(&pool, path, work).await;
             latencies.sort();
             let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
             let name = if matches!(path, Path::Ingest) { "pay.ingest_webhook" } else { "plain-SQL baseline" };
