@@ -1,7 +1,7 @@
 //! Input rules for `pay.begin_checkout`, applied before anything is written.
 
-use pgrx::prelude::*;
 use pgpay_core::checkout;
+use pgrx::prelude::*;
 
 use crate::errors::raise_invalid_parameter;
 

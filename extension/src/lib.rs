@@ -15,7 +15,11 @@ mod transition;
 
 // The schema, in dependency order. Functions written in Rust are named where SQL needs them.
 extension_sql_file!("../../sql/01_schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../../sql/02_audit.sql", name = "audit", requires = ["schema"]);
+extension_sql_file!(
+    "../../sql/02_audit.sql",
+    name = "audit",
+    requires = ["schema"]
+);
 extension_sql_file!(
     "../../sql/03_outbox.sql",
     name = "outbox",
@@ -45,7 +49,11 @@ extension_sql_file!(
     name = "fulfillment",
     requires = ["webhooks"]
 );
-extension_sql_file!("../../sql/08_views.sql", name = "views", requires = ["fulfillment"]);
+extension_sql_file!(
+    "../../sql/08_views.sql",
+    name = "views",
+    requires = ["fulfillment"]
+);
 extension_sql_file!(
     "../../sql/10_reconciliation.sql",
     name = "reconciliation",

@@ -1,7 +1,7 @@
 //! Stripe webhook signature checks. The parser and verifier live in `pgpay_core::signature`.
 
-use pgrx::prelude::*;
 use pgpay_core::signature::{verify, verify_any, Tolerance};
+use pgrx::prelude::*;
 
 use crate::errors::raise_invalid_parameter;
 
@@ -18,7 +18,16 @@ fn verify_stripe_signature(
 ) -> Option<bool> {
     let (payload, header, secret) = (payload?, header?, secret?);
     let tolerance = tolerance(tolerance_s);
-    Some(verify(payload.as_bytes(), header, secret.as_bytes(), tolerance, now_or_current(now_unix)).is_ok())
+    Some(
+        verify(
+            payload.as_bytes(),
+            header,
+            secret.as_bytes(),
+            tolerance,
+            now_or_current(now_unix),
+        )
+        .is_ok(),
+    )
 }
 
 /// Why a delivery fails against every one of `secrets`, or NULL when one of them verifies it.
@@ -32,9 +41,15 @@ fn stripe_signature_failure(
     now_unix: i64,
 ) -> Option<&'static str> {
     let header = header.unwrap_or("");
-    verify_any(payload.as_bytes(), header, &secrets, tolerance(tolerance_s), now_unix)
-        .err()
-        .map(|e| e.reason())
+    verify_any(
+        payload.as_bytes(),
+        header,
+        &secrets,
+        tolerance(tolerance_s),
+        now_unix,
+    )
+    .err()
+    .map(|e| e.reason())
 }
 
 fn tolerance(tolerance_s: i32) -> Tolerance {

@@ -1,7 +1,7 @@
 //! The transition rule, exposed to the plpgsql that applies evidence under a row lock.
 
-use pgrx::prelude::*;
 use pgpay_core::transition::{decide, Decision, PaymentStatus};
+use pgrx::prelude::*;
 
 /// Returns `apply`, `unchanged`, `success_after_give_up`, or a reason starting with `ignored:`.
 /// An unknown proposed status (a newer Stripe API) is ignored rather than raised: the event is kept.
@@ -13,7 +13,9 @@ fn transition(
     proposed_at: i64,
 ) -> &'static str {
     let Ok(current) = current.parse::<PaymentStatus>() else {
-        crate::errors::raise_invalid_parameter(format!("current status {current:?} is not a payment status"));
+        crate::errors::raise_invalid_parameter(format!(
+            "current status {current:?} is not a payment status"
+        ));
     };
     let Ok(proposed) = proposed.parse::<PaymentStatus>() else {
         return "ignored: unknown PaymentIntent status";

@@ -77,7 +77,14 @@ fn deliveries(prefix: &str, intents: &[(String, String)], now: i64) -> Vec<Deliv
     let repeats: Vec<usize> = (0..EVENTS_PER_ROUND / 10).map(|k| k * 9).collect();
     for (k, &i) in repeats.iter().enumerate() {
         let d = &out[i];
-        let copy = Delivery { payload: d.payload.clone(), header: d.header.clone(), event_id: d.event_id.clone(), intent: d.intent.clone(), status: d.status, created: d.created };
+        let copy = Delivery {
+            payload: d.payload.clone(),
+            header: d.header.clone(),
+            event_id: d.event_id.clone(),
+            intent: d.intent.clone(),
+            status: d.status,
+            created: d.created,
+        };
         out.insert((i + 50 + k).min(out.len()), copy);
     }
     out.truncate(EVENTS_PER_ROUND);
@@ -88,11 +95,27 @@ fn deliveries(prefix: &str, intents: &[(String, String)], now: i64) -> Vec<Deliv
 fn deliveries_for(prefix: &str, intents: &[(String, String)], now: i64) -> Vec<Delivery> {
     let mut out = Vec::with_capacity(intents.len());
     for (i, (intent, payment)) in intents.iter().enumerate() {
-        let status = if i % 2 == 0 { "succeeded" } else { "processing" };
+        let status = if i % 2 == 0 {
+            "succeeded"
+        } else {
+            "processing"
+        };
         let event_id = format!("evt_{prefix}_{i}");
-        let payload = fixtures::event(&event_id, &format!("payment_intent.{status}"), now, realistic_intent(intent, payment, status));
+        let payload = fixtures::event(
+            &event_id,
+            &format!("payment_intent.{status}"),
+            now,
+            realistic_intent(intent, payment, status),
+        );
         let header = sign_header(payload.as_bytes(), SECRET.as_bytes(), now);
-        out.push(Delivery { payload, header, event_id, intent: intent.clone(), status, created: now });
+        out.push(Delivery {
+            payload,
+            header,
+            event_id,
+            intent: intent.clone(),
+            status,
+            created: now,
+        });
     }
     out
 }
@@ -124,7 +147,10 @@ async fn run_round(pool: &[Arc<Client>], path: Path, work: Vec<Delivery>) -> (f6
         let (work, next, client) = (work.clone(), next.clone(), client.clone());
         tasks.push(tokio::spawn(async move {
             let statement = match path {
-                Path::Ingest => client.prepare("SELECT status FROM pay.ingest_webhook($1, $2)").await.unwrap(),
+                Path::Ingest => client
+                    .prepare("SELECT status FROM pay.ingest_webhook($1, $2)")
+                    .await
+                    .unwrap(),
                 Path::Baseline => client.prepare(BASELINE).await.unwrap(),
             };
             let mut latencies = Vec::new();
@@ -134,14 +160,27 @@ async fn run_round(pool: &[Arc<Client>], path: Path, work: Vec<Delivery>) -> (f6
                 let t = Instant::now();
                 match path {
                     Path::Ingest => {
-                        let row = client.query_one(&statement, &[&d.payload, &d.header]).await.unwrap();
+                        let row = client
+                            .query_one(&statement, &[&d.payload, &d.header])
+                            .await
+                            .unwrap();
                         let status: String = row.get(0);
                         assert!(status == "applied" || status == "duplicate", "{status}");
                     }
                     Path::Baseline => {
                         let kind = format!("payment_intent.{}", d.status);
                         client
-                            .query_one(&statement, &[&d.event_id, &kind, &d.payload, &d.created, &d.status, &d.intent])
+                            .query_one(
+                                &statement,
+                                &[
+                                    &d.event_id,
+                                    &kind,
+                                    &d.payload,
+                                    &d.created,
+                                    &d.status,
+                                    &d.intent,
+                                ],
+                            )
                             .await
                             .unwrap();
                     }
@@ -172,7 +211,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 async fn main() {
     let db = TestDb::create().await;
     let admin = db.connect().await;
-    admin.execute("SELECT pay.add_webhook_secret($1, 'bench')", &[&SECRET]).await.unwrap();
+    admin
+        .execute("SELECT pay.add_webhook_secret($1, 'bench')", &[&SECRET])
+        .await
+        .unwrap();
     let now = pgpay_tests::stripe_sdk::unix_now();
     let mut pool = Vec::new();
     for _ in 0..CLIENTS {
@@ -189,15 +231,29 @@ async fn main() {
     let mut results: Vec<(Path, f64, Duration, Duration)> = Vec::new();
     for round in 0..ROUNDS {
         for path in [Path::Baseline, Path::Ingest] {
-            let prefix = format!("{}{round}", if matches!(path, Path::Ingest) { "i" } else { "b" });
+            let prefix = format!(
+                "{}{round}",
+                if matches!(path, Path::Ingest) {
+                    "i"
+                } else {
+                    "b"
+                }
+            );
             let intents = seed_payments(&admin, &prefix, EVENTS_PER_ROUND).await;
             let work = deliveries(&prefix, &intents, now);
             let size = work.iter().map(|d| d.payload.len()).sum::<usize>() / work.len();
-            admin.batch_execute("VACUUM ANALYZE pay.payments").await.unwrap();
+            admin
+                .batch_execute("VACUUM ANALYZE pay.payments")
+                .await
+                .unwrap();
             let (rate, mut latencies) = run_round(&pool, path, work).await;
             latencies.sort();
             let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
-            let name = if matches!(path, Path::Ingest) { "pay.ingest_webhook" } else { "plain-SQL baseline" };
+            let name = if matches!(path, Path::Ingest) {
+                "pay.ingest_webhook"
+            } else {
+                "plain-SQL baseline"
+            };
             println!("round {round} {name:<20} {rate:>8.0} events/s  p50 {:>6.2} ms  p99 {:>6.2} ms  (avg payload {size} B)",
                 p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
             results.push((path, rate, p50, p99));
@@ -215,7 +271,10 @@ async fn main() {
     let (rate, p50, p99) = summary(|p| matches!(p, Path::Ingest));
     println!("median plain-SQL baseline: {base_rate:.0} events/s, p50 {base_p50:.2} ms, p99 {base_p99:.2} ms");
     println!("median pay.ingest_webhook: {rate:.0} events/s, p50 {p50:.2} ms, p99 {p99:.2} ms");
-    println!("ratio ingest/baseline: {:.2} (target >= 0.80); ingest p99 {p99:.2} ms (target < 5 ms)", rate / base_rate);
+    println!(
+        "ratio ingest/baseline: {:.2} (target >= 0.80); ingest p99 {p99:.2} ms (target < 5 ms)",
+        rate / base_rate
+    );
     let sends: i64 = admin
         .query_one("SELECT count(*) FROM pay.outbox", &[])
         .await

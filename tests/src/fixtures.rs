@@ -3,7 +3,13 @@
 use serde_json::{json, Value};
 
 /// A PaymentIntent as Stripe returns it from create/retrieve.
-pub fn payment_intent(id: &str, payment_id: &str, amount: i64, currency: &str, status: &str) -> Value {
+pub fn payment_intent(
+    id: &str,
+    payment_id: &str,
+    amount: i64,
+    currency: &str,
+    status: &str,
+) -> Value {
     json!({
         "id": id,
         "object": "payment_intent",

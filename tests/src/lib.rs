@@ -79,11 +79,15 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs outside async context: use a short-lived runtime on its own thread.
         let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             runtime.block_on(async move {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await
+                {
                     tokio::spawn(connection);
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

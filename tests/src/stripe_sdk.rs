@@ -37,7 +37,12 @@ pub fn sign(deliveries: &[ToSign<'_>]) -> Vec<String> {
 
 /// Signs one payload now.
 pub fn sign_now(payload: &str, secret: &str) -> String {
-    sign(&[ToSign { payload, secret, timestamp: unix_now() }]).remove(0)
+    sign(&[ToSign {
+        payload,
+        secret,
+        timestamp: unix_now(),
+    }])
+    .remove(0)
 }
 
 pub fn unix_now() -> i64 {

@@ -11,9 +11,17 @@ async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-async fn checkout(client: &Client, order: &str, amount: i64, currency: &str) -> Result<Uuid, tokio_postgres::Error> {
+async fn checkout(
+    client: &Client,
+    order: &str,
+    amount: i64,
+    currency: &str,
+) -> Result<Uuid, tokio_postgres::Error> {
     client
-        .query_one("SELECT id FROM pay.begin_checkout($1, $2, $3)", &[&order, &amount, &currency])
+        .query_one(
+            "SELECT id FROM pay.begin_checkout($1, $2, $3)",
+            &[&order, &amount, &currency],
+        )
         .await
         .map(|row| row.get(0))
 }
@@ -73,7 +81,10 @@ async fn same_call_returns_the_same_row_and_writes_one_exact_command() {
     assert_eq!(first.get::<_, String>(2), "creating");
     assert_eq!(count(&client, "SELECT count(*) FROM pay.outbox").await, 1);
     let row = client
-        .query_one("SELECT kind, idempotency_key, request, status FROM pay.outbox", &[])
+        .query_one(
+            "SELECT kind, idempotency_key, request, status FROM pay.outbox",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "create_payment_intent");
@@ -108,7 +119,10 @@ async fn same_call_returns_the_same_row_and_writes_one_exact_command() {
         .unwrap()
         .get(0);
     assert_eq!(reordered, id);
-    assert_eq!(count(&client, "SELECT count(*) FROM pay.audit_log").await, 1);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.audit_log").await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -146,19 +160,35 @@ async fn racing_changed_parameters_leave_exactly_one_live_attempt() {
     let mut tasks = Vec::new();
     for i in 0..10i64 {
         let client = db.connect().await;
-        tasks.push(tokio::spawn(async move { checkout(&client, "race-2", 100 + i, "usd").await }));
+        tasks.push(tokio::spawn(async move {
+            checkout(&client, "race-2", 100 + i, "usd").await
+        }));
     }
     for task in tasks {
         task.await.unwrap().expect("no session may fail");
     }
     let client = db.connect().await;
-    assert_eq!(count(&client, "SELECT count(*) FROM pay.payments").await, 10);
     assert_eq!(
-        count(&client, "SELECT count(*) FROM pay.payments WHERE status NOT IN ('superseded')").await,
+        count(&client, "SELECT count(*) FROM pay.payments").await,
+        10
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.payments WHERE status NOT IN ('superseded')"
+        )
+        .await,
         1
     );
     // Never-sent creates of superseded attempts are skipped, so only the live one is pending.
-    assert_eq!(count(&client, "SELECT count(*) FROM pay.outbox WHERE status = 'pending'").await, 1);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE status = 'pending'"
+        )
+        .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -167,16 +197,31 @@ async fn changed_parameters_supersede_and_cancel_the_old_payment_intent() {
     let client = db.connect().await;
     let old = checkout(&client, "order-2", 1000, "usd").await.unwrap();
     let old_key: String = client
-        .query_one("SELECT idempotency_key FROM pay.outbox WHERE payment_id = $1", &[&old])
+        .query_one(
+            "SELECT idempotency_key FROM pay.outbox WHERE payment_id = $1",
+            &[&old],
+        )
         .await
         .unwrap()
         .get(0);
     // The worker sends the create and Stripe answers.
-    let claimed = client.query("SELECT id, attempts FROM pay.claim_outbox('w')", &[]).await.unwrap();
+    let claimed = client
+        .query("SELECT id, attempts FROM pay.claim_outbox('w')", &[])
+        .await
+        .unwrap();
     let (command, attempt): (i64, i32) = (claimed[0].get(0), claimed[0].get(1));
-    let intent = fixtures::payment_intent("pi_old", &old.to_string(), 1000, "usd", "requires_payment_method");
+    let intent = fixtures::payment_intent(
+        "pi_old",
+        &old.to_string(),
+        1000,
+        "usd",
+        "requires_payment_method",
+    );
     let done: bool = client
-        .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&command, &attempt, &intent])
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&command, &attempt, &intent],
+        )
         .await
         .unwrap()
         .get(0);
@@ -185,7 +230,10 @@ async fn changed_parameters_supersede_and_cancel_the_old_payment_intent() {
     let new = checkout(&client, "order-2", 1500, "usd").await.unwrap();
     assert_ne!(new, old);
     let row = client
-        .query_one("SELECT status::text, superseded_by FROM pay.payments WHERE id = $1", &[&old])
+        .query_one(
+            "SELECT status::text, superseded_by FROM pay.payments WHERE id = $1",
+            &[&old],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "superseded");
@@ -203,7 +251,10 @@ async fn changed_parameters_supersede_and_cancel_the_old_payment_intent() {
         )
         .await
         .unwrap();
-    assert_eq!(cancel.get::<_, Value>(0)["path"], "/v1/payment_intents/pi_old/cancel");
+    assert_eq!(
+        cancel.get::<_, Value>(0)["path"],
+        "/v1/payment_intents/pi_old/cancel"
+    );
     assert_eq!(cancel.get::<_, String>(1), "pending");
     let new_key: String = client
         .query_one(
@@ -215,7 +266,10 @@ async fn changed_parameters_supersede_and_cancel_the_old_payment_intent() {
         .get(0);
     assert_ne!(new_key, old_key, "a new attempt has a new key");
     // Calling with the new parameters again changes nothing.
-    assert_eq!(checkout(&client, "order-2", 1500, "usd").await.unwrap(), new);
+    assert_eq!(
+        checkout(&client, "order-2", 1500, "usd").await.unwrap(),
+        new
+    );
     assert_eq!(count(&client, "SELECT count(*) FROM pay.payments").await, 2);
 }
 
@@ -224,7 +278,10 @@ async fn superseding_a_create_in_flight_cancels_once_the_intent_is_known() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let old = checkout(&client, "order-3", 1000, "usd").await.unwrap();
-    let claimed = client.query("SELECT id, attempts FROM pay.claim_outbox('w')", &[]).await.unwrap();
+    let claimed = client
+        .query("SELECT id, attempts FROM pay.claim_outbox('w')", &[])
+        .await
+        .unwrap();
     let (command, attempt): (i64, i32) = (claimed[0].get(0), claimed[0].get(1));
     // Parameters change while the create is on its way to Stripe.
     checkout(&client, "order-3", 2000, "usd").await.unwrap();
@@ -235,11 +292,25 @@ async fn superseding_a_create_in_flight_cancels_once_the_intent_is_known() {
         .get(0);
     assert_eq!(waiting, "waiting");
     // No worker may claim a command whose path is not known yet.
-    let next = client.query("SELECT kind FROM pay.claim_outbox('w2')", &[]).await.unwrap();
-    assert!(next.iter().all(|r| r.get::<_, String>(0) == "create_payment_intent"));
-    let intent = fixtures::payment_intent("pi_late", &old.to_string(), 1000, "usd", "requires_payment_method");
+    let next = client
+        .query("SELECT kind FROM pay.claim_outbox('w2')", &[])
+        .await
+        .unwrap();
+    assert!(next
+        .iter()
+        .all(|r| r.get::<_, String>(0) == "create_payment_intent"));
+    let intent = fixtures::payment_intent(
+        "pi_late",
+        &old.to_string(),
+        1000,
+        "usd",
+        "requires_payment_method",
+    );
     client
-        .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&command, &attempt, &intent])
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&command, &attempt, &intent],
+        )
         .await
         .unwrap();
     let cancel = client
@@ -247,13 +318,22 @@ async fn superseding_a_create_in_flight_cancels_once_the_intent_is_known() {
         .await
         .unwrap();
     assert_eq!(cancel.get::<_, String>(0), "pending");
-    assert_eq!(cancel.get::<_, String>(1), "/v1/payment_intents/pi_late/cancel");
+    assert_eq!(
+        cancel.get::<_, String>(1),
+        "/v1/payment_intents/pi_late/cancel"
+    );
     let status: String = client
-        .query_one("SELECT status::text FROM pay.payments WHERE id = $1", &[&old])
+        .query_one(
+            "SELECT status::text FROM pay.payments WHERE id = $1",
+            &[&old],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(status, "superseded", "a superseded attempt stays superseded");
+    assert_eq!(
+        status, "superseded",
+        "a superseded attempt stays superseded"
+    );
 }
 
 #[tokio::test]
@@ -261,24 +341,43 @@ async fn a_paid_order_refuses_a_new_checkout() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let id = checkout(&client, "order-4", 700, "gbp").await.unwrap();
-    let claimed = client.query("SELECT id, attempts FROM pay.claim_outbox('w')", &[]).await.unwrap();
+    let claimed = client
+        .query("SELECT id, attempts FROM pay.claim_outbox('w')", &[])
+        .await
+        .unwrap();
     let intent = fixtures::payment_intent("pi_paid", &id.to_string(), 700, "gbp", "succeeded");
     client
-        .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&claimed[0].get::<_, i64>(0), &claimed[0].get::<_, i32>(1), &intent])
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[
+                &claimed[0].get::<_, i64>(0),
+                &claimed[0].get::<_, i32>(1),
+                &intent,
+            ],
+        )
         .await
         .unwrap();
     let err = checkout(&client, "order-4", 800, "gbp").await.unwrap_err();
     assert_eq!(sqlstate(&err), Some("55000"));
-    assert!(err.as_db_error().unwrap().message().contains("already paid"));
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("already paid"));
     // The same call as the paid one still answers with the paid row.
     assert_eq!(checkout(&client, "order-4", 700, "gbp").await.unwrap(), id);
-    assert_eq!(count(&client, "SELECT count(*) FROM pay.fulfillments").await, 1);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.fulfillments").await,
+        1
+    );
 }
 
 #[tokio::test]
 async fn the_outbox_doorbell_rings_once_per_transaction() {
     let db = TestDb::create().await;
-    let (listener, mut connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls).await.unwrap();
+    let (listener, mut connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -316,8 +415,22 @@ async fn cancel_before_sending_needs_no_stripe_call() {
         .unwrap()
         .get(0);
     assert_eq!(status, "canceled");
-    assert_eq!(count(&client, "SELECT count(*) FROM pay.outbox WHERE status = 'skipped'").await, 1);
-    assert_eq!(count(&client, "SELECT count(*) FROM pay.outbox WHERE status = 'pending'").await, 0);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE status = 'skipped'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE status = 'pending'"
+        )
+        .await,
+        0
+    );
     // A canceled order may start again.
     let again = checkout(&client, "order-5", 950, "usd").await.unwrap();
     assert_ne!(again, id);

@@ -2,9 +2,16 @@
 
 use pgpay_tests::{sqlstate, TestDb};
 
-async fn key(client: &tokio_postgres::Client, scope: &str, parts: &str) -> Result<String, tokio_postgres::Error> {
+async fn key(
+    client: &tokio_postgres::Client,
+    scope: &str,
+    parts: &str,
+) -> Result<String, tokio_postgres::Error> {
     client
-        .query_one("SELECT pay.idempotency_key($1, $2::text::jsonb)", &[&scope, &parts])
+        .query_one(
+            "SELECT pay.idempotency_key($1, $2::text::jsonb)",
+            &[&scope, &parts],
+        )
         .await
         .map(|row| row.get(0))
 }
@@ -13,13 +20,21 @@ async fn key(client: &tokio_postgres::Client, scope: &str, parts: &str) -> Resul
 async fn same_value_same_key_any_change_another() {
     let db = TestDb::create().await;
     let client = db.connect().await;
-    let base = key(&client, "pgpay.test", r#"{"order":"o-1","amount":2000,"items":[{"sku":"a","qty":1}]}"#)
-        .await
-        .unwrap();
+    let base = key(
+        &client,
+        "pgpay.test",
+        r#"{"order":"o-1","amount":2000,"items":[{"sku":"a","qty":1}]}"#,
+    )
+    .await
+    .unwrap();
     // jsonb reorders keys by length then bytes; the key must not care how the object was written.
-    let reordered = key(&client, "pgpay.test", r#"{ "items" : [ {"qty":1.0, "sku":"a"} ], "amount": 2000.00, "order":"o-1" }"#)
-        .await
-        .unwrap();
+    let reordered = key(
+        &client,
+        "pgpay.test",
+        r#"{ "items" : [ {"qty":1.0, "sku":"a"} ], "amount": 2000.00, "order":"o-1" }"#,
+    )
+    .await
+    .unwrap();
     assert_eq!(base, reordered);
     for changed in [
         r#"{"order":"o-2","amount":2000,"items":[{"sku":"a","qty":1}]}"#,
@@ -29,16 +44,30 @@ async fn same_value_same_key_any_change_another() {
         r#"{"order":"o-1","amount":2000,"items":[{"sku":"a","qty":1}],"x":null}"#,
         r#"{"order":"o-1","amount":20000000000000000000001,"items":[{"sku":"a","qty":1}]}"#,
     ] {
-        assert_ne!(key(&client, "pgpay.test", changed).await.unwrap(), base, "{changed}");
+        assert_ne!(
+            key(&client, "pgpay.test", changed).await.unwrap(),
+            base,
+            "{changed}"
+        );
     }
     assert_ne!(
-        key(&client, "pgpay.other", r#"{"order":"o-1","amount":2000,"items":[{"sku":"a","qty":1}]}"#).await.unwrap(),
+        key(
+            &client,
+            "pgpay.other",
+            r#"{"order":"o-1","amount":2000,"items":[{"sku":"a","qty":1}]}"#
+        )
+        .await
+        .unwrap(),
         base
     );
     // Big numbers keep every digit (no rounding through a double).
     assert_ne!(
-        key(&client, "s", "[12345678901234567890123]").await.unwrap(),
-        key(&client, "s", "[12345678901234567890124]").await.unwrap()
+        key(&client, "s", "[12345678901234567890123]")
+            .await
+            .unwrap(),
+        key(&client, "s", "[12345678901234567890124]")
+            .await
+            .unwrap()
     );
 }
 

@@ -9,7 +9,10 @@ use uuid::Uuid;
 
 async fn new_payment(client: &Client, order: &str) -> Uuid {
     client
-        .query_one("SELECT id FROM pay.begin_checkout($1, 1000, 'usd')", &[&order])
+        .query_one(
+            "SELECT id FROM pay.begin_checkout($1, 1000, 'usd')",
+            &[&order],
+        )
         .await
         .unwrap()
         .get(0)
@@ -39,7 +42,9 @@ async fn claims_lease_and_never_hand_one_command_to_two_workers() {
     let mut tasks = Vec::new();
     for w in 0..4 {
         let c = db.connect().await;
-        tasks.push(tokio::spawn(async move { claim(&c, &format!("w{w}"), "60 seconds").await }));
+        tasks.push(tokio::spawn(async move {
+            claim(&c, &format!("w{w}"), "60 seconds").await
+        }));
     }
     let mut seen = Vec::new();
     for task in tasks {
@@ -93,36 +98,62 @@ async fn an_expired_lease_is_reclaimed_with_the_same_key_and_the_stale_worker_is
     assert_eq!(key_2, key_1, "the same Idempotency-Key on every attempt");
 
     // The crashed worker wakes up and tries to record its (older) answer: refused.
-    let stale = fixtures::payment_intent("pi_stale", &payment.to_string(), 1000, "usd", "requires_payment_method");
-    for sql in [
-        "SELECT pay.complete_outbox($1, $2, 200, $3::jsonb)",
-    ] {
-        let ok: bool = client.query_one(sql, &[&id, &attempt_1, &stale]).await.unwrap().get(0);
+    let stale = fixtures::payment_intent(
+        "pi_stale",
+        &payment.to_string(),
+        1000,
+        "usd",
+        "requires_payment_method",
+    );
+    for sql in ["SELECT pay.complete_outbox($1, $2, 200, $3::jsonb)"] {
+        let ok: bool = client
+            .query_one(sql, &[&id, &attempt_1, &stale])
+            .await
+            .unwrap()
+            .get(0);
         assert!(!ok);
     }
     let retried: bool = client
-        .query_one("SELECT pay.retry_outbox($1, $2, 503, 'x', now())", &[&id, &attempt_1])
+        .query_one(
+            "SELECT pay.retry_outbox($1, $2, 503, 'x', now())",
+            &[&id, &attempt_1],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(!retried);
     let failed: bool = client
-        .query_one("SELECT pay.fail_outbox($1, $2, 400, '{}')", &[&id, &attempt_1])
+        .query_one(
+            "SELECT pay.fail_outbox($1, $2, 400, '{}')",
+            &[&id, &attempt_1],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(!failed);
     let intent_id: Option<String> = client
-        .query_one("SELECT stripe_payment_intent_id FROM pay.payments WHERE id = $1", &[&payment])
+        .query_one(
+            "SELECT stripe_payment_intent_id FROM pay.payments WHERE id = $1",
+            &[&payment],
+        )
         .await
         .unwrap()
         .get(0);
     assert_eq!(intent_id, None, "the stale answer changed nothing");
 
     // The current holder records its answer.
-    let fresh = fixtures::payment_intent("pi_fresh", &payment.to_string(), 1000, "usd", "requires_payment_method");
+    let fresh = fixtures::payment_intent(
+        "pi_fresh",
+        &payment.to_string(),
+        1000,
+        "usd",
+        "requires_payment_method",
+    );
     let ok: bool = client
-        .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&id, &attempt_2, &fresh])
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&id, &attempt_2, &fresh],
+        )
         .await
         .unwrap()
         .get(0);
@@ -139,7 +170,10 @@ async fn an_expired_lease_is_reclaimed_with_the_same_key_and_the_stale_worker_is
     assert_eq!(row.get::<_, String>(2), "requires_payment_method");
     // Completing twice is refused too: the row is no longer in flight.
     let again: bool = client
-        .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&id, &attempt_2, &fresh])
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&id, &attempt_2, &fresh],
+        )
         .await
         .unwrap()
         .get(0);
@@ -161,16 +195,25 @@ async fn retry_waits_for_run_after_and_permanent_failure_stops() {
         .unwrap()
         .get(0);
     assert!(ok);
-    assert!(claim(&client, "w", "60 seconds").await.is_empty(), "not before run_after");
+    assert!(
+        claim(&client, "w", "60 seconds").await.is_empty(),
+        "not before run_after"
+    );
     client
-        .execute("UPDATE pay.outbox SET run_after = now() WHERE id = $1", &[&id])
+        .execute(
+            "UPDATE pay.outbox SET run_after = now() WHERE id = $1",
+            &[&id],
+        )
         .await
         .unwrap();
     let (_, attempt_2, _) = claim(&client, "w", "60 seconds").await[0].clone();
     assert_eq!(attempt_2, attempt + 1);
     let error = json!({"error": {"type": "invalid_request_error", "message": "Invalid currency: zzz", "param": "currency"}});
     let failed: bool = client
-        .query_one("SELECT pay.fail_outbox($1, $2, 400, $3)", &[&id, &attempt_2, &error])
+        .query_one(
+            "SELECT pay.fail_outbox($1, $2, 400, $3)",
+            &[&id, &attempt_2, &error],
+        )
         .await
         .unwrap()
         .get(0);
@@ -183,7 +226,10 @@ async fn retry_waits_for_run_after_and_permanent_failure_stops() {
     assert_eq!(row.get::<_, serde_json::Value>(1), error);
     assert_eq!(row.get::<_, String>(2), "dead");
     assert_eq!(row.get::<_, String>(3), "Invalid currency: zzz");
-    assert!(claim(&client, "w", "60 seconds").await.is_empty(), "a dead command is never sent again");
+    assert!(
+        claim(&client, "w", "60 seconds").await.is_empty(),
+        "a dead command is never sent again"
+    );
     let timeline: Vec<String> = client
         .query("SELECT event FROM pay.payment_timeline($1)", &[&payment])
         .await
@@ -191,7 +237,10 @@ async fn retry_waits_for_run_after_and_permanent_failure_stops() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(timeline, ["created as creating", "creating -> create_failed"]);
+    assert_eq!(
+        timeline,
+        ["created as creating", "creating -> create_failed"]
+    );
 }
 
 #[tokio::test]
@@ -221,15 +270,27 @@ async fn wait_for_intent_returns_once_the_worker_has_answered() {
     let waiter = tokio::spawn({
         let app = db.connect().await;
         async move {
-            app.query_one("SELECT client_secret FROM pay.wait_for_intent($1, 10000)", &[&payment])
-                .await
-                .map(|r| r.get::<_, String>(0))
+            app.query_one(
+                "SELECT client_secret FROM pay.wait_for_intent($1, 10000)",
+                &[&payment],
+            )
+            .await
+            .map(|r| r.get::<_, String>(0))
         }
     });
     let (id, attempt, _) = claim(&worker, "w", "60 seconds").await[0].clone();
-    let intent = fixtures::payment_intent("pi_wait", &payment.to_string(), 1000, "usd", "requires_payment_method");
+    let intent = fixtures::payment_intent(
+        "pi_wait",
+        &payment.to_string(),
+        1000,
+        "usd",
+        "requires_payment_method",
+    );
     worker
-        .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&id, &attempt, &intent])
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&id, &attempt, &intent],
+        )
         .await
         .unwrap();
     assert_eq!(waiter.await.unwrap().unwrap(), "pi_wait_secret_test");

@@ -8,7 +8,10 @@ use uuid::Uuid;
 
 async fn checkout(client: &Client, order: &str, amount: i64) -> Uuid {
     client
-        .query_one("SELECT id FROM pay.begin_checkout($1, $2, 'usd')", &[&order, &amount])
+        .query_one(
+            "SELECT id FROM pay.begin_checkout($1, $2, 'usd')",
+            &[&order, &amount],
+        )
         .await
         .unwrap()
         .get(0)
@@ -16,7 +19,10 @@ async fn checkout(client: &Client, order: &str, amount: i64) -> Uuid {
 
 async fn apply(client: &Client, object: &Value, run: Option<i64>) -> (String, Option<Uuid>) {
     let row = client
-        .query_one("SELECT outcome, payment_id FROM pay.apply_stripe_object($1, 'reconcile', $2)", &[object, &run])
+        .query_one(
+            "SELECT outcome, payment_id FROM pay.apply_stripe_object($1, 'reconcile', $2)",
+            &[object, &run],
+        )
         .await
         .unwrap();
     (row.get(0), row.get(1))
@@ -24,7 +30,10 @@ async fn apply(client: &Client, object: &Value, run: Option<i64>) -> (String, Op
 
 async fn findings(client: &Client) -> Vec<(String, Option<String>, Option<String>)> {
     client
-        .query("SELECT kind, expected, actual FROM pay.reconciliation_findings ORDER BY id", &[])
+        .query(
+            "SELECT kind, expected, actual FROM pay.reconciliation_findings ORDER BY id",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -42,35 +51,71 @@ async fn an_orphan_is_adopted_its_create_closed_and_a_rerun_changes_nothing() {
     let client = db.connect().await;
     let payment = checkout(&client, "r-1", 1500).await;
     // The worker sent the create, Stripe made the PaymentIntent, the worker died before recording it.
-    let claimed = client.query("SELECT id, attempts FROM pay.claim_outbox('crashed')", &[]).await.unwrap();
+    let claimed = client
+        .query("SELECT id, attempts FROM pay.claim_outbox('crashed')", &[])
+        .await
+        .unwrap();
     let (command, attempt): (i64, i32) = (claimed[0].get(0), claimed[0].get(1));
     let run: i64 = client
-        .query_one("SELECT pay.start_reconciliation('test', now() - interval '1 day')", &[])
+        .query_one(
+            "SELECT pay.start_reconciliation('test', now() - interval '1 day')",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    let intent = fixtures::payment_intent("pi_orphan", &payment.to_string(), 1500, "usd", "requires_payment_method");
-    assert_eq!(apply(&client, &intent, Some(run)).await, ("adopted".into(), Some(payment)));
+    let intent = fixtures::payment_intent(
+        "pi_orphan",
+        &payment.to_string(),
+        1500,
+        "usd",
+        "requires_payment_method",
+    );
+    assert_eq!(
+        apply(&client, &intent, Some(run)).await,
+        ("adopted".into(), Some(payment))
+    );
     let row = client
         .query_one("SELECT p.stripe_payment_intent_id, o.status FROM pay.payments p JOIN pay.outbox o ON o.payment_id = p.id WHERE p.id = $1", &[&payment])
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "pi_orphan");
-    assert_eq!(row.get::<_, String>(1), "done", "an adopted create is never sent again");
+    assert_eq!(
+        row.get::<_, String>(1),
+        "done",
+        "an adopted create is never sent again"
+    );
     // The crashed worker comes back: fenced.
     let late: bool = client
-        .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&command, &attempt, &intent])
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&command, &attempt, &intent],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(!late);
-    assert_eq!(findings(&client).await, [("orphan_adopted".into(), None, Some("pi_orphan".into()))]);
+    assert_eq!(
+        findings(&client).await,
+        [("orphan_adopted".into(), None, Some("pi_orphan".into()))]
+    );
     let audit_before = count(&client, "SELECT count(*) FROM pay.audit_log").await;
     assert_eq!(apply(&client, &intent, Some(run)).await.0, "unchanged");
-    assert_eq!(findings(&client).await.len(), 1, "a re-run finds nothing new");
-    assert_eq!(count(&client, "SELECT count(*) FROM pay.audit_log").await, audit_before, "and writes nothing");
+    assert_eq!(
+        findings(&client).await.len(),
+        1,
+        "a re-run finds nothing new"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.audit_log").await,
+        audit_before,
+        "and writes nothing"
+    );
     let finished = client
-        .query_one("SELECT findings, finished_at IS NOT NULL FROM pay.finish_reconciliation($1)", &[&run])
+        .query_one(
+            "SELECT findings, finished_at IS NOT NULL FROM pay.finish_reconciliation($1)",
+            &[&run],
+        )
         .await
         .unwrap();
     assert_eq!(finished.get::<_, i32>(0), 1);
@@ -83,12 +128,27 @@ async fn missed_webhooks_are_fixed_and_drift_is_flagged_not_fulfilled() {
     let client = db.connect().await;
     let paid = checkout(&client, "r-2", 1000).await;
     let drifted = checkout(&client, "r-3", 1000).await;
-    let claimed = client.query("SELECT id, attempts, payment_id FROM pay.claim_outbox('w')", &[]).await.unwrap();
+    let claimed = client
+        .query(
+            "SELECT id, attempts, payment_id FROM pay.claim_outbox('w')",
+            &[],
+        )
+        .await
+        .unwrap();
     for row in &claimed {
         let payment: Uuid = row.get(2);
-        let intent = fixtures::payment_intent(&format!("pi_{}", &payment.simple().to_string()[..8]), &payment.to_string(), 1000, "usd", "requires_payment_method");
+        let intent = fixtures::payment_intent(
+            &format!("pi_{}", &payment.simple().to_string()[..8]),
+            &payment.to_string(),
+            1000,
+            "usd",
+            "requires_payment_method",
+        );
         client
-            .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&row.get::<_, i64>(0), &row.get::<_, i32>(1), &intent])
+            .query_one(
+                "SELECT pay.complete_outbox($1, $2, 200, $3)",
+                &[&row.get::<_, i64>(0), &row.get::<_, i32>(1), &intent],
+            )
             .await
             .unwrap();
     }
@@ -100,7 +160,10 @@ async fn missed_webhooks_are_fixed_and_drift_is_flagged_not_fulfilled() {
         {"id": "pi_someone_else", "object": "payment_intent", "status": "succeeded", "amount": 5, "currency": "usd", "metadata": {}},
     ]);
     let outcomes: Vec<(String, String)> = client
-        .query("SELECT stripe_object_id, outcome FROM pay.apply_stripe_objects($1)", &[&objects])
+        .query(
+            "SELECT stripe_object_id, outcome FROM pay.apply_stripe_objects($1)",
+            &[&objects],
+        )
         .await
         .unwrap()
         .iter()
@@ -108,7 +171,11 @@ async fn missed_webhooks_are_fixed_and_drift_is_flagged_not_fulfilled() {
         .collect();
     assert_eq!(
         outcomes,
-        [(pi(paid), "applied".into()), (pi(drifted), "flagged".into()), ("pi_someone_else".into(), "not_ours".into())]
+        [
+            (pi(paid), "applied".into()),
+            (pi(drifted), "flagged".into()),
+            ("pi_someone_else".into(), "not_ours".into())
+        ]
     );
     let fulfilled: Vec<Uuid> = client
         .query("SELECT payment_id FROM pay.fulfillments", &[])
@@ -120,10 +187,16 @@ async fn missed_webhooks_are_fixed_and_drift_is_flagged_not_fulfilled() {
     assert_eq!(fulfilled, [paid], "drift is never fulfilled");
     let mut kinds: Vec<String> = findings(&client).await.into_iter().map(|f| f.0).collect();
     kinds.sort();
-    assert_eq!(kinds, ["amount_drift", "status_drift_fixed", "status_drift_fixed"]);
+    assert_eq!(
+        kinds,
+        ["amount_drift", "status_drift_fixed", "status_drift_fixed"]
+    );
     // Second run over the same ledger: nothing new, nothing changed.
     let again: Vec<String> = client
-        .query("SELECT outcome FROM pay.apply_stripe_objects($1)", &[&objects])
+        .query(
+            "SELECT outcome FROM pay.apply_stripe_objects($1)",
+            &[&objects],
+        )
         .await
         .unwrap()
         .iter()
@@ -131,18 +204,30 @@ async fn missed_webhooks_are_fixed_and_drift_is_flagged_not_fulfilled() {
         .collect();
     assert_eq!(again, ["unchanged", "unchanged", "not_ours"]);
     assert_eq!(findings(&client).await.len(), 3);
-    assert_eq!(count(&client, "SELECT count(*) FROM pay.fulfillments").await, 1);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.fulfillments").await,
+        1
+    );
 }
 
 #[tokio::test]
 async fn unknown_payments_are_findings_and_bad_objects_are_22023() {
     let db = TestDb::create().await;
     let client = db.connect().await;
-    let stranger = fixtures::payment_intent("pi_stranger", &Uuid::new_v4().to_string(), 100, "usd", "succeeded");
+    let stranger = fixtures::payment_intent(
+        "pi_stranger",
+        &Uuid::new_v4().to_string(),
+        100,
+        "usd",
+        "succeeded",
+    );
     assert_eq!(apply(&client, &stranger, None).await.0, "not_ours");
     assert_eq!(findings(&client).await[0].0, "unknown_payment");
     let err = client
-        .query_one("SELECT * FROM pay.apply_stripe_object('{\"object\":\"customer\"}')", &[])
+        .query_one(
+            "SELECT * FROM pay.apply_stripe_object('{\"object\":\"customer\"}')",
+            &[],
+        )
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&err), Some("22023"));
@@ -153,19 +238,55 @@ async fn api_events_replay_through_the_webhook_dedup() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let payment = checkout(&client, "r-4", 700).await;
-    let claimed = client.query("SELECT id, attempts FROM pay.claim_outbox('w')", &[]).await.unwrap();
-    let intent = fixtures::payment_intent("pi_r4", &payment.to_string(), 700, "usd", "requires_payment_method");
-    client
-        .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&claimed[0].get::<_, i64>(0), &claimed[0].get::<_, i32>(1), &intent])
+    let claimed = client
+        .query("SELECT id, attempts FROM pay.claim_outbox('w')", &[])
         .await
         .unwrap();
-    let event: Value = serde_json::from_str(&fixtures::event("evt_api", "payment_intent.succeeded", 1_900_000_000,
-        fixtures::payment_intent("pi_r4", &payment.to_string(), 700, "usd", "succeeded"))).unwrap();
-    let first: String = client.query_one("SELECT status FROM pay.apply_stripe_event($1)", &[&event]).await.unwrap().get(0);
-    let second: String = client.query_one("SELECT status FROM pay.apply_stripe_event($1)", &[&event]).await.unwrap().get(0);
+    let intent = fixtures::payment_intent(
+        "pi_r4",
+        &payment.to_string(),
+        700,
+        "usd",
+        "requires_payment_method",
+    );
+    client
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[
+                &claimed[0].get::<_, i64>(0),
+                &claimed[0].get::<_, i32>(1),
+                &intent,
+            ],
+        )
+        .await
+        .unwrap();
+    let event: Value = serde_json::from_str(&fixtures::event(
+        "evt_api",
+        "payment_intent.succeeded",
+        1_900_000_000,
+        fixtures::payment_intent("pi_r4", &payment.to_string(), 700, "usd", "succeeded"),
+    ))
+    .unwrap();
+    let first: String = client
+        .query_one("SELECT status FROM pay.apply_stripe_event($1)", &[&event])
+        .await
+        .unwrap()
+        .get(0);
+    let second: String = client
+        .query_one("SELECT status FROM pay.apply_stripe_event($1)", &[&event])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!((first.as_str(), second.as_str()), ("applied", "duplicate"));
-    assert_eq!(count(&client, "SELECT count(*) FROM pay.fulfillments").await, 1);
-    let source: String = client.query_one("SELECT source FROM pay.webhook_events", &[]).await.unwrap().get(0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.fulfillments").await,
+        1
+    );
+    let source: String = client
+        .query_one("SELECT source FROM pay.webhook_events", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(source, "api");
 }
 
@@ -174,26 +295,38 @@ async fn one_run_at_a_time_and_an_abandoned_run_is_closed_after_its_lease() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let first: Option<i64> = client
-        .query_one("SELECT pay.start_reconciliation('a', now() - interval '1 hour', now(), '1 second')", &[])
+        .query_one(
+            "SELECT pay.start_reconciliation('a', now() - interval '1 hour', now(), '1 second')",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(first.is_some());
     let second: Option<i64> = client
-        .query_one("SELECT pay.start_reconciliation('b', now() - interval '1 hour')", &[])
+        .query_one(
+            "SELECT pay.start_reconciliation('b', now() - interval '1 hour')",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     assert_eq!(second, None, "another replica's run holds the lease");
     let alive: bool = client
-        .query_one("SELECT pay.progress_reconciliation($1, 1, 100, 0, 0, 0, 0, '1 second')", &[&first.unwrap()])
+        .query_one(
+            "SELECT pay.progress_reconciliation($1, 1, 100, 0, 0, 0, 0, '1 second')",
+            &[&first.unwrap()],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(alive);
     let took_over = pgpay_tests::wait_until(std::time::Duration::from_secs(5), || async {
         client
-            .query_one("SELECT pay.start_reconciliation('b', now() - interval '1 hour')", &[])
+            .query_one(
+                "SELECT pay.start_reconciliation('b', now() - interval '1 hour')",
+                &[],
+            )
             .await
             .unwrap()
             .get::<_, Option<i64>>(0)
@@ -202,9 +335,18 @@ async fn one_run_at_a_time_and_an_abandoned_run_is_closed_after_its_lease() {
     .await;
     assert!(took_over);
     let (error, still_mine): (Option<String>, bool) = {
-        let row = client.query_one("SELECT error FROM pay.reconciliation_runs WHERE id = $1", &[&first.unwrap()]).await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT error FROM pay.reconciliation_runs WHERE id = $1",
+                &[&first.unwrap()],
+            )
+            .await
+            .unwrap();
         let alive: bool = client
-            .query_one("SELECT pay.progress_reconciliation($1, 2, 200, 0, 0, 0, 0)", &[&first.unwrap()])
+            .query_one(
+                "SELECT pay.progress_reconciliation($1, 2, 200, 0, 0, 0, 0)",
+                &[&first.unwrap()],
+            )
             .await
             .unwrap()
             .get(0);
@@ -219,10 +361,20 @@ async fn a_create_past_key_retention_is_rekeyed_once_and_audited() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let payment = checkout(&client, "r-5", 300).await;
-    let claimed = client.query("SELECT id, attempts, idempotency_key FROM pay.claim_outbox('w')", &[]).await.unwrap();
-    let (id, attempt, old_key): (i64, i32, String) = (claimed[0].get(0), claimed[0].get(1), claimed[0].get(2));
+    let claimed = client
+        .query(
+            "SELECT id, attempts, idempotency_key FROM pay.claim_outbox('w')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (id, attempt, old_key): (i64, i32, String) =
+        (claimed[0].get(0), claimed[0].get(1), claimed[0].get(2));
     let stale: Option<String> = client
-        .query_one("SELECT pay.rekey_create_command($1, $2, 'x')", &[&id, &(attempt + 1)])
+        .query_one(
+            "SELECT pay.rekey_create_command($1, $2, 'x')",
+            &[&id, &(attempt + 1)],
+        )
         .await
         .unwrap()
         .get(0);
@@ -234,10 +386,20 @@ async fn a_create_past_key_retention_is_rekeyed_once_and_audited() {
         .get(0);
     assert_ne!(new_key, old_key);
     assert!(new_key.starts_with("pgpay.pi_create.rekeyed:"));
-    let stored: String = client.query_one("SELECT idempotency_key FROM pay.outbox WHERE id = $1", &[&id]).await.unwrap().get(0);
+    let stored: String = client
+        .query_one(
+            "SELECT idempotency_key FROM pay.outbox WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(stored, new_key);
     let cause: String = client
-        .query_one("SELECT cause FROM pay.audit_log WHERE payment_id = $1 ORDER BY id DESC LIMIT 1", &[&payment])
+        .query_one(
+            "SELECT cause FROM pay.audit_log WHERE payment_id = $1 ORDER BY id DESC LIMIT 1",
+            &[&payment],
+        )
         .await
         .unwrap()
         .get(0);
@@ -249,19 +411,63 @@ async fn payments_stripe_does_not_list_are_findings() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let payment = checkout(&client, "r-6", 300).await;
-    let claimed = client.query("SELECT id, attempts FROM pay.claim_outbox('w')", &[]).await.unwrap();
-    let intent = fixtures::payment_intent("pi_gone", &payment.to_string(), 300, "usd", "requires_payment_method");
-    client
-        .query_one("SELECT pay.complete_outbox($1, $2, 200, $3)", &[&claimed[0].get::<_, i64>(0), &claimed[0].get::<_, i32>(1), &intent])
+    let claimed = client
+        .query("SELECT id, attempts FROM pay.claim_outbox('w')", &[])
         .await
         .unwrap();
-    client.batch_execute("UPDATE pay.payments SET created_at = now() - interval '2 hours'").await.unwrap();
-    let run: i64 = client.query_one("SELECT pay.start_reconciliation('t', now() - interval '1 day')", &[]).await.unwrap().get(0);
+    let intent = fixtures::payment_intent(
+        "pi_gone",
+        &payment.to_string(),
+        300,
+        "usd",
+        "requires_payment_method",
+    );
+    client
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[
+                &claimed[0].get::<_, i64>(0),
+                &claimed[0].get::<_, i32>(1),
+                &intent,
+            ],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("UPDATE pay.payments SET created_at = now() - interval '2 hours'")
+        .await
+        .unwrap();
+    let run: i64 = client
+        .query_one(
+            "SELECT pay.start_reconciliation('t', now() - interval '1 day')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     let seen: Vec<String> = vec!["pi_other".into()];
-    let missing: i32 = client.query_one("SELECT pay.record_missing_at_stripe($1, $2)", &[&run, &seen]).await.unwrap().get(0);
+    let missing: i32 = client
+        .query_one(
+            "SELECT pay.record_missing_at_stripe($1, $2)",
+            &[&run, &seen],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(missing, 1);
-    let again: i32 = client.query_one("SELECT pay.record_missing_at_stripe($1, $2)", &[&run, &seen]).await.unwrap().get(0);
+    let again: i32 = client
+        .query_one(
+            "SELECT pay.record_missing_at_stripe($1, $2)",
+            &[&run, &seen],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(again, 0);
-    let report: Value = client.query_one("SELECT pay.status_report()", &[]).await.unwrap().get(0);
+    let report: Value = client
+        .query_one("SELECT pay.status_report()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(report["open_findings"], 1);
 }

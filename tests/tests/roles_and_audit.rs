@@ -7,7 +7,9 @@ async fn each_role_gets_only_what_it_needs() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     client
-        .batch_execute("SET ROLE pay_app; SELECT pay.begin_checkout('r-1', 100, 'usd'); RESET ROLE;")
+        .batch_execute(
+            "SET ROLE pay_app; SELECT pay.begin_checkout('r-1', 100, 'usd'); RESET ROLE;",
+        )
         .await
         .unwrap();
     let denied = [
@@ -25,16 +27,28 @@ async fn each_role_gets_only_what_it_needs() {
         ("pay_app", "SELECT pay._apply_payment_intent(gen_random_uuid(), '{}', 'x', 'x', 1)"),
     ];
     for (role, sql) in denied {
-        client.batch_execute(&format!("SET ROLE {role}")).await.unwrap();
+        client
+            .batch_execute(&format!("SET ROLE {role}"))
+            .await
+            .unwrap();
         let err = client.batch_execute(sql).await.expect_err(sql);
         assert_eq!(sqlstate(&err), Some("42501"), "{role}: {sql}: {err}");
         client.batch_execute("RESET ROLE").await.unwrap();
     }
     client.batch_execute("SET ROLE pay_worker").await.unwrap();
-    let claimed = client.query("SELECT * FROM pay.claim_outbox('w')", &[]).await.unwrap();
+    let claimed = client
+        .query("SELECT * FROM pay.claim_outbox('w')", &[])
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
-    client.batch_execute("RESET ROLE; SET ROLE pay_auditor").await.unwrap();
-    let audit = client.query("SELECT actor FROM pay.audit_log", &[]).await.unwrap();
+    client
+        .batch_execute("RESET ROLE; SET ROLE pay_auditor")
+        .await
+        .unwrap();
+    let audit = client
+        .query("SELECT actor FROM pay.audit_log", &[])
+        .await
+        .unwrap();
     assert_eq!(audit.len(), 1);
     client.batch_execute("RESET ROLE").await.unwrap();
     // Nothing in the schema is executable by PUBLIC.
@@ -82,7 +96,10 @@ async fn every_security_definer_function_pins_its_search_path() {
 async fn the_audit_log_refuses_update_delete_and_truncate_even_for_its_owner() {
     let db = TestDb::create().await;
     let client = db.connect().await;
-    client.batch_execute("SELECT pay.begin_checkout('a-1', 100, 'usd')").await.unwrap();
+    client
+        .batch_execute("SELECT pay.begin_checkout('a-1', 100, 'usd')")
+        .await
+        .unwrap();
     // The test connects as the superuser that owns the table.
     for sql in [
         "UPDATE pay.audit_log SET cause = 'rewritten'",
@@ -93,6 +110,10 @@ async fn the_audit_log_refuses_update_delete_and_truncate_even_for_its_owner() {
         assert_eq!(sqlstate(&err), Some("42501"), "{sql}");
         assert!(err.as_db_error().unwrap().message().contains("append-only"));
     }
-    let rows: i64 = client.query_one("SELECT count(*) FROM pay.audit_log", &[]).await.unwrap().get(0);
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM pay.audit_log", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(rows, 1);
 }

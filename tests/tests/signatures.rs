@@ -6,9 +6,13 @@ use pgpay_tests::{sqlstate, TestDb};
 async fn every_sdk_vector_gets_the_sdk_verdict_through_sql() {
     let db = TestDb::create().await;
     let client = db.connect().await;
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/stripe_webhook_signatures.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/vectors/stripe_webhook_signatures.json"
+    );
     let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("shared vectors")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(path).expect("shared vectors"))
+            .expect("json");
     let vectors = doc["vectors"].as_array().expect("vectors");
     assert!(vectors.len() >= 20, "expected the full vector set");
     let statement = client
@@ -45,33 +49,48 @@ async fn defaults_nulls_and_bad_tolerance() {
     let header = pgpay_core::signature::sign_header(b"{}", b"whsec_k", now);
     // Default tolerance (300 s) and the wall clock.
     let fresh: bool = client
-        .query_one("SELECT pay.verify_stripe_signature('{}', $1, 'whsec_k')", &[&header])
+        .query_one(
+            "SELECT pay.verify_stripe_signature('{}', $1, 'whsec_k')",
+            &[&header],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(fresh);
     let old = pgpay_core::signature::sign_header(b"{}", b"whsec_k", now - 301);
     let stale: bool = client
-        .query_one("SELECT pay.verify_stripe_signature('{}', $1, 'whsec_k')", &[&old])
+        .query_one(
+            "SELECT pay.verify_stripe_signature('{}', $1, 'whsec_k')",
+            &[&old],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(!stale);
     let future = pgpay_core::signature::sign_header(b"{}", b"whsec_k", now + 3600);
     let ahead: bool = client
-        .query_one("SELECT pay.verify_stripe_signature('{}', $1, 'whsec_k')", &[&future])
+        .query_one(
+            "SELECT pay.verify_stripe_signature('{}', $1, 'whsec_k')",
+            &[&future],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(!ahead, "a timestamp an hour ahead is refused");
     let null: Option<bool> = client
-        .query_one("SELECT pay.verify_stripe_signature(NULL, $1, 'whsec_k')", &[&header])
+        .query_one(
+            "SELECT pay.verify_stripe_signature(NULL, $1, 'whsec_k')",
+            &[&header],
+        )
         .await
         .unwrap()
         .get(0);
     assert_eq!(null, None);
     let err = client
-        .query_one("SELECT pay.verify_stripe_signature('{}', $1, 'whsec_k', -1)", &[&header])
+        .query_one(
+            "SELECT pay.verify_stripe_signature('{}', $1, 'whsec_k', -1)",
+            &[&header],
+        )
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&err), Some("22023"));

@@ -23,7 +23,10 @@ pub const MAX_DEPTH: usize = 128;
 
 /// Returns the canonical text of a JSON document.
 pub fn canonicalize(text: &str) -> Result<String, CanonicalJsonError> {
-    let mut parser = Parser { text: text.as_bytes(), pos: 0 };
+    let mut parser = Parser {
+        text: text.as_bytes(),
+        pos: 0,
+    };
     let value = parser.value(0)?;
     parser.skip_whitespace();
     if parser.pos != parser.text.len() {
@@ -50,7 +53,10 @@ struct Parser<'a> {
 
 impl<'a> Parser<'a> {
     fn error(&self, what: &'static str) -> CanonicalJsonError {
-        CanonicalJsonError::Invalid { offset: self.pos, what }
+        CanonicalJsonError::Invalid {
+            offset: self.pos,
+            what,
+        }
     }
 
     fn skip_whitespace(&mut self) {
@@ -180,7 +186,9 @@ impl<'a> Parser<'a> {
     }
 
     fn escape(&mut self, out: &mut String) -> Result<(), CanonicalJsonError> {
-        let c = self.peek().ok_or_else(|| self.error("unterminated escape"))?;
+        let c = self
+            .peek()
+            .ok_or_else(|| self.error("unterminated escape"))?;
         self.pos += 1;
         let decoded = match c {
             b'"' => '"',
@@ -268,7 +276,9 @@ impl<'a> Parser<'a> {
             if exp_digits.is_empty() || exp_digits.len() > 9 {
                 return Err(self.error("malformed or out-of-range exponent"));
             }
-            let magnitude: i64 = exp_digits.iter().fold(0, |n, d| n * 10 + i64::from(d - b'0'));
+            let magnitude: i64 = exp_digits
+                .iter()
+                .fold(0, |n, d| n * 10 + i64::from(d - b'0'));
             exponent = if exp_negative { -magnitude } else { magnitude };
         }
         Ok(Decimal::new(negative, int_digits, frac_digits, exponent))
@@ -403,8 +413,14 @@ mod tests {
     fn canonical_forms() {
         let cases = [
             (r#"{"b":1,"a":2}"#, r#"{"a":2,"b":1}"#),
-            (" { \"a\" : [ 1 , true , null ] } ", r#"{"a":[1,true,null]}"#),
-            (r#"{"z":{"y":1,"x":2},"a":{}}"#, r#"{"a":{},"z":{"x":2,"y":1}}"#),
+            (
+                " { \"a\" : [ 1 , true , null ] } ",
+                r#"{"a":[1,true,null]}"#,
+            ),
+            (
+                r#"{"z":{"y":1,"x":2},"a":{}}"#,
+                r#"{"a":{},"z":{"x":2,"y":1}}"#,
+            ),
             ("1.50", "1.5"),
             ("1e2", "100"),
             ("100E-2", "1"),
@@ -424,13 +440,28 @@ mod tests {
             (r#"{"ﬁ":1,"😀":2}"#, r#"{"😀":2,"ﬁ":1}"#),
         ];
         for (input, expected) in cases {
-            assert_eq!(canonicalize(input).as_deref(), Ok(expected), "input {input}");
+            assert_eq!(
+                canonicalize(input).as_deref(),
+                Ok(expected),
+                "input {input}"
+            );
         }
     }
 
     #[test]
     fn rejects_bad_documents() {
-        for bad in ["", "{", "[1,]", "01", "1.", "{\"a\":1,\"a\":2}", "\"\\ud800\"", "nul", "1 2", "\"\u{1}\""] {
+        for bad in [
+            "",
+            "{",
+            "[1,]",
+            "01",
+            "1.",
+            "{\"a\":1,\"a\":2}",
+            "\"\\ud800\"",
+            "nul",
+            "1 2",
+            "\"\u{1}\"",
+        ] {
             assert!(canonicalize(bad).is_err(), "accepted {bad:?}");
         }
         let deep = "[".repeat(MAX_DEPTH + 2) + &"]".repeat(MAX_DEPTH + 2);
@@ -451,7 +482,8 @@ mod tests {
             ];
             leaf.prop_recursive(4, 48, 6, |inner| {
                 prop_oneof![
-                    proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                    proptest::collection::vec(inner.clone(), 0..6)
+                        .prop_map(serde_json::Value::from),
                     proptest::collection::btree_map("\\PC{0,6}", inner, 0..6)
                         .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
                 ]

@@ -94,10 +94,15 @@ pub fn validate_metadata(metadata: &Value) -> Result<(), CheckoutError> {
             )));
         }
         if RESERVED_METADATA_KEYS.contains(&key.as_str()) {
-            return Err(CheckoutError::Metadata(format!("key {shown:?} is reserved by pgpay")));
+            return Err(CheckoutError::Metadata(format!(
+                "key {shown:?} is reserved by pgpay"
+            )));
         }
         let text = value.as_str().ok_or_else(|| {
-            CheckoutError::Metadata(format!("value of {shown:?} must be a string, got {}", kind(value)))
+            CheckoutError::Metadata(format!(
+                "value of {shown:?} must be a string, got {}",
+                kind(value)
+            ))
         })?;
         if text.chars().count() > MAX_METADATA_VALUE_CHARS {
             return Err(CheckoutError::Metadata(format!(
@@ -105,7 +110,9 @@ pub fn validate_metadata(metadata: &Value) -> Result<(), CheckoutError> {
             )));
         }
         if text.contains('\0') {
-            return Err(CheckoutError::Metadata(format!("value of {shown:?} contains a NUL character")));
+            return Err(CheckoutError::Metadata(format!(
+                "value of {shown:?} contains a NUL character"
+            )));
         }
     }
     Ok(())
@@ -170,8 +177,9 @@ mod tests {
         validate_amount(MAX_AMOUNT).unwrap();
         validate_order_ref(&"o".repeat(200)).unwrap();
         validate_metadata(&json!({})).unwrap();
-        let full: serde_json::Map<String, Value> =
-            (0..MAX_METADATA_KEYS).map(|i| (format!("k{i}"), json!("v".repeat(500)))).collect();
+        let full: serde_json::Map<String, Value> = (0..MAX_METADATA_KEYS)
+            .map(|i| (format!("k{i}"), json!("v".repeat(500))))
+            .collect();
         validate_metadata(&Value::Object(full)).unwrap();
         validate_metadata(&json!({"k".repeat(40): "x"})).unwrap();
     }
@@ -196,7 +204,10 @@ mod tests {
             (validate_metadata(&json!({"a": 1})), "metadata"),
             (validate_metadata(&json!({"a": {"b": "c"}})), "metadata"),
             (validate_metadata(&json!({"k".repeat(41): "x"})), "metadata"),
-            (validate_metadata(&json!({"a": "v".repeat(501)})), "metadata"),
+            (
+                validate_metadata(&json!({"a": "v".repeat(501)})),
+                "metadata",
+            ),
             (validate_metadata(&json!({"a[b]": "x"})), "metadata"),
             (validate_metadata(&json!({"": "x"})), "metadata"),
             (validate_metadata(&json!({"order_ref": "x"})), "metadata"),
@@ -205,8 +216,9 @@ mod tests {
             let message = result.expect_err(&format!("case {i} passed")).to_string();
             assert!(message.starts_with(field), "case {i}: {message}");
         }
-        let too_many: serde_json::Map<String, Value> =
-            (0..=MAX_METADATA_KEYS).map(|i| (format!("k{i}"), json!("v"))).collect();
+        let too_many: serde_json::Map<String, Value> = (0..=MAX_METADATA_KEYS)
+            .map(|i| (format!("k{i}"), json!("v")))
+            .collect();
         assert!(validate_metadata(&Value::Object(too_many)).is_err());
     }
 }

@@ -55,7 +55,10 @@ mod tests {
         // Pinned: changing this value would re-key every command in flight after an upgrade.
         assert_eq!(
             derive("pi_create", r#"{"payment_id":"0b6f","attempt":1}"#).unwrap(),
-            format!("pi_create:{}", hex::encode(Sha256::digest(br#"{"attempt":1,"payment_id":"0b6f"}"#)))
+            format!(
+                "pi_create:{}",
+                hex::encode(Sha256::digest(br#"{"attempt":1,"payment_id":"0b6f"}"#))
+            )
         );
         assert_eq!(
             derive("s", "{}").unwrap(),
@@ -77,7 +80,10 @@ mod tests {
         ] {
             assert_ne!(derive("x", changed).unwrap(), a, "{changed}");
         }
-        assert_ne!(derive("y", r#"{"a":1,"b":{"c":"d","e":[1,2]}}"#).unwrap(), a);
+        assert_ne!(
+            derive("y", r#"{"a":1,"b":{"c":"d","e":[1,2]}}"#).unwrap(),
+            a
+        );
     }
 
     #[test]
@@ -85,9 +91,18 @@ mod tests {
         let key = derive(&"s".repeat(MAX_SCOPE_LEN), "[]").unwrap();
         assert_eq!(key.len(), 255);
         assert!(key.is_ascii());
-        assert_eq!(derive(&"s".repeat(MAX_SCOPE_LEN + 1), "[]"), Err(IdempotencyKeyError::ScopeTooLong));
+        assert_eq!(
+            derive(&"s".repeat(MAX_SCOPE_LEN + 1), "[]"),
+            Err(IdempotencyKeyError::ScopeTooLong)
+        );
         assert_eq!(derive("", "[]"), Err(IdempotencyKeyError::EmptyScope));
-        assert_eq!(derive("a b", "[]"), Err(IdempotencyKeyError::ScopeCharacter(' ')));
-        assert!(matches!(derive("a", "{"), Err(IdempotencyKeyError::Parts(_))));
+        assert_eq!(
+            derive("a b", "[]"),
+            Err(IdempotencyKeyError::ScopeCharacter(' '))
+        );
+        assert!(matches!(
+            derive("a", "{"),
+            Err(IdempotencyKeyError::Parts(_))
+        ));
     }
 }

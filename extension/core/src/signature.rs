@@ -144,9 +144,9 @@ pub fn verify_any<S: AsRef<[u8]>>(
     let matched = secrets.iter().position(|secret| {
         let mac = signed_mac(secret.as_ref(), parsed.timestamp, payload);
         // Every candidate is compared (constant time each) so timing reveals nothing about which.
-        candidates
-            .iter()
-            .fold(false, |any, candidate| mac.clone().verify_slice(candidate).is_ok() | any)
+        candidates.iter().fold(false, |any, candidate| {
+            mac.clone().verify_slice(candidate).is_ok() | any
+        })
     });
     let matched = matched.ok_or(SignatureError::Mismatch)?;
     if let Tolerance::Seconds(limit) = tolerance {
@@ -164,7 +164,11 @@ pub fn verify_any<S: AsRef<[u8]>>(
 /// A `v1` value can only match when it is exactly 64 lowercase hex digits: the SDKs compare the hex
 /// text itself, so `ABCD...` never matches.
 fn decode_v1(value: &str) -> Option<[u8; 32]> {
-    if value.len() != 64 || !value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if value.len() != 64
+        || !value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return None;
     }
     let mut out = [0u8; 32];
@@ -183,12 +187,19 @@ fn signed_mac(secret: &[u8], timestamp: i64, payload: &[u8]) -> HmacSha256 {
 
 /// The `v1` signature Stripe would compute, as lowercase hex.
 pub fn compute_v1(payload: &[u8], secret: &[u8], timestamp: i64) -> String {
-    hex::encode(signed_mac(secret, timestamp, payload).finalize().into_bytes())
+    hex::encode(
+        signed_mac(secret, timestamp, payload)
+            .finalize()
+            .into_bytes(),
+    )
 }
 
 /// A complete `Stripe-Signature` header value, as Stripe sends it (used by stripe-fake and tests).
 pub fn sign_header(payload: &[u8], secret: &[u8], timestamp: i64) -> String {
-    format!("t={timestamp},v1={}", compute_v1(payload, secret, timestamp))
+    format!(
+        "t={timestamp},v1={}",
+        compute_v1(payload, secret, timestamp)
+    )
 }
 
 #[cfg(test)]
@@ -216,24 +227,110 @@ mod tests {
         let cases: Vec<(&str, String, i64, u32, Result<(), SignatureError>)> = vec![
             ("fresh", good.clone(), NOW, 300, Ok(())),
             ("at the edge", good.clone(), NOW + 300, 300, Ok(())),
-            ("one second too old", good.clone(), NOW + 301, 300, Err(SignatureError::TooOld)),
+            (
+                "one second too old",
+                good.clone(),
+                NOW + 301,
+                300,
+                Err(SignatureError::TooOld),
+            ),
             ("future within", good.clone(), NOW - 300, 300, Ok(())),
-            ("too far ahead", good.clone(), NOW - 301, 300, Err(SignatureError::TooFarInFuture)),
+            (
+                "too far ahead",
+                good.clone(),
+                NOW - 301,
+                300,
+                Err(SignatureError::TooFarInFuture),
+            ),
             ("tolerance off", good.clone(), NOW + 10_000_000, 0, Ok(())),
-            ("empty", String::new(), NOW, 300, Err(SignatureError::MissingHeader)),
-            ("no t", format!("v1={sig}"), NOW, 300, Err(SignatureError::MalformedHeader("no t= timestamp"))),
-            ("bare t", format!("t,v1={sig}"), NOW, 300, Err(SignatureError::MalformedHeader("t has no value"))),
-            ("two t", format!("t={NOW},t={NOW},v1={sig}"), NOW, 300, Err(SignatureError::MalformedHeader("t appears more than once"))),
-            ("signed t", format!("t=+{NOW},v1={sig}"), NOW, 300, Err(SignatureError::MalformedHeader("t is not a unix timestamp in decimal digits"))),
-            ("huge t", format!("t=99999999999999999999,v1={sig}"), NOW, 300, Err(SignatureError::MalformedHeader("t is not a unix timestamp in decimal digits"))),
-            ("no v1", format!("t={NOW},v0={sig}"), NOW, 300, Err(SignatureError::NoV1Signature)),
-            ("upper hex", format!("t={NOW},v1={}", sig.to_uppercase()), NOW, 300, Err(SignatureError::Mismatch)),
-            ("second v1", format!("t={NOW},v1={},v1={sig}", "0".repeat(64)), NOW, 300, Ok(())),
-            ("garbage items ignored", format!("junk,t={NOW},x=1,v1={sig}"), NOW, 300, Ok(())),
-            ("short v1", format!("t={NOW},v1=abc"), NOW, 300, Err(SignatureError::Mismatch)),
+            (
+                "empty",
+                String::new(),
+                NOW,
+                300,
+                Err(SignatureError::MissingHeader),
+            ),
+            (
+                "no t",
+                format!("v1={sig}"),
+                NOW,
+                300,
+                Err(SignatureError::MalformedHeader("no t= timestamp")),
+            ),
+            (
+                "bare t",
+                format!("t,v1={sig}"),
+                NOW,
+                300,
+                Err(SignatureError::MalformedHeader("t has no value")),
+            ),
+            (
+                "two t",
+                format!("t={NOW},t={NOW},v1={sig}"),
+                NOW,
+                300,
+                Err(SignatureError::MalformedHeader("t appears more than once")),
+            ),
+            (
+                "signed t",
+                format!("t=+{NOW},v1={sig}"),
+                NOW,
+                300,
+                Err(SignatureError::MalformedHeader(
+                    "t is not a unix timestamp in decimal digits",
+                )),
+            ),
+            (
+                "huge t",
+                format!("t=99999999999999999999,v1={sig}"),
+                NOW,
+                300,
+                Err(SignatureError::MalformedHeader(
+                    "t is not a unix timestamp in decimal digits",
+                )),
+            ),
+            (
+                "no v1",
+                format!("t={NOW},v0={sig}"),
+                NOW,
+                300,
+                Err(SignatureError::NoV1Signature),
+            ),
+            (
+                "upper hex",
+                format!("t={NOW},v1={}", sig.to_uppercase()),
+                NOW,
+                300,
+                Err(SignatureError::Mismatch),
+            ),
+            (
+                "second v1",
+                format!("t={NOW},v1={},v1={sig}", "0".repeat(64)),
+                NOW,
+                300,
+                Ok(()),
+            ),
+            (
+                "garbage items ignored",
+                format!("junk,t={NOW},x=1,v1={sig}"),
+                NOW,
+                300,
+                Ok(()),
+            ),
+            (
+                "short v1",
+                format!("t={NOW},v1=abc"),
+                NOW,
+                300,
+                Err(SignatureError::Mismatch),
+            ),
         ];
         for (name, header, now, tolerance, expected) in cases {
-            assert_eq!(check(&header, body, now, tolerance), expected, "case {name}");
+            assert_eq!(
+                check(&header, body, now, tolerance),
+                expected,
+                "case {name}"
+            );
         }
     }
 
@@ -242,7 +339,10 @@ mod tests {
         let body = b"payload";
         let header = sign_header(body, b"whsec_new", NOW);
         let secrets: [&[u8]; 2] = [b"whsec_old", b"whsec_new"];
-        assert_eq!(verify_any(body, &header, &secrets, Tolerance::Seconds(300), NOW), Ok(1));
+        assert_eq!(
+            verify_any(body, &header, &secrets, Tolerance::Seconds(300), NOW),
+            Ok(1)
+        );
         let none: [&[u8]; 0] = [];
         assert_eq!(
             verify_any(body, &header, &none, Tolerance::Seconds(300), NOW),
@@ -252,7 +352,10 @@ mod tests {
 
     #[test]
     fn official_sdk_vectors() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/vectors/stripe_webhook_signatures.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/vectors/stripe_webhook_signatures.json"
+        );
         let text = std::fs::read_to_string(path).expect("shared vectors are beside the checkout");
         let doc: serde_json::Value = serde_json::from_str(&text).expect("vectors are JSON");
         let vectors = doc["vectors"].as_array().expect("a vectors array");
@@ -267,7 +370,11 @@ mod tests {
                 v["now"].as_i64().expect("now"),
             );
             let expected_valid = v["stripe_sdk"] == "valid";
-            assert_eq!(verdict.is_ok(), expected_valid, "vector {name}: {verdict:?}");
+            assert_eq!(
+                verdict.is_ok(),
+                expected_valid,
+                "vector {name}: {verdict:?}"
+            );
         }
     }
 
