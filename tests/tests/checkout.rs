@@ -47,7 +47,7 @@ async fn bad_input_is_22023_naming_the_field_and_writes_nothing() {
         ("metadata key", format!(r#"SELECT pay.begin_checkout('o', 100, 'usd', metadata => '{{"{long_key}":"v"}}')"#), "metadata"),
         ("metadata value", format!(r#"SELECT pay.begin_checkout('o', 100, 'usd', metadata => '{{"k":"{}"}}')"#, "v".repeat(501)), "metadata"),
         ("metadata reserved", r#"SELECT pay.begin_checkout('o', 100, 'usd', metadata => '{"pgpay_payment_id":"x"}')"#.into(), "metadata"),
-        ("too many keys", format!("SELECT pay.begin_checkout('o', 100, 'usd', metadata => (SELECT jsonb_object_agg('k' || i, 'v') FROM generate_series(1, 48) i))"), "metadata"),
+        ("too many keys", "SELECT pay.begin_checkout('o', 100, 'usd', metadata => (SELECT jsonb_object_agg('k' || i, 'v') FROM generate_series(1, 48) i))".to_string(), "metadata"),
         ("description", format!("SELECT pay.begin_checkout('o', 100, 'usd', description => '{}')", "d".repeat(1001)), "description"),
     ];
     for (name, sql, field) in cases {

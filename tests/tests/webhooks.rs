@@ -243,7 +243,7 @@ async fn sixteen_concurrent_deliveries_of_one_event_apply_exactly_once() {
     assert_eq!(
         count(
             &client,
-            &format!("SELECT count(*) FROM pay.audit_log WHERE evidence_id = 'evt_w2'")
+            "SELECT count(*) FROM pay.audit_log WHERE evidence_id = 'evt_w2'"
         )
         .await,
         1

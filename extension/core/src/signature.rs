@@ -224,7 +224,9 @@ mod tests {
         let body = r#"{"id":"evt_1"}"#;
         let good = sign_header(body.as_bytes(), SECRET, NOW);
         let sig = compute_v1(body.as_bytes(), SECRET, NOW);
-        let cases: Vec<(&str, String, i64, u32, Result<(), SignatureError>)> = vec![
+        /// name, header, now, tolerance, verdict
+        type Case = (&'static str, String, i64, u32, Result<(), SignatureError>);
+        let cases: Vec<Case> = vec![
             ("fresh", good.clone(), NOW, 300, Ok(())),
             ("at the edge", good.clone(), NOW + 300, 300, Ok(())),
             (
