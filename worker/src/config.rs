@@ -52,6 +52,13 @@ pub struct WorkerConfig {
     /// Idempotency-Key retention: it is looked up by metadata (and adopted, or re-keyed)
     /// instead of being re-sent blindly. Default 23 h: an hour of margin.
     pub key_retention_guard: Duration,
+    /// Reconcile on this schedule inside `run` (off: `None`). One replica at a time: the
+    /// others find the run lease taken and skip their turn.
+    pub reconcile_every: Option<Duration>,
+    /// The window of a scheduled reconciliation.
+    pub reconcile_window: Duration,
+    /// Refresh stuck payments (GET their PaymentIntent) this often (off: `None`).
+    pub refresh_stuck_every: Option<Duration>,
 }
 
 /// A configuration that cannot work. Messages name the setting, never its secret value.
@@ -192,6 +199,9 @@ impl WorkerConfig {
             retry: RetryPolicy::default(),
             listen_for_notifications: true,
             key_retention_guard: Duration::from_secs(23 * 3600),
+            reconcile_every: None,
+            reconcile_window: Duration::from_secs(48 * 3600),
+            refresh_stuck_every: Some(Duration::from_secs(300)),
         };
         Ok(cfg)
     }
@@ -293,11 +303,38 @@ impl WorkerConfig {
                 "must be between 1m and 24h (Stripe keeps keys for 24h)",
             ));
         }
+        if self
+            .reconcile_every
+            .is_some_and(|d| d < Duration::from_millis(100))
+        {
+            return Err(out_of_range(
+                "--reconcile-every",
+                "must be at least 100ms (or unset)",
+            ));
+        }
+        if !(Duration::from_secs(60)..=Duration::from_secs(400 * 86_400))
+            .contains(&self.reconcile_window)
+        {
+            return Err(out_of_range(
+                "--reconcile-window",
+                "must be between 1m and 400 days",
+            ));
+        }
+        if self
+            .refresh_stuck_every
+            .is_some_and(|d| d < Duration::from_millis(100))
+        {
+            return Err(out_of_range(
+                "--refresh-stuck-every",
+                "must be at least 100ms (or 0 to turn it off)",
+            ));
+        }
         Ok(())
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Parses `500ms`, `60s`, `2m`, `48h`, ... (humantime).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 1s, 60s, 2m)"))
 }
 
@@ -367,6 +404,30 @@ pub struct RunArgs {
     /// (Stripe forgets Idempotency-Keys after 24h).
     #[arg(long, env = "PGPAY_WORKER_KEY_RETENTION_GUARD", default_value = "23h", value_parser = parse_duration)]
     pub key_retention_guard: Duration,
+}
+
+/// The schedules of `pgpay-worker run` (reconciliation and stuck-payment refresh).
+#[derive(Clone, clap::Args)]
+pub struct ScheduleArgs {
+    /// Reconcile with Stripe this often inside `run` (off by default); one replica at a time.
+    #[arg(long, env = "PGPAY_WORKER_RECONCILE_EVERY", value_parser = parse_duration)]
+    pub reconcile_every: Option<Duration>,
+    /// Window of a scheduled reconciliation.
+    #[arg(long, env = "PGPAY_WORKER_RECONCILE_WINDOW", default_value = "48h", value_parser = parse_duration)]
+    pub reconcile_window: Duration,
+    /// Refresh stuck payments (pay.stuck_payments) from Stripe this often; 0 turns it off.
+    #[arg(long, env = "PGPAY_WORKER_REFRESH_STUCK_EVERY", default_value = "5m", value_parser = parse_duration)]
+    pub refresh_stuck_every: Duration,
+}
+
+impl ScheduleArgs {
+    /// Sets the schedule fields of `cfg` and validates it again.
+    pub fn apply(&self, cfg: &mut WorkerConfig) -> Result<(), ConfigError> {
+        cfg.reconcile_every = self.reconcile_every;
+        cfg.reconcile_window = self.reconcile_window;
+        cfg.refresh_stuck_every = Some(self.refresh_stuck_every).filter(|d| !d.is_zero());
+        cfg.validate()
+    }
 }
 
 impl RunArgs {

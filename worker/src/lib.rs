@@ -17,9 +17,12 @@ pub mod config;
 pub mod db;
 pub mod dispatcher;
 mod http;
+mod maintenance;
 pub mod metrics;
 pub mod ratelimit;
+pub mod reconcile;
 pub mod secret;
+pub mod status;
 pub mod stripe;
 
 use std::net::SocketAddr;
@@ -60,6 +63,9 @@ pub enum WorkerError {
     /// The HTTP server failed.
     #[error("HTTP server failed")]
     Http(#[source] std::io::Error),
+    /// A reconciliation failed.
+    #[error("reconciliation failed")]
+    Reconcile(#[from] reconcile::ReconcileError),
     /// A worker task panicked.
     #[error("worker task panicked")]
     Panicked(#[source] tokio::task::JoinError),
@@ -72,6 +78,7 @@ pub struct WorkerHandle {
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     dispatcher: JoinHandle<()>,
+    maintenance: Option<JoinHandle<()>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -108,11 +115,16 @@ impl WorkerHandle {
     /// Waits until the worker has stopped (after a shutdown request).
     pub async fn wait(self) -> Result<(), WorkerError> {
         let d = self.dispatcher.await;
+        let m = match self.maintenance {
+            Some(m) => m.await,
+            None => Ok(()),
+        };
         let h = match self.http {
             Some(h) => Some(h.await),
             None => None,
         };
         d.map_err(WorkerError::Panicked)?;
+        m.map_err(WorkerError::Panicked)?;
         match h {
             Some(Ok(Ok(()))) | None => Ok(()),
             Some(Ok(Err(e))) => Err(WorkerError::Http(e)),
@@ -127,7 +139,13 @@ impl WorkerHandle {
         if let Some(h) = &self.http {
             h.abort();
         }
+        if let Some(m) = &self.maintenance {
+            m.abort();
+        }
         let _ = self.dispatcher.await;
+        if let Some(m) = self.maintenance {
+            let _ = m.await;
+        }
         if let Some(h) = self.http {
             let _ = h.await;
         }
@@ -199,6 +217,9 @@ pub async fn start(
         stripe,
         metrics: metrics.clone(),
     });
+    let maintenance = (shared.cfg.reconcile_every.is_some()
+        || shared.cfg.refresh_stuck_every.is_some())
+    .then(|| tokio::spawn(maintenance::run(shared.clone(), cancel.clone())));
     let dispatcher = tokio::spawn(Dispatcher::new(shared, cancel.clone()).run());
     Ok(WorkerHandle {
         worker_id,
@@ -206,6 +227,7 @@ pub async fn start(
         metrics,
         cancel,
         dispatcher,
+        maintenance,
         http,
     })
 }

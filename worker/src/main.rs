@@ -1,18 +1,27 @@
 //! `pgpay-worker`: the sidecar that talks to Stripe for the database.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use pgpay_worker::classify::ErrorChain;
+use pgpay_worker::config::{parse_duration, ScheduleArgs};
+use pgpay_worker::reconcile::{Counts, Phase, ReconcileOptions, Report, Started};
 use pgpay_worker::{CancellationToken, RunArgs};
 use tracing_subscriber::EnvFilter;
+
+/// Exit codes beyond 0 (success) and 1 (failure, or something needs a human).
+const EXIT_CONFIG: u8 = 2;
+const EXIT_ALREADY_RUNNING: u8 = 3;
 
 #[derive(Parser)]
 #[command(
     name = "pgpay-worker",
     version,
-    about = "Drains the pgpay outbox to Stripe"
+    about = "Drains the pgpay outbox to Stripe, reconciles with Stripe's ledger, reports status"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,34 +31,78 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Send outbox commands to Stripe until SIGTERM/SIGINT.
-    Run(Box<RunArgs>),
+    Run(Box<RunCmd>),
+    /// Compare the database with Stripe's ledger for a window and repair or flag every
+    /// difference. Exit 0 when done, 1 on failure, 2 for bad settings, 3 when another
+    /// replica is reconciling.
+    Reconcile(Box<ReconcileCmd>),
+    /// Summarise pay.status_report(). Exit 0 when nothing needs a human, 1 otherwise.
+    Status(StatusCmd),
+}
+
+#[derive(clap::Args)]
+struct RunCmd {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
+}
+
+#[derive(clap::Args)]
+struct ReconcileCmd {
+    /// PaymentIntents and events created this long ago or later (e.g. 48h).
+    #[arg(long, value_parser = parse_duration)]
+    since: Duration,
+    /// Do everything in a transaction that is rolled back, and print what would change.
+    #[arg(long)]
+    dry_run: bool,
+    /// The run's lease (renewed after every page); another replica may take over after it.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    run_lease: Duration,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args)]
+struct StatusCmd {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Print the raw report (JSON) instead of the summary; the exit code is the same.
+    #[arg(long)]
+    json: bool,
+    /// A last reconciliation that finished longer ago than this needs a human.
+    #[arg(long, default_value = "50h", value_parser = parse_duration)]
+    reconcile_stale_after: Duration,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgpay-worker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match cli.command {
-        Command::Run(args) => {
-            let config = match args.into_config(std::env::var("STRIPE_SECRET_KEY").ok()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("pgpay-worker: {}", ErrorChain(&e));
-                    return ExitCode::from(2);
-                }
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
+        Command::Run(cmd) => {
+            let config = match cmd
+                .run
+                .into_config(std::env::var("STRIPE_SECRET_KEY").ok())
+                .and_then(|mut c| cmd.schedule.apply(&mut c).map(|()| c))
             {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("pgpay-worker: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
             };
             runtime.block_on(async {
                 let cancel = CancellationToken::new();
@@ -63,6 +116,191 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Reconcile(cmd) => runtime.block_on(reconcile(*cmd)),
+        Command::Status(cmd) => runtime.block_on(status(cmd)),
+    }
+}
+
+fn config_error(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("pgpay-worker: {}", ErrorChain(e));
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// Progress: a spinner on a terminal, a log line every 5 s otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last_log: Mutex<Instant>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Self {
+            bar,
+            last_log: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn update(&self, phase: Phase, c: &Counts) {
+        let line = match phase {
+            Phase::PaymentIntents => format!(
+                "PaymentIntents: {} pages, {} objects ({} applied, {} adopted, {} flagged, {} not ours)",
+                c.pages, c.objects, c.applied, c.adopted, c.flagged, c.not_ours
+            ),
+            Phase::Events => format!(
+                "events: {} pages, {} seen, {} replayed",
+                c.event_pages, c.events_seen, c.events_replayed
+            ),
+        };
+        match &self.bar {
+            Some(bar) => bar.set_message(line),
+            None => {
+                let mut last = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
+                if last.elapsed() >= Duration::from_secs(5) {
+                    *last = Instant::now();
+                    tracing::info!("reconcile progress: {line}");
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+async fn reconcile(cmd: ReconcileCmd) -> ExitCode {
+    let config = match cmd.run.into_config(std::env::var("STRIPE_SECRET_KEY").ok()) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let options = ReconcileOptions {
+        window: cmd.since,
+        dry_run: cmd.dry_run,
+        lease: cmd.run_lease,
+    };
+    let cancel = CancellationToken::new();
+    tokio::spawn(stop_on_signal(cancel.clone()));
+    let progress = Progress::new();
+    let result = pgpay_worker::reconcile::reconcile_with_config(
+        &config,
+        &options,
+        &cancel,
+        &|phase, counts| progress.update(phase, counts),
+    )
+    .await;
+    progress.finish();
+    match result {
+        Ok(Started::Ran(report)) => {
+            print!("{}", summary(&report));
+            ExitCode::SUCCESS
+        }
+        Ok(Started::AlreadyRunning) => {
+            eprintln!(
+                "pgpay-worker: another reconciliation is running (see pay.reconciliation_runs); not started"
+            );
+            ExitCode::from(EXIT_ALREADY_RUNNING)
+        }
+        Err(pgpay_worker::WorkerError::Config(e)) => config_error(&e),
+        Err(e) => {
+            eprintln!("pgpay-worker: reconciliation failed: {}", ErrorChain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn summary(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let c = &r.counts;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} #{} in {:.1}s: {} pages, {} PaymentIntents ({} applied, {} flagged, {} adopted, {} unchanged, {} ignored, {} not ours), {} events seen, {} replayed, {} missing at Stripe, {} new findings",
+        if r.dry_run { "dry run (rolled back; nothing changed)" } else { "reconciliation" },
+        r.run_id,
+        r.elapsed.as_secs_f64(),
+        c.pages + c.event_pages,
+        c.objects,
+        c.applied,
+        c.flagged,
+        c.adopted,
+        c.unchanged,
+        c.ignored,
+        c.not_ours,
+        c.events_seen,
+        c.events_replayed,
+        c.missing_at_stripe,
+        c.findings,
+    );
+    if r.dry_run {
+        if !r.changes.is_empty() {
+            let _ = writeln!(s, "would change:");
+            for ch in &r.changes {
+                let _ = writeln!(
+                    s,
+                    "  {} {} payment {} (Stripe: {})",
+                    ch.outcome,
+                    ch.stripe_object_id,
+                    ch.payment_id.as_deref().unwrap_or("-"),
+                    ch.detail.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        if !r.findings.is_empty() {
+            let _ = writeln!(s, "would record findings:");
+            for f in &r.findings {
+                let _ = writeln!(
+                    s,
+                    "  {} payment {} {}: expected {}, actual {}",
+                    f.kind,
+                    f.payment_id.as_deref().unwrap_or("-"),
+                    f.stripe_object_id.as_deref().unwrap_or("-"),
+                    f.expected.as_deref().unwrap_or("-"),
+                    f.actual.as_deref().unwrap_or("-")
+                );
+            }
+        }
+    }
+    s
+}
+
+async fn status(cmd: StatusCmd) -> ExitCode {
+    let pg: pgpay_worker::reconcile::Config = match cmd.database_url.parse() {
+        Ok(c) => c,
+        Err(e) => return config_error(&pgpay_worker::ConfigError::DatabaseUrl(e)),
+    };
+    let result = async {
+        let client = pgpay_worker::reconcile::connect(&pg).await?;
+        pgpay_worker::status::read(&client).await.map_err(|source| {
+            pgpay_worker::reconcile::ReconcileError::Db {
+                op: "status_report",
+                source,
+            }
+        })
+    }
+    .await;
+    let status = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pgpay-worker: cannot read the status: {}", ErrorChain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    if cmd.json {
+        println!("{:#}", status.report);
+    } else {
+        print!("{}", status.render(cmd.reconcile_stale_after));
+    }
+    if status.problems(cmd.reconcile_stale_after).is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -1,0 +1,107 @@
+//! The schedules inside `run`: reconciliation every `--reconcile-every` (one replica at a
+//! time, by the SQL run lease) and the refresh of stuck payments every
+//! `--refresh-stuck-every`. Both share the dispatcher's Stripe client and rate limiter, so
+//! together they stay under the limit; both stop at shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::classify::ErrorChain;
+use crate::dispatcher::Shared;
+use crate::reconcile::{self, ReconcileError, ReconcileOptions, Started, StripeReader};
+
+/// Stuck payments refreshed per round (each is one GET).
+const REFRESH_BATCH: i64 = 100;
+
+fn ticker(every: Option<Duration>) -> Option<tokio::time::Interval> {
+    every.map(|d| {
+        let mut i = tokio::time::interval(d);
+        i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        i
+    })
+}
+
+async fn tick(t: &mut Option<tokio::time::Interval>) {
+    match t {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+    let cfg = &shared.cfg;
+    let mut reconcile_tick = ticker(cfg.reconcile_every);
+    let mut refresh_tick = ticker(cfg.refresh_stuck_every);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = tick(&mut reconcile_tick) => scheduled_reconcile(&shared, &cancel).await,
+            _ = tick(&mut refresh_tick) => refresh(&shared, &cancel).await,
+        }
+    }
+    debug!("maintenance stopped");
+}
+
+fn reader<'a>(shared: &'a Shared, cancel: &'a CancellationToken) -> StripeReader<'a> {
+    StripeReader {
+        stripe: &shared.stripe,
+        limiter: &shared.limiter,
+        retry: &shared.cfg.retry,
+        cancel,
+    }
+}
+
+async fn scheduled_reconcile(shared: &Shared, cancel: &CancellationToken) {
+    let result = async {
+        let client = reconcile::connect(&shared.cfg.database).await?;
+        reconcile::reconcile(
+            &client,
+            &reader(shared, cancel),
+            &shared.cfg.worker_id,
+            &ReconcileOptions::new(shared.cfg.reconcile_window),
+            &|_, _| {},
+        )
+        .await
+    }
+    .await;
+    match result {
+        Ok(Started::Ran(_)) => {}
+        Ok(Started::AlreadyRunning) => {
+            debug!("another replica is reconciling; skipping this turn")
+        }
+        Err(ReconcileError::Canceled) => info!("reconciliation canceled at shutdown"),
+        Err(e) => {
+            shared.metrics.db_error("reconcile");
+            warn!(error = %ErrorChain(&e), "scheduled reconciliation failed");
+        }
+    }
+}
+
+async fn refresh(shared: &Shared, cancel: &CancellationToken) {
+    let result = async {
+        let client = reconcile::connect(&shared.cfg.database).await?;
+        reconcile::refresh_stuck(&client, &reader(shared, cancel), REFRESH_BATCH).await
+    }
+    .await;
+    match result {
+        Ok(r) if r.looked_up > 0 => info!(
+            looked_up = r.looked_up,
+            applied = r.applied,
+            missing = r.missing,
+            "refreshed stuck payments"
+        ),
+        Ok(_) => {}
+        Err(ReconcileError::Canceled) => {}
+        Err(e) => {
+            shared.metrics.db_error("refresh_stuck");
+            warn!(error = %ErrorChain(&e), "refreshing stuck payments failed");
+        }
+    }
+}
