@@ -39,3 +39,38 @@ pub fn event(id: &str, event_type: &str, created: i64, object: Value) -> String 
     }))
     .expect("json")
 }
+
+/// Plays the worker for one payment's create command: takes exactly that command in flight and
+/// records Stripe's answer, a PaymentIntent `intent_id` in `status` for the payment's own amount
+/// and currency. Returns what `pay.complete_outbox` answered.
+pub async fn answer_create(
+    client: &tokio_postgres::Client,
+    payment: uuid::Uuid,
+    intent_id: &str,
+    status: &str,
+) -> bool {
+    let row = client
+        .query_one(
+            "UPDATE pay.outbox o
+             SET status = 'in_flight', lease_owner = 'test-worker', lease_expires = now() + interval '1 minute',
+                 attempts = o.attempts + 1, first_attempt_at = coalesce(o.first_attempt_at, now())
+             FROM pay.payments p
+             WHERE o.payment_id = $1 AND o.kind = 'create_payment_intent' AND p.id = o.payment_id
+               AND o.status IN ('pending', 'in_flight')
+             RETURNING o.id, o.attempts, p.amount, p.currency",
+            &[&payment],
+        )
+        .await
+        .expect("the payment has a create command to answer");
+    let (command, attempt, amount, currency): (i64, i32, i64, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let answer = payment_intent(intent_id, &payment.to_string(), amount, &currency, status);
+    client
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&command, &attempt, &answer],
+        )
+        .await
+        .expect("complete_outbox")
+        .get(0)
+}

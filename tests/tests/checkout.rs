@@ -341,22 +341,7 @@ async fn a_paid_order_refuses_a_new_checkout() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let id = checkout(&client, "order-4", 700, "gbp").await.unwrap();
-    let claimed = client
-        .query("SELECT id, attempts FROM pay.claim_outbox('w')", &[])
-        .await
-        .unwrap();
-    let intent = fixtures::payment_intent("pi_paid", &id.to_string(), 700, "gbp", "succeeded");
-    client
-        .query_one(
-            "SELECT pay.complete_outbox($1, $2, 200, $3)",
-            &[
-                &claimed[0].get::<_, i64>(0),
-                &claimed[0].get::<_, i32>(1),
-                &intent,
-            ],
-        )
-        .await
-        .unwrap();
+    assert!(fixtures::answer_create(&client, id, "pi_paid", "succeeded").await);
     let err = checkout(&client, "order-4", 800, "gbp").await.unwrap_err();
     assert_eq!(sqlstate(&err), Some("55000"));
     assert!(err

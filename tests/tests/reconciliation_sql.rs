@@ -238,28 +238,7 @@ async fn api_events_replay_through_the_webhook_dedup() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let payment = checkout(&client, "r-4", 700).await;
-    let claimed = client
-        .query("SELECT id, attempts FROM pay.claim_outbox('w')", &[])
-        .await
-        .unwrap();
-    let intent = fixtures::payment_intent(
-        "pi_r4",
-        &payment.to_string(),
-        700,
-        "usd",
-        "requires_payment_method",
-    );
-    client
-        .query_one(
-            "SELECT pay.complete_outbox($1, $2, 200, $3)",
-            &[
-                &claimed[0].get::<_, i64>(0),
-                &claimed[0].get::<_, i32>(1),
-                &intent,
-            ],
-        )
-        .await
-        .unwrap();
+    assert!(fixtures::answer_create(&client, payment, "pi_r4", "requires_payment_method").await);
     let event: Value = serde_json::from_str(&fixtures::event(
         "evt_api",
         "payment_intent.succeeded",
@@ -411,28 +390,7 @@ async fn payments_stripe_does_not_list_are_findings() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let payment = checkout(&client, "r-6", 300).await;
-    let claimed = client
-        .query("SELECT id, attempts FROM pay.claim_outbox('w')", &[])
-        .await
-        .unwrap();
-    let intent = fixtures::payment_intent(
-        "pi_gone",
-        &payment.to_string(),
-        300,
-        "usd",
-        "requires_payment_method",
-    );
-    client
-        .query_one(
-            "SELECT pay.complete_outbox($1, $2, 200, $3)",
-            &[
-                &claimed[0].get::<_, i64>(0),
-                &claimed[0].get::<_, i32>(1),
-                &intent,
-            ],
-        )
-        .await
-        .unwrap();
+    assert!(fixtures::answer_create(&client, payment, "pi_gone", "requires_payment_method").await);
     client
         .batch_execute("UPDATE pay.payments SET created_at = now() - interval '2 hours'")
         .await

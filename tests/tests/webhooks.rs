@@ -59,36 +59,7 @@ async fn payment_with_intent(client: &Client, order: &str, amount: i64, intent: 
         .await
         .unwrap()
         .get(0);
-    let command = client
-        .query_one(
-            "SELECT id, attempts FROM pay.outbox WHERE payment_id = $1",
-            &[&id],
-        )
-        .await
-        .unwrap();
-    let claimed = client
-        .query("SELECT id, attempts FROM pay.claim_outbox('w', 1000)", &[])
-        .await
-        .unwrap();
-    let mine = claimed
-        .iter()
-        .find(|r| r.get::<_, i64>(0) == command.get::<_, i64>(0))
-        .expect("claimed");
-    let answer = fixtures::payment_intent(
-        intent,
-        &id.to_string(),
-        amount,
-        "usd",
-        "requires_payment_method",
-    );
-    let ok: bool = client
-        .query_one(
-            "SELECT pay.complete_outbox($1, $2, 200, $3)",
-            &[&mine.get::<_, i64>(0), &mine.get::<_, i32>(1), &answer],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ok = fixtures::answer_create(client, id, intent, "requires_payment_method").await;
     assert!(ok);
     id
 }
