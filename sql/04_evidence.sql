@@ -103,26 +103,24 @@ BEGIN
         IF v_error IS NULL OR v_error = 'null' THEN
             v_error := v.last_error;
         END IF;
-        WITH moved AS (
-            UPDATE pay.payments p
-            SET status = v_proposed::pay.payment_status,
-                status_evidence_at = p_evidence_at,
-                amount_received = greatest(p.amount_received, v_received),
-                last_error = v_error,
-                flagged_reason = coalesce('success not fulfilled: ' || v_mismatch, p.flagged_reason),
-                updated_at = now()
-            WHERE p.id = v.id
-            RETURNING p.id, p.order_ref, p.status
-        ), audited AS (
+        UPDATE pay.payments p
+        SET status = v_proposed::pay.payment_status,
+            status_evidence_at = p_evidence_at,
+            amount_received = greatest(p.amount_received, v_received),
+            last_error = v_error,
+            flagged_reason = coalesce('success not fulfilled: ' || v_mismatch, p.flagged_reason),
+            updated_at = now()
+        WHERE p.id = v.id;
+        INSERT INTO pay.audit_log (payment_id, from_status, to_status, cause, evidence_id)
+        VALUES (v.id, v.status, v_proposed::pay.payment_status, p_cause, p_evidence_id);
+        IF v_mismatch IS NOT NULL THEN
             INSERT INTO pay.audit_log (payment_id, from_status, to_status, cause, evidence_id)
-            SELECT m.id, v.status, m.status, p_cause, p_evidence_id FROM moved m
-            UNION ALL
-            SELECT m.id, m.status, m.status, 'flagged, not fulfilled: ' || v_mismatch, p_evidence_id
-            FROM moved m WHERE v_mismatch IS NOT NULL
-        )
-        -- Exactly one fulfillment per success, in the transaction of the transition (invariant 5).
-        INSERT INTO pay.fulfillments (payment_id, order_ref)
-        SELECT m.id, m.order_ref FROM moved m WHERE m.status = 'succeeded' AND v_mismatch IS NULL;
+            VALUES (v.id, v_proposed::pay.payment_status, v_proposed::pay.payment_status,
+                    'flagged, not fulfilled: ' || v_mismatch, p_evidence_id);
+        ELSIF v_proposed = 'succeeded' THEN
+            -- Exactly one fulfillment per success, in the transaction of the transition (invariant 5).
+            INSERT INTO pay.fulfillments (payment_id, order_ref) VALUES (v.id, v.order_ref);
+        END IF;
         RETURN CASE WHEN v_mismatch IS NULL THEN 'applied' ELSE 'flagged' END;
     ELSIF v_decision = 'unchanged' THEN
         IF v_error IS NOT NULL AND v_error <> 'null' AND v_error IS DISTINCT FROM v.last_error THEN

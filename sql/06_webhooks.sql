@@ -123,19 +123,34 @@ BEGIN
 END;
 $$;
 
--- The payment a Stripe event concerns, or NULL (an unknown type, or an object that is not ours).
-CREATE FUNCTION pay._payment_for_event(p_event jsonb) RETURNS uuid
-LANGUAGE plpgsql STABLE
+-- Finds and locks the payment a Stripe event concerns, in one statement on the common path (by
+-- PaymentIntent id), falling back to our metadata. Returns a row of NULLs when the event concerns
+-- no pgpay payment (an unknown type, or an object that is not ours).
+CREATE FUNCTION pay._lock_payment_for_event(p_event jsonb) RETURNS pay.payments
+LANGUAGE plpgsql
 AS $$
 DECLARE
     v_object jsonb := p_event #> '{data,object}';
+    v_intent text;
+    v_claimed text;
+    v pay.payments;
 BEGIN
-    RETURN CASE v_object ->> 'object'
-        WHEN 'payment_intent' THEN pay._payment_for_intent(v_object ->> 'id', v_object -> 'metadata')
-        WHEN 'refund' THEN pay._payment_for_intent(v_object ->> 'payment_intent', v_object -> 'metadata')
-        WHEN 'charge' THEN pay._payment_for_intent(v_object ->> 'payment_intent', v_object -> 'metadata')
-        WHEN 'dispute' THEN pay._payment_for_intent(v_object ->> 'payment_intent', v_object -> 'metadata')
-    END;
+    CASE v_object ->> 'object'
+        WHEN 'payment_intent' THEN v_intent := v_object ->> 'id';
+        WHEN 'refund', 'charge', 'dispute' THEN v_intent := v_object ->> 'payment_intent';
+        ELSE RETURN v;
+    END CASE;
+    IF v_intent IS NOT NULL THEN
+        SELECT * INTO v FROM pay.payments p WHERE p.stripe_payment_intent_id = v_intent FOR NO KEY UPDATE;
+        IF FOUND THEN
+            RETURN v;
+        END IF;
+    END IF;
+    v_claimed := v_object #>> '{metadata,pgpay_payment_id}';
+    IF v_claimed ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+        SELECT * INTO v FROM pay.payments p WHERE p.id = v_claimed::uuid FOR NO KEY UPDATE;
+    END IF;
+    RETURN v;
 END;
 $$;
 
@@ -202,16 +217,16 @@ DECLARE
     v_payment pay.payments;
     v_applied record;
 BEGIN
-    payment_id := pay._payment_for_event(p_event);
+    v_payment := pay._lock_payment_for_event(p_event);
+    payment_id := v_payment.id;
     IF payment_id IS NOT NULL THEN
-        v_payment := pay._lock_payment(payment_id);
         IF EXISTS (SELECT 1 FROM pay.webhook_events e WHERE e.event_id = v_event_id) THEN
             PERFORM pay._count_duplicate(v_event_id);
             outcome := NULL;
             payment_id := NULL;
             RETURN;
         END IF;
-        SELECT * INTO v_applied FROM pay._apply_event(p_event, v_payment);
+        v_applied := pay._apply_event(p_event, v_payment);
         outcome := v_applied.outcome;
         detail := v_applied.detail;
     ELSE
@@ -294,7 +309,7 @@ BEGIN
         RETURN QUERY SELECT 'rejected'::text, 400, NULL::text, 'not_an_event: signed, but not a Stripe event object'::text;
         RETURN;
     END IF;
-    SELECT * INTO v_result FROM pay._store_and_apply_event(payload, v_event, 'webhook');
+    v_result := pay._store_and_apply_event(payload, v_event, 'webhook');
     IF v_result.outcome IS NULL THEN
         RETURN QUERY SELECT 'duplicate'::text, 200, v_event_id, 'already received'::text;
     ELSIF v_result.outcome = 'stored' THEN

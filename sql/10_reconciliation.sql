@@ -269,7 +269,7 @@ BEGIN
        OR event ->> 'id' IS NULL OR event ->> 'type' IS NULL THEN
         RAISE EXCEPTION 'apply_stripe_event: not a Stripe event object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO v FROM pay._store_and_apply_event(event::text, event, 'api');
+    v := pay._store_and_apply_event(event::text, event, 'api');
     RETURN QUERY SELECT CASE WHEN v.outcome IS NULL THEN 'duplicate' WHEN v.outcome = 'stored' THEN 'stored' ELSE 'applied' END,
                         event ->> 'id', v.detail;
 END;

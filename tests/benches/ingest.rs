@@ -152,8 +152,10 @@ async fn seed_payments(client: &Client, prefix: &str, count: usize) -> Vec<(Stri
     client
         .query(
             "WITH o AS (INSERT INTO pay.orders (order_ref) SELECT $1 || '-' || g FROM generate_series(1, $2::int) g RETURNING order_ref)
-             INSERT INTO pay.payments (order_ref, attempt, amount, currency, status, stripe_payment_intent_id, params_fingerprint, status_evidence_at)
-             SELECT order_ref, 1, 1999, 'usd', 'requires_payment_method', 'pi_' || replace(order_ref, '-', '_'), 'bench', 0 FROM o
+             INSERT INTO pay.payments (order_ref, attempt, amount, currency, status, stripe_payment_intent_id,
+                                       client_secret, params_fingerprint, status_evidence_at)
+             SELECT order_ref, 1, 1999, 'usd', 'requires_payment_method', 'pi_' || replace(order_ref, '-', '_'),
+                    'pi_' || replace(order_ref, '-', '_') || '_secret_bench', 'bench', 0 FROM o
              RETURNING stripe_payment_intent_id, id::text",
             &[&prefix, &(count as i32)],
         )
