@@ -61,18 +61,29 @@ DECLARE
     v_mismatch text;
     v_received bigint;
     v_error jsonb := p_intent -> 'last_payment_error';
+    v_recorded boolean := false;
 BEGIN
     IF v_intent_id IS NULL OR v_proposed IS NULL OR p_intent ->> 'object' IS DISTINCT FROM 'payment_intent' THEN
         RAISE EXCEPTION 'evidence for payment % is not a PaymentIntent object', v.id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
+    v_decision := pay._transition(v.status::text, v.status_evidence_at, v_proposed, p_evidence_at);
+
     IF v.stripe_payment_intent_id IS NULL THEN
-        UPDATE pay.payments p
-        SET stripe_payment_intent_id = v_intent_id, client_secret = p_intent ->> 'client_secret', updated_at = now()
-        WHERE p.id = v.id;
-        PERFORM pay._audit(v.id, v.status, v.status, 'PaymentIntent ' || v_intent_id || ' recorded (' || p_cause || ')', p_evidence_id);
+        -- The first word about this payment's PaymentIntent. When it also moves the status (the
+        -- create answer, usually) one UPDATE and one audit row record both: every UPDATE here
+        -- rewrites all of the payment's indexes.
         PERFORM pay._release_waiting_commands(v.id, v_intent_id);
+        IF v_decision = 'apply' THEN
+            v_recorded := true;
+        ELSE
+            UPDATE pay.payments p
+            SET stripe_payment_intent_id = v_intent_id, client_secret = p_intent ->> 'client_secret', updated_at = now()
+            WHERE p.id = v.id;
+            PERFORM pay._audit(v.id, v.status, v.status,
+                'PaymentIntent ' || v_intent_id || ' recorded (' || p_cause || ')', p_evidence_id);
+        END IF;
         v.stripe_payment_intent_id := v_intent_id;
     ELSIF v.stripe_payment_intent_id <> v_intent_id THEN
         -- Never let a second PaymentIntent speak for a payment (invariant 1): keep it for a human.
@@ -86,7 +97,6 @@ BEGIN
         UPDATE pay.payments p SET client_secret = p_intent ->> 'client_secret', updated_at = now() WHERE p.id = v.id;
     END IF;
 
-    v_decision := pay._transition(v.status::text, v.status_evidence_at, v_proposed, p_evidence_at);
     v_received := coalesce((p_intent ->> 'amount_received')::bigint, 0);
 
     IF v_decision = 'apply' THEN
@@ -105,6 +115,8 @@ BEGIN
         END IF;
         UPDATE pay.payments p
         SET status = v_proposed::pay.payment_status,
+            stripe_payment_intent_id = v_intent_id,
+            client_secret = coalesce(p.client_secret, p_intent ->> 'client_secret'),
             status_evidence_at = p_evidence_at,
             amount_received = greatest(p.amount_received, v_received),
             last_error = v_error,
@@ -112,7 +124,9 @@ BEGIN
             updated_at = now()
         WHERE p.id = v.id;
         INSERT INTO pay.audit_log (payment_id, from_status, to_status, cause, evidence_id)
-        VALUES (v.id, v.status, v_proposed::pay.payment_status, p_cause, p_evidence_id);
+        VALUES (v.id, v.status, v_proposed::pay.payment_status,
+                CASE WHEN v_recorded THEN p_cause || ' (PaymentIntent ' || v_intent_id || ' recorded)' ELSE p_cause END,
+                p_evidence_id);
         IF v_mismatch IS NOT NULL THEN
             INSERT INTO pay.audit_log (payment_id, from_status, to_status, cause, evidence_id)
             VALUES (v.id, v_proposed::pay.payment_status, v_proposed::pay.payment_status,
