@@ -5,6 +5,33 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 -- jsonb's text form keeps every digit of a number; pgpay-core canonicalises it (RFC 8785 style).
 AS $$ SELECT pay._idempotency_key_of_text(scope, parts::text) $$;
 
+-- Withdraws a payment's request for a PaymentIntent. A create that was never sent is skipped:
+-- nothing exists at Stripe. Otherwise a cancel is queued (it waits for the PaymentIntent id if the
+-- create is still on its way). Returns true when nothing was ever sent.
+CREATE FUNCTION pay._withdraw_payment_intent(p_payment_id uuid, p_why text, p_cancellation_reason text)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_create pay.outbox;
+BEGIN
+    SELECT * INTO v_create FROM pay.outbox o
+    WHERE o.payment_id = p_payment_id AND o.kind = 'create_payment_intent' FOR UPDATE;
+    IF v_create.status = 'pending' AND v_create.attempts = 0 THEN
+        UPDATE pay.outbox o SET status = 'skipped', last_error = p_why, completed_at = now(), updated_at = now()
+        WHERE o.id = v_create.id;
+        RETURN true;
+    END IF;
+    IF v_create.status IS DISTINCT FROM 'dead' THEN
+        PERFORM pay._enqueue(p_payment_id, 'cancel_payment_intent',
+            pay.idempotency_key('pgpay.pi_cancel', jsonb_build_object('payment_id', p_payment_id)),
+            'POST', '/v1/payment_intents/{payment_intent}/cancel',
+            jsonb_build_object('cancellation_reason', p_cancellation_reason));
+    END IF;
+    RETURN false;
+END;
+$$;
+
 CREATE FUNCTION pay.begin_checkout(
     order_ref text,
     amount bigint,
@@ -23,7 +50,6 @@ DECLARE
     v_fingerprint text;
     v_latest pay.payments;
     v_paid pay.payments;
-    v_create pay.outbox;
     v_new pay.payments;
     v_attempt int;
     v_params jsonb;
@@ -74,19 +100,7 @@ BEGIN
         WHERE p.id = v_latest.id;
         PERFORM pay._audit(v_latest.id, v_latest.status, 'superseded',
             'parameters changed: superseded by attempt ' || v_attempt, v_new.id::text);
-        SELECT * INTO v_create FROM pay.outbox o
-        WHERE o.payment_id = v_latest.id AND o.kind = 'create_payment_intent' FOR UPDATE;
-        IF v_create.status = 'pending' AND v_create.attempts = 0 THEN
-            -- Never sent: nothing exists at Stripe to cancel.
-            UPDATE pay.outbox o SET status = 'skipped', last_error = 'payment superseded before it was sent',
-                completed_at = now(), updated_at = now()
-            WHERE o.id = v_create.id;
-        ELSIF v_create.status IS DISTINCT FROM 'dead' THEN
-            PERFORM pay._enqueue(v_latest.id, 'cancel_payment_intent',
-                pay.idempotency_key('pgpay.pi_cancel', jsonb_build_object('payment_id', v_latest.id)),
-                'POST', '/v1/payment_intents/{payment_intent}/cancel',
-                jsonb_build_object('cancellation_reason', 'abandoned'));
-        END IF;
+        PERFORM pay._withdraw_payment_intent(v_latest.id, 'payment superseded before it was sent', 'abandoned');
     END IF;
 
     INSERT INTO pay.payments (id, order_ref, attempt, amount, currency, customer_ref, metadata, description, params_fingerprint)
@@ -122,7 +136,6 @@ SET search_path = pg_catalog, pay, pg_temp
 AS $$
 DECLARE
     v pay.payments;
-    v_create pay.outbox;
 BEGIN
     SELECT * INTO v FROM pay.payments p WHERE p.id = cancel_checkout.payment_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -135,21 +148,11 @@ BEGIN
     IF v.status IN ('canceled', 'create_failed', 'superseded') THEN
         RETURN v;  -- nothing left to cancel
     END IF;
-    SELECT * INTO v_create FROM pay.outbox o
-    WHERE o.payment_id = v.id AND o.kind = 'create_payment_intent' FOR UPDATE;
-    IF v_create.status = 'pending' AND v_create.attempts = 0 THEN
-        UPDATE pay.outbox o SET status = 'skipped', last_error = 'checkout canceled before it was sent',
-            completed_at = now(), updated_at = now()
-        WHERE o.id = v_create.id;
+    IF pay._withdraw_payment_intent(v.id, 'checkout canceled before it was sent', 'requested_by_customer') THEN
         UPDATE pay.payments p SET status = 'canceled', updated_at = now() WHERE p.id = v.id RETURNING * INTO v;
         PERFORM pay._audit(v.id, 'creating', 'canceled', 'checkout canceled before the PaymentIntent was requested');
-        RETURN v;
     END IF;
-    -- Stripe decides: the status changes when the cancel's answer (or its webhook) arrives.
-    PERFORM pay._enqueue(v.id, 'cancel_payment_intent',
-        pay.idempotency_key('pgpay.pi_cancel', jsonb_build_object('payment_id', v.id)),
-        'POST', '/v1/payment_intents/{payment_intent}/cancel',
-        jsonb_build_object('cancellation_reason', 'requested_by_customer'));
+    -- Otherwise Stripe decides: the status changes when the cancel's answer (or its webhook) arrives.
     RETURN v;
 END;
 $$;
