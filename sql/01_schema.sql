@@ -106,7 +106,10 @@ CREATE UNIQUE INDEX outbox_one_create_per_payment ON pay.outbox (payment_id)
     WHERE kind = 'create_payment_intent';
 CREATE INDEX outbox_due ON pay.outbox (run_after, id) WHERE status = 'pending';
 CREATE INDEX outbox_leases ON pay.outbox (lease_expires) WHERE status = 'in_flight';
-CREATE INDEX outbox_by_payment ON pay.outbox (payment_id);
+-- Open commands by payment (waiting commands to release, stuck payments' open work). Finished
+-- commands leave it, so completing a command rewrites one index fewer.
+CREATE INDEX outbox_open_by_payment ON pay.outbox (payment_id) WHERE status IN ('waiting', 'pending', 'in_flight');
+CREATE INDEX outbox_refunds_by_payment ON pay.outbox (payment_id) WHERE kind = 'refund';
 
 CREATE TABLE pay.audit_log (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

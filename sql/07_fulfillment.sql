@@ -85,7 +85,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT coalesce(sum((o.request #>> '{params,amount}')::bigint), 0) INTO v_in_flight
-    FROM pay.outbox o WHERE o.payment_id = v.id AND o.kind = 'refund' AND o.status NOT IN ('done', 'dead', 'skipped');
+    FROM pay.outbox o WHERE o.payment_id = v.id AND o.kind = 'refund' AND o.status IN ('waiting', 'pending', 'in_flight');
     SELECT count(*) INTO v_ordinal FROM pay.outbox o WHERE o.payment_id = v.id AND o.kind = 'refund';
     v_refundable := greatest(v.amount_received, v.amount) - v.amount_refunded - v_in_flight;
     v_amount := coalesce(amount, v_refundable);
