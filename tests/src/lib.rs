@@ -132,3 +132,12 @@ where
 pub fn sqlstate(error: &tokio_postgres::Error) -> Option<&str> {
     error.code().map(|code| code.code())
 }
+
+/// The single bigint a counting query returns (`SELECT count(*) ...`).
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}

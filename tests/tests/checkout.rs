@@ -2,14 +2,10 @@
 
 use std::time::Duration;
 
-use pgpay_tests::{fixtures, sqlstate, TestDb};
+use pgpay_tests::{count, fixtures, sqlstate, TestDb};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 use uuid::Uuid;
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
-}
 
 async fn checkout(
     client: &Client,

@@ -1,7 +1,7 @@
 //! The SQL side of reconciliation: objects and events read from Stripe's API go through the same
 //! transition rule; differences become findings, once.
 
-use pgpay_tests::{fixtures, sqlstate, TestDb};
+use pgpay_tests::{count, fixtures, sqlstate, TestDb};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -39,10 +39,6 @@ async fn findings(client: &Client) -> Vec<(String, Option<String>, Option<String
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use pgpay_tests::stripe_sdk::{self, sign_now, unix_now, ToSign};
-use pgpay_tests::{fixtures, sqlstate, TestDb};
+use pgpay_tests::{count, fixtures, sqlstate, TestDb};
 use serde_json::json;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -73,10 +73,6 @@ async fn status_of(client: &Client, id: Uuid) -> String {
         .await
         .unwrap()
         .get(0)
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 fn intent_event(
