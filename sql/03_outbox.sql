@@ -177,7 +177,7 @@ BEGIN
             PERFORM pay._apply_refund_answer(v_command.payment_id, response,
                 'outbox:' || v_command.id || '#' || v_command.attempts);
         ELSE
-            -- outbox_kind_known makes this unreachable; say so loudly if the two ever disagree.
+            -- The domain pay.outbox_kind makes this unreachable; say so loudly if the two ever disagree.
             RAISE EXCEPTION 'complete_outbox: no handler for command kind %', v_command.kind
                 USING ERRCODE = 'internal_error';
     END CASE;

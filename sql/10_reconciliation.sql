@@ -216,8 +216,8 @@ BEGIN
     IF v_currency IS DISTINCT FROM v.currency THEN
         PERFORM pay._record_finding(p_run_id, 'currency_drift', v.id, v_id, v.currency, v_currency, NULL);
     END IF;
-    v_result := pay._apply_payment_intent_locked(v, p_object, p_source, p_source || ':' || v_id,
-                                                 floor(extract(epoch FROM now()))::bigint);
+    v_result := pay._apply_payment_intent(v.id, p_object, p_source, p_source || ':' || v_id,
+                                          floor(extract(epoch FROM now()))::bigint);
     IF v_result IN ('applied', 'flagged') AND v_status IS DISTINCT FROM v_before::text AND NOT v_adopted THEN
         PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v_status,
             'missed by webhooks; fixed from the API');
@@ -269,7 +269,7 @@ BEGIN
        OR event ->> 'id' IS NULL OR event ->> 'type' IS NULL THEN
         RAISE EXCEPTION 'apply_stripe_event: not a Stripe event object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v := pay._store_and_apply_event(event::text, event, 'api');
+    SELECT * INTO v FROM pay._store_and_apply_event(event::text, 'api');
     RETURN QUERY SELECT CASE WHEN v.outcome IS NULL THEN 'duplicate' WHEN v.outcome = 'stored' THEN 'stored' ELSE 'applied' END,
                         event ->> 'id', v.detail;
 END;

@@ -1,6 +1,7 @@
 //! The one place where Rust errors become Postgres errors, each with an explicit SQLSTATE (a bare
 //! `Err` from pgrx would surface as a vague 22000/XX000).
 
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use std::fmt::Display;
 
@@ -12,4 +13,22 @@ pub fn raise_invalid_parameter(message: impl Display) -> ! {
         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
         message.to_string()
     );
+}
+
+/// Raises SQLSTATE XX000 (internal_error): pgpay itself failed (a statement it runs could not be
+/// prepared or read). The caller answers 5xx; Stripe and the worker retry.
+pub fn raise_internal(message: impl Display) -> ! {
+    ereport!(
+        ERROR,
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("pgpay: {message}")
+    );
+}
+
+/// Raises `code` with `message` and a hint for the DBA.
+pub fn raise_with_hint(code: PgSqlErrorCode, message: impl Display, hint: &str) -> ! {
+    ErrorReport::new(code, message.to_string(), "pgpay")
+        .set_hint(hint)
+        .report(PgLogLevel::ERROR);
+    unreachable!("an ERROR report does not return")
 }

@@ -5,11 +5,13 @@
 
 use pgrx::prelude::*;
 
+mod apply_intent;
 mod checkout;
 mod errors;
 mod keys;
+mod plans;
 mod signature;
-mod transition;
+mod webhook;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -28,7 +30,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/04_evidence.sql",
     name = "evidence",
-    requires = ["outbox", transition::transition]
+    requires = ["outbox"]
 );
 extension_sql_file!(
     "../../sql/05_checkout.sql",
@@ -42,7 +44,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/06_webhooks.sql",
     name = "webhooks",
-    requires = ["checkout", signature::stripe_signature_failure]
+    requires = ["checkout"]
 );
 extension_sql_file!(
     "../../sql/07_fulfillment.sql",

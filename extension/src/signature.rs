@@ -1,6 +1,6 @@
 //! Stripe webhook signature checks. The parser and verifier live in `pgpay_core::signature`.
 
-use pgpay_core::signature::{verify, verify_any, Tolerance};
+use pgpay_core::signature::{verify, Tolerance};
 use pgrx::prelude::*;
 
 use crate::errors::raise_invalid_parameter;
@@ -28,28 +28,6 @@ fn verify_stripe_signature(
         )
         .is_ok(),
     )
-}
-
-/// Why a delivery fails against every one of `secrets`, or NULL when one of them verifies it.
-/// Used by `pay.ingest_webhook`, which passes the live secrets it read itself.
-#[pg_extern(immutable, parallel_safe, name = "_stripe_signature_failure")]
-fn stripe_signature_failure(
-    payload: &str,
-    header: Option<&str>,
-    secrets: Vec<String>,
-    tolerance_s: i32,
-    now_unix: i64,
-) -> Option<&'static str> {
-    let header = header.unwrap_or("");
-    verify_any(
-        payload.as_bytes(),
-        header,
-        &secrets,
-        tolerance(tolerance_s),
-        now_unix,
-    )
-    .err()
-    .map(|e| e.reason())
 }
 
 fn tolerance(tolerance_s: i32) -> Tolerance {

@@ -464,14 +464,34 @@ async fn forged_stale_future_missing_and_malformed_signatures_change_nothing() {
             ("timestamp_too_old".into(), 1),
         ]
     );
-    // Signed but not an event: rejected too, and never raises.
-    let junk = "not json at all";
-    let answer = deliver_signed(&client, junk).await;
-    assert_eq!(
-        (answer.status.as_str(), answer.http_status),
-        ("rejected", 400)
+    // Signed but not an event: rejected too, and never raises. That includes JSON that
+    // PostgreSQL's jsonb refuses (a \u0000 escape), events without an id or a type, an id longer
+    // than the column allows, and objects that are not events.
+    let too_long_id = format!(
+        r#"{{"id": "evt_{}", "object": "event", "type": "payment_intent.succeeded"}}"#,
+        "x".repeat(252)
     );
-    assert!(answer.detail.starts_with("not_an_event"));
+    for junk in [
+        "not json at all",
+        r#"{"id": "evt_nul", "object": "event", "type": "x", "data": {"object": {"note": "a\u0000b"}}}"#,
+        r#"{"object": "event", "type": "payment_intent.succeeded"}"#,
+        r#"{"id": "evt_no_type", "object": "event"}"#,
+        r#"{"id": "ch_1", "object": "charge", "type": "charge.succeeded"}"#,
+        r#"["evt_1"]"#,
+        too_long_id.as_str(),
+    ] {
+        let answer = deliver_signed(&client, junk).await;
+        assert_eq!(
+            (answer.status.as_str(), answer.http_status),
+            ("rejected", 400),
+            "{junk}"
+        );
+        assert!(answer.detail.starts_with("not_an_event"), "{junk}");
+    }
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.webhook_events").await,
+        0
+    );
 }
 
 #[tokio::test]

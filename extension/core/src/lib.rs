@@ -4,6 +4,7 @@
 
 pub mod canonical_json;
 pub mod checkout;
+pub mod event;
 pub mod idempotency;
 pub mod signature;
 pub mod transition;

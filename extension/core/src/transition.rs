@@ -130,6 +130,8 @@ pub enum IgnoreReason {
     StaleSameSecond,
     /// Evidence may only carry a Stripe status.
     NotAStripeStatus,
+    /// A status this version does not know (a newer Stripe API): kept, not applied.
+    UnknownStatus,
 }
 
 impl IgnoreReason {
@@ -139,6 +141,7 @@ impl IgnoreReason {
             IgnoreReason::Stale => "ignored: older than the evidence already applied",
             IgnoreReason::StaleSameSecond => "ignored: same second, not further along",
             IgnoreReason::NotAStripeStatus => "ignored: not a Stripe PaymentIntent status",
+            IgnoreReason::UnknownStatus => "ignored: unknown PaymentIntent status",
         }
     }
 }
