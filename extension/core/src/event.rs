@@ -238,4 +238,38 @@ mod tests {
         );
         assert!(success_mismatch(&pi(json!(19.5), json!(0), "usd"), 1999, "usd").is_err());
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        fn scalar() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                "\\PC{0,20}".prop_map(Value::from),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+                let _ = read_event(&text);
+            }
+
+            // An event is accepted exactly when its id and type read as text and the id fits.
+            #[test]
+            fn acceptance_follows_the_shape_rule(id in scalar(), kind in scalar(), object in scalar()) {
+                let payload = json!({"id": id, "type": kind, "object": "event", "data": {"object": object}});
+                let accepted = read_event(&payload.to_string()).is_some();
+                let id_ok = field_text(&payload, "id")
+                    .is_some_and(|id| id.chars().count() <= MAX_EVENT_ID_CHARS && !id.contains('\0'));
+                let type_ok = field_text(&payload, "type").is_some_and(|t| !t.contains('\0'));
+                let object_ok = !matches!(&object, Value::String(s) if s.contains('\0'));
+                prop_assert_eq!(accepted, id_ok && type_ok && object_ok);
+            }
+        }
+    }
 }
