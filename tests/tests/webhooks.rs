@@ -653,6 +653,106 @@ async fn a_lost_create_answer_is_matched_by_metadata() {
 }
 
 #[tokio::test]
+async fn a_decline_is_recorded_and_audited_once_and_the_status_stays() {
+    let (_db, client) = setup().await;
+    let payment = payment_with_intent(&client, "w-6c", 900, "pi_declined").await;
+    let declined = |event_id: &str| {
+        let mut intent = fixtures::payment_intent(
+            "pi_declined",
+            &payment.to_string(),
+            900,
+            "usd",
+            "requires_payment_method",
+        );
+        intent["last_payment_error"] =
+            serde_json::json!({"code": "card_declined", "message": "Your card was declined."});
+        fixtures::event(
+            event_id,
+            "payment_intent.payment_failed",
+            unix_now(),
+            intent,
+        )
+    };
+    let answer = deliver_signed(&client, &declined("evt_decline_1")).await;
+    assert_eq!(answer.detail, "payment_intent.payment_failed -> applied");
+    let row = client
+        .query_one(
+            "SELECT status::text, last_error ->> 'code' FROM pay.payments WHERE id = $1",
+            &[&payment],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "requires_payment_method");
+    assert_eq!(row.get::<_, String>(1), "card_declined");
+    let audited = "SELECT count(*) FROM pay.audit_log WHERE cause = \
+        'webhook payment_intent.payment_failed: card_declined Your card was declined.'";
+    assert_eq!(count(&client, audited).await, 1);
+    // Another event with the same error says nothing new: unchanged, no second audit row.
+    let answer = deliver_signed(&client, &declined("evt_decline_2")).await;
+    assert_eq!(answer.detail, "payment_intent.payment_failed -> unchanged");
+    assert_eq!(count(&client, audited).await, 1);
+}
+
+#[tokio::test]
+async fn a_second_payment_intent_claiming_a_payment_is_flagged_not_applied() {
+    let (_db, client) = setup().await;
+    let payment = payment_with_intent(&client, "w-6b", 700, "pi_first").await;
+    // Another PaymentIntent carries this payment's id in its metadata and succeeds: it must
+    // never speak for the payment (invariant 1). Kept for a human, not applied, not fulfilled.
+    let payload = intent_event(
+        "evt_second",
+        "payment_intent.succeeded",
+        unix_now(),
+        "pi_second",
+        payment,
+        700,
+        "succeeded",
+    );
+    let answer = deliver_signed(&client, &payload).await;
+    assert_eq!(
+        (answer.status.as_str(), answer.http_status),
+        ("applied", 200)
+    );
+    assert_eq!(answer.detail, "payment_intent.succeeded -> flagged");
+    let row = client
+        .query_one(
+            "SELECT status::text, stripe_payment_intent_id, flagged_reason FROM pay.payments WHERE id = $1",
+            &[&payment],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "requires_payment_method");
+    assert_eq!(row.get::<_, String>(1), "pi_first");
+    assert_eq!(
+        row.get::<_, String>(2),
+        "a second PaymentIntent pi_second claims this payment"
+    );
+    let audit = client
+        .query_one(
+            "SELECT cause, proposed_status, evidence_id FROM pay.audit_log WHERE payment_id = $1 ORDER BY id DESC LIMIT 1",
+            &[&payment],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        audit.get::<_, String>(0),
+        "flagged: evidence about a second PaymentIntent pi_second (webhook payment_intent.succeeded)"
+    );
+    assert_eq!(audit.get::<_, String>(1), "succeeded");
+    assert_eq!(audit.get::<_, String>(2), "evt_second");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.fulfillments").await,
+        0
+    );
+    // The event is kept with its outcome; a repeat delivery is a duplicate.
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.webhook_events WHERE event_id = 'evt_second' AND outcome = 'flagged'").await,
+        1
+    );
+    assert_eq!(deliver_signed(&client, &payload).await.status, "duplicate");
+}
+
+#[tokio::test]
 async fn a_success_with_the_wrong_amount_or_currency_is_flagged_not_fulfilled() {
     let (_db, client) = setup().await;
     let payment = payment_with_intent(&client, "w-7", 1000, "pi_w7").await;
