@@ -15,6 +15,12 @@ CREATE TABLE pay.webhook_secrets (
     CONSTRAINT webhook_secrets_shape CHECK (secret LIKE 'whsec\_%' AND length(secret) BETWEEN 16 AND 512)
 );
 
+-- Backends keep the secrets in memory between deliveries (extension/src/secrets.rs); every change
+-- makes them drop that copy before their next transaction.
+CREATE TRIGGER webhook_secrets_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pay.webhook_secrets
+    FOR EACH STATEMENT EXECUTE FUNCTION pay._webhook_secrets_changed();
+
 CREATE TABLE pay.webhook_events (
     event_id            text PRIMARY KEY,
     type                text NOT NULL,

@@ -10,6 +10,7 @@ mod checkout;
 mod errors;
 mod keys;
 mod plans;
+mod secrets;
 mod signature;
 mod webhook;
 
@@ -44,7 +45,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/06_webhooks.sql",
     name = "webhooks",
-    requires = ["checkout"]
+    requires = ["checkout", secrets::_webhook_secrets_changed]
 );
 extension_sql_file!(
     "../../sql/07_fulfillment.sql",

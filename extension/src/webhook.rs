@@ -15,15 +15,11 @@ use serde_json::Value;
 use crate::apply_intent::{apply_intent, locked_payment_columns, LockedPayment};
 use crate::errors::{raise_internal, raise_with_hint};
 use crate::plans::{first, run, Statement};
+use crate::secrets::live_secrets;
 
 /// Signatures older than this are refused (Stripe's SDKs use the same default).
 const TOLERANCE_SECONDS: u32 = 300;
 
-static LIVE_SECRETS: Statement = Statement {
-    sql: "SELECT array_agg(s.secret ORDER BY s.id DESC) FROM pay.webhook_secrets s \
-          WHERE s.revoked_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now())",
-    args: &[],
-};
 // Rejections are counted by reason and day; attacker payloads are never stored.
 static COUNT_REJECTION: Statement = Statement {
     sql: "INSERT INTO pay.webhook_rejections AS r (day, reason, count, last_at) \
@@ -229,14 +225,14 @@ fn ingest_webhook(
     ),
 > {
     let row = Spi::connect_mut(|client| {
-        let secrets: Option<Vec<String>> = first(run(client, &LIVE_SECRETS, &[]));
-        let Some(secrets) = secrets else {
+        let secrets = live_secrets(client);
+        if secrets.is_empty() {
             raise_with_hint(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "ingest_webhook: no live webhook secret is configured",
                 "Add the endpoint's signing secret with pay.add_webhook_secret.",
             );
-        };
+        }
         let Some(payload) = payload else {
             return rejected(
                 client,

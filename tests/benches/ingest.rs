@@ -19,7 +19,7 @@ use tokio_postgres::Client;
 
 const CLIENTS: usize = 8;
 const EVENTS_PER_ROUND: usize = 6_000;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const PATHS: [Path; 3] = [Path::Statements, Path::OneStatement, Path::Ingest];
 const SECRET: &str = "whsec_bench_0123456789abcdef";
 

@@ -494,6 +494,107 @@ async fn forged_stale_future_missing_and_malformed_signatures_change_nothing() {
     );
 }
 
+/// Delivers a new (never seen) event signed with `secret`; returns the status.
+async fn deliver_new_event(client: &Client, secret: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let body = fixtures::event(
+        &format!("evt_new_{n}"),
+        "customer.created",
+        unix_now(),
+        json!({"id": "cus_1", "object": "customer"}),
+    );
+    deliver(client, &body, &sign_now(&body, secret))
+        .await
+        .status
+}
+
+/// Backends keep the secrets in memory between deliveries: a change made anywhere (another
+/// session, a rolled-back transaction, the clock passing an expiry) must be seen at once.
+#[tokio::test]
+async fn remembered_secrets_follow_every_change_at_once() {
+    let db = TestDb::create().await;
+    let ingest_session = db.connect().await;
+    let admin_session = db.connect().await;
+    admin_session
+        .execute("SELECT pay.add_webhook_secret($1, 'primary')", &[&SECRET])
+        .await
+        .unwrap();
+    // The ingest session reads the secrets and keeps them.
+    assert_eq!(deliver_new_event(&ingest_session, SECRET).await, "stored");
+
+    // Revoked in another session: refused by the ingest session's very next delivery.
+    let other = "whsec_test_other_0123456789";
+    admin_session
+        .batch_execute(&format!(
+            "SELECT pay.add_webhook_secret('{other}', 'other'); SELECT pay.revoke_webhook_secret('primary')"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(deliver_new_event(&ingest_session, SECRET).await, "rejected");
+    assert_eq!(deliver_new_event(&ingest_session, other).await, "stored");
+
+    // Added in a transaction that rolls back: usable inside it, gone after it.
+    let rolled_back = "whsec_test_rolled_back_0123";
+    ingest_session.batch_execute("BEGIN").await.unwrap();
+    ingest_session
+        .execute(
+            "SELECT pay.add_webhook_secret($1, 'rolled_back')",
+            &[&rolled_back],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        deliver_new_event(&ingest_session, rolled_back).await,
+        "stored"
+    );
+    ingest_session.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        deliver_new_event(&ingest_session, rolled_back).await,
+        "rejected"
+    );
+
+    // Expiry needs no change to the table: the clock alone retires a remembered secret.
+    let short_lived = "whsec_test_short_lived_0123";
+    admin_session
+        .execute(
+            "SELECT pay.add_webhook_secret($1, 'short', now() + interval '2 seconds')",
+            &[&short_lived],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        deliver_new_event(&ingest_session, short_lived).await,
+        "stored"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        deliver_new_event(&ingest_session, short_lived).await,
+        "rejected"
+    );
+    assert_eq!(deliver_new_event(&ingest_session, other).await, "stored");
+
+    // Deleted by hand (not through revoke): the trigger covers every statement.
+    admin_session
+        .batch_execute("DELETE FROM pay.webhook_secrets")
+        .await
+        .unwrap();
+    let body = fixtures::event(
+        "evt_cache_none",
+        "customer.created",
+        unix_now(),
+        json!({"id": "cus_1", "object": "customer"}),
+    );
+    let err = ingest_session
+        .query_one(
+            "SELECT * FROM pay.ingest_webhook($1, $2)",
+            &[&body, &sign_now(&body, other)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), Some("55000"));
+}
+
 #[tokio::test]
 async fn rotation_accepts_any_live_secret_and_revocation_and_expiry_take_effect() {
     let (_db, client) = setup().await;
