@@ -35,7 +35,7 @@ static LOCK_BY_INTENT: Statement = Statement {
     args: &[TEXTOID],
 };
 static EVENT_SEEN: Statement = Statement {
-    sql: "SELECT EXISTS (SELECT 1 FROM pay.webhook_events e WHERE e.event_id = $1)",
+    sql: "SELECT true FROM pay.webhook_events e WHERE e.event_id = $1",
     args: &[TEXTOID],
 };
 static COUNT_DUPLICATE: Statement = Statement {

@@ -40,20 +40,34 @@ pub struct NotAnInteger;
 /// refuses (a `\u0000` escape), so that what is accepted here is what the SQL side can store.
 pub fn read_event(payload: &str) -> Option<Value> {
     let event: Value = serde_json::from_str(payload).ok()?;
+    if has_nul_escape(payload) {
+        return None;
+    }
     let is_event = event.is_object()
         && event.get("object").and_then(Value::as_str) == Some("event")
         && field_text(&event, "id").is_some_and(|id| id.chars().count() <= MAX_EVENT_ID_CHARS)
         && field_text(&event, "type").is_some();
-    (is_event && !contains_nul(&event)).then_some(event)
+    is_event.then_some(event)
 }
 
-fn contains_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
-        _ => false,
+/// Whether valid JSON `text` has a `\u0000` escape (jsonb refuses NUL in text). A backslash
+/// starts an escape only when an even number of backslashes precedes it.
+fn has_nul_escape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(found) = text[from..].find("\\u0000") {
+        let at = from + found;
+        let preceding = bytes[..at]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if preceding % 2 == 0 {
+            return true;
+        }
+        from = at + 1;
     }
+    false
 }
 
 /// Stripe's time of the event: `created` when it is a whole number of seconds in range.
@@ -170,6 +184,21 @@ mod tests {
             "e".repeat(256)
         );
         assert!(read_event(&too_long).is_none());
+    }
+
+    #[test]
+    fn nul_escapes_are_found_and_escaped_backslashes_are_not() {
+        assert!(has_nul_escape(r#"{"a": "x\u0000y"}"#));
+        assert!(has_nul_escape(r#"{"a\u0000": 1}"#));
+        assert!(
+            has_nul_escape(r#"{"a": "\\\u0000"}"#),
+            "an escaped backslash, then NUL"
+        );
+        assert!(
+            !has_nul_escape(r#"{"a": "\\u0000"}"#),
+            "a backslash, then the text u0000"
+        );
+        assert!(!has_nul_escape(r#"{"a": "\u0001 u0000"}"#));
     }
 
     #[test]
