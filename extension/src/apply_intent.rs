@@ -5,7 +5,7 @@
 //! on evaluating the rule's forty-odd small expressions, afresh in every transaction, than on the
 //! writes themselves (callgrind). The writes are prepared statements, planned once per backend.
 
-use pgpay_core::event::{field_i64, field_text, success_mismatch, NotAnInteger};
+use pgpay_core::event::{field_i64, field_text, intent_problem, success_mismatch, NotAnInteger};
 use pgpay_core::transition::{decide, Decision, IgnoreReason, PaymentStatus};
 use pgrx::pg_sys::BuiltinOid::{INT8OID, JSONBOID, TEXTOID, UUIDOID};
 use pgrx::prelude::*;
@@ -210,14 +210,16 @@ pub fn apply_intent(
     evidence_id: Option<&str>,
     evidence_at: i64,
 ) -> &'static str {
-    let (Some(intent_id), Some(proposed), Some("payment_intent")) = (
+    let problem = intent_problem(intent);
+    let (None, Some(intent_id), Some(proposed)) = (
+        problem,
         field_text(intent, "id"),
         field_text(intent, "status"),
-        intent.get("object").and_then(Value::as_str),
     ) else {
         raise_invalid_parameter(format!(
-            "evidence for payment {} is not a PaymentIntent object",
-            payment.id
+            "evidence for payment {} cannot be applied: {}",
+            payment.id,
+            problem.unwrap_or("the PaymentIntent has no id or status")
         ));
     };
     let Ok(current) = payment.status.parse::<PaymentStatus>() else {

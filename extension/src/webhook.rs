@@ -4,7 +4,7 @@
 //!
 //! Every webhook runs this, so it is Rust over prepared statements (see `apply_intent` for why).
 
-use pgpay_core::event::{event_created, field_text, read_event};
+use pgpay_core::event::{event_created, field_text, intent_problem, read_event};
 use pgpay_core::signature::{verify_any, Tolerance};
 use pgrx::pg_sys::BuiltinOid::{BOOLOID, INT8OID, TEXTOID, UUIDOID};
 use pgrx::prelude::*;
@@ -116,9 +116,17 @@ pub fn store_and_apply(
                 };
             }
             let kind = event_type.as_deref().unwrap_or("");
-            if object.get("object").and_then(Value::as_str) == Some("payment_intent")
-                && kind.starts_with("payment_intent.")
-            {
+            let is_intent_event = object.get("object").and_then(Value::as_str)
+                == Some("payment_intent")
+                && kind.starts_with("payment_intent.");
+            if let Some(problem) = intent_problem(object).filter(|_| is_intent_event) {
+                // Signed, so Stripe's own: kept for a human, answered 200 (a 5xx would only bring
+                // the same body back for days).
+                (
+                    "stored".to_owned(),
+                    Some(format!("{kind} not applied: {problem}")),
+                )
+            } else if is_intent_event {
                 // An event without a usable time counts as now.
                 let at = created.unwrap_or_else(unix_now);
                 let outcome = apply_intent(

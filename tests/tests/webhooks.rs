@@ -709,13 +709,30 @@ async fn unknown_types_and_foreign_objects_are_stored_not_applied() {
         json!({"id": "in_1", "object": "invoice"}),
     );
     assert_eq!(deliver_signed(&client, &other).await.status, "stored");
+    // Signed (so Stripe's own) but not something the rule can apply: kept for a human and
+    // answered 200, never an error that would bring the same body back for days.
+    let payment = payment_with_intent(&client, "w-x3", 500, "pi_x3").await;
+    let mut malformed =
+        fixtures::payment_intent("pi_x3", &payment.to_string(), 500, "usd", "succeeded");
+    malformed["amount"] = json!(4.5);
+    let malformed = fixtures::event("evt_x3", "payment_intent.succeeded", unix_now(), malformed);
+    let answer = deliver_signed(&client, &malformed).await;
+    assert_eq!(
+        (answer.status.as_str(), answer.http_status),
+        ("stored", 200)
+    );
+    assert_eq!(
+        answer.detail,
+        "payment_intent.succeeded not applied: the PaymentIntent's amount is not an integer"
+    );
+    assert_eq!(status_of(&client, payment).await, "requires_payment_method");
     assert_eq!(
         count(
             &client,
             "SELECT count(*) FROM pay.webhook_events WHERE outcome = 'stored'"
         )
         .await,
-        2
+        3
     );
 }
 

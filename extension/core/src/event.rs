@@ -109,6 +109,24 @@ pub fn success_mismatch(
     Ok(None)
 }
 
+/// Why a PaymentIntent object cannot be applied to a payment, or `None` when it can: it needs an
+/// id and a status, and its amounts, when present, must be integers.
+pub fn intent_problem(intent: &Value) -> Option<&'static str> {
+    if intent.get("object").and_then(Value::as_str) != Some("payment_intent") {
+        return Some("it is not a PaymentIntent object");
+    }
+    if field_text(intent, "id").is_none() {
+        return Some("the PaymentIntent has no id");
+    }
+    if field_text(intent, "status").is_none() {
+        return Some("the PaymentIntent has no status");
+    }
+    if field_i64(intent, "amount").is_err() || field_i64(intent, "amount_received").is_err() {
+        return Some("the PaymentIntent's amount is not an integer");
+    }
+    None
+}
+
 /// The 16 bytes of a UUID written in its canonical form (8-4-4-4-12 hexadecimal digits, either
 /// case), as our metadata carries a payment id. `None` for anything else.
 pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
@@ -199,6 +217,24 @@ mod tests {
             "a backslash, then the text u0000"
         );
         assert!(!has_nul_escape(r#"{"a": "\u0001 u0000"}"#));
+    }
+
+    #[test]
+    fn intents_need_an_id_a_status_and_integer_amounts() {
+        let ok =
+            json!({"object": "payment_intent", "id": "pi_1", "status": "succeeded", "amount": 5});
+        assert_eq!(intent_problem(&ok), None);
+        let without = |key: &str| {
+            let mut v = ok.clone();
+            v.as_object_mut().unwrap().remove(key);
+            v
+        };
+        assert!(intent_problem(&without("id")).is_some());
+        assert!(intent_problem(&without("status")).is_some());
+        assert!(intent_problem(&without("object")).is_some());
+        let mut fractional = ok.clone();
+        fractional["amount_received"] = json!(2.5);
+        assert!(intent_problem(&fractional).is_some());
     }
 
     #[test]
