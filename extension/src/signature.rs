@@ -24,7 +24,7 @@ fn verify_stripe_signature(
             header,
             secret.as_bytes(),
             tolerance,
-            now_or_current(now_unix),
+            now_unix.unwrap_or_else(unix_now),
         )
         .is_ok(),
     )
@@ -39,10 +39,9 @@ fn tolerance(tolerance_s: i32) -> Tolerance {
     }
 }
 
-fn now_or_current(now_unix: Option<i64>) -> i64 {
-    now_unix.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_secs() as i64)
-    })
+/// The wall clock in unix seconds, as Stripe's SDKs read it when checking a signature's age.
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }

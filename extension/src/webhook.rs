@@ -16,6 +16,7 @@ use crate::apply_intent::{apply_intent, locked_payment_columns, LockedPayment};
 use crate::errors::{raise_internal, raise_with_hint};
 use crate::plans::{first, run, Statement};
 use crate::secrets::live_secrets;
+use crate::signature::unix_now;
 
 /// Signatures older than this are refused (Stripe's SDKs use the same default).
 const TOLERANCE_SECONDS: u32 = 300;
@@ -199,12 +200,6 @@ pub fn store_and_apply(
         payment_id,
         detail,
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
 /// status, http_status, event_id, detail.
