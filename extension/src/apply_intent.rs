@@ -201,7 +201,8 @@ fn integer_field(payment: &LockedPayment, intent: &Value, key: &str) -> Option<i
 }
 
 /// Applies PaymentIntent `intent` to `payment`, which the caller has locked. Returns `applied`,
-/// `unchanged`, `ignored` or `flagged`.
+/// `unchanged`, `ignored` or `flagged`, or, before writing anything, why the object cannot be
+/// applied (`pgpay_core::event::intent_problem`): each caller decides what that means.
 pub fn apply_intent(
     client: &mut SpiClient<'_>,
     payment: &LockedPayment,
@@ -209,18 +210,14 @@ pub fn apply_intent(
     cause: &str,
     evidence_id: Option<&str>,
     evidence_at: i64,
-) -> &'static str {
-    let problem = intent_problem(intent);
-    let (None, Some(intent_id), Some(proposed)) = (
-        problem,
-        field_text(intent, "id"),
-        field_text(intent, "status"),
-    ) else {
-        raise_invalid_parameter(format!(
-            "evidence for payment {} cannot be applied: {}",
-            payment.id,
-            problem.unwrap_or("the PaymentIntent has no id or status")
-        ));
+) -> Result<&'static str, &'static str> {
+    if let Some(problem) = intent_problem(intent) {
+        return Err(problem);
+    }
+    let (Some(intent_id), Some(proposed)) =
+        (field_text(intent, "id"), field_text(intent, "status"))
+    else {
+        return Err("the PaymentIntent has no id or status");
     };
     let Ok(current) = payment.status.parse::<PaymentStatus>() else {
         raise_internal(format!(
@@ -276,7 +273,7 @@ pub fn apply_intent(
                 payment.id,
                 payment.unchanged(&why, evidence_id, Some(&proposed)),
             );
-            return "flagged";
+            return Ok("flagged");
         }
         Some(_) => {
             if payment.client_secret.is_none() && client_secret.is_some() {
@@ -361,11 +358,11 @@ pub fn apply_intent(
                 }
                 None => {}
             }
-            if mismatch.is_some() {
+            Ok(if mismatch.is_some() {
                 "flagged"
             } else {
                 "applied"
-            }
+            })
         }
         Decision::Unchanged => {
             if let Some(error) = error {
@@ -387,7 +384,7 @@ pub fn apply_intent(
                         payment.id,
                         payment.unchanged(&why, evidence_id, None),
                     );
-                    return "applied";
+                    return Ok("applied");
                 }
             }
             run(
@@ -395,7 +392,7 @@ pub fn apply_intent(
                 &RECORD_EVIDENCE,
                 &[payment.id.into(), evidence_at.into(), received.into()],
             );
-            "unchanged"
+            Ok("unchanged")
         }
         Decision::SuccessAfterGiveUp => {
             // Two tabs: an attempt pgpay had superseded was paid anyway. One order, one kept
@@ -418,7 +415,7 @@ pub fn apply_intent(
                 &ENQUEUE_DUPLICATE_REFUND,
                 &[payment.id.into(), intent_id.as_str().into()],
             );
-            "flagged"
+            Ok("flagged")
         }
         Decision::Ignore(reason) => {
             let why = format!("{cause}: {}", reason.as_str());
@@ -427,7 +424,7 @@ pub fn apply_intent(
                 payment.id,
                 payment.unchanged(&why, evidence_id, Some(&proposed)),
             );
-            "ignored"
+            Ok("ignored")
         }
     }
 }
@@ -451,6 +448,12 @@ fn apply_payment_intent(
                 format!("no payment {payment_id}")
             );
         };
-        apply_intent(client, &payment, &intent.0, cause, evidence_id, evidence_at)
+        apply_intent(client, &payment, &intent.0, cause, evidence_id, evidence_at).unwrap_or_else(
+            |problem| {
+                raise_invalid_parameter(format!(
+                    "evidence for payment {payment_id} cannot be applied: {problem}"
+                ))
+            },
+        )
     })
 }

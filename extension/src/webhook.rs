@@ -4,7 +4,7 @@
 //!
 //! Every webhook runs this, so it is Rust over prepared statements (see `apply_intent` for why).
 
-use pgpay_core::event::{event_created, field_text, intent_problem, read_event};
+use pgpay_core::event::{event_created, field_text, read_event};
 use pgpay_core::signature::{verify_any, Tolerance};
 use pgrx::pg_sys::BuiltinOid::{BOOLOID, INT8OID, TEXTOID, UUIDOID};
 use pgrx::prelude::*;
@@ -67,6 +67,14 @@ pub struct Stored {
     pub detail: Option<String>,
 }
 
+impl Stored {
+    const DUPLICATE: Stored = Stored {
+        outcome: None,
+        payment_id: None,
+        detail: None,
+    };
+}
+
 /// The payment an event's object concerns, locked: by PaymentIntent id, else by our metadata (a
 /// PaymentIntent whose create answer was lost). `None` when it concerns no pgpay payment.
 fn lock_payment_for(client: &mut SpiClient<'_>, object: &Value) -> Option<LockedPayment> {
@@ -110,35 +118,24 @@ pub fn store_and_apply(
             let seen: Option<bool> = first(run(client, &EVENT_SEEN, &[event_id.as_deref().into()]));
             if seen == Some(true) {
                 run(client, &COUNT_DUPLICATE, &[event_id.as_deref().into()]);
-                return Stored {
-                    outcome: None,
-                    payment_id: None,
-                    detail: None,
-                };
+                return Stored::DUPLICATE;
             }
             let kind = event_type.as_deref().unwrap_or("");
-            let is_intent_event = object.get("object").and_then(Value::as_str)
-                == Some("payment_intent")
-                && kind.starts_with("payment_intent.");
-            if let Some(problem) = intent_problem(object).filter(|_| is_intent_event) {
-                // Signed, so Stripe's own: kept for a human, answered 200 (a 5xx would only bring
-                // the same body back for days).
-                (
-                    "stored".to_owned(),
-                    Some(format!("{kind} not applied: {problem}")),
-                )
-            } else if is_intent_event {
+            if object.get("object").and_then(Value::as_str) == Some("payment_intent")
+                && kind.starts_with("payment_intent.")
+            {
                 // An event without a usable time counts as now.
                 let at = created.unwrap_or_else(unix_now);
-                let outcome = apply_intent(
-                    client,
-                    payment,
-                    object,
-                    &format!("webhook {kind}"),
-                    event_id.as_deref(),
-                    at,
-                );
-                (outcome.to_owned(), Some(format!("{kind} -> {outcome}")))
+                let cause = format!("webhook {kind}");
+                match apply_intent(client, payment, object, &cause, event_id.as_deref(), at) {
+                    Ok(outcome) => (outcome.to_owned(), Some(format!("{kind} -> {outcome}"))),
+                    // Signed, so Stripe's own: kept for a human, answered 200 (a 5xx would only
+                    // bring the same body back for days).
+                    Err(problem) => (
+                        "stored".to_owned(),
+                        Some(format!("{kind} not applied: {problem}")),
+                    ),
+                }
             } else {
                 let table = run(
                     client,
@@ -189,11 +186,7 @@ pub fn store_and_apply(
             );
         }
         run(client, &COUNT_DUPLICATE, &[event_id.as_deref().into()]);
-        return Stored {
-            outcome: None,
-            payment_id: None,
-            detail: None,
-        };
+        return Stored::DUPLICATE;
     }
     Stored {
         outcome: Some(outcome),
