@@ -3,7 +3,7 @@
 //! The signed string is `<t>.<payload>` byte for byte, HMAC-SHA256 keyed with the whole endpoint
 //! secret (`whsec_...`). Any `v1` may match (Stripe sends several while a secret rotates); `v0` and
 //! unknown schemes are ignored. Verdicts agree with stripe-python and stripe-node on
-//! `shared/vectors/stripe_webhook_signatures.json`.
+//! `tests/fixtures/stripe_webhook_signatures.json` (copied from the SDK-verified set).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -356,9 +356,9 @@ mod tests {
     fn official_sdk_vectors() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/vectors/stripe_webhook_signatures.json"
+            "/../../tests/fixtures/stripe_webhook_signatures.json"
         );
-        let text = std::fs::read_to_string(path).expect("shared vectors are beside the checkout");
+        let text = std::fs::read_to_string(path).expect("tests/fixtures/stripe_webhook_signatures.json");
         let doc: serde_json::Value = serde_json::from_str(&text).expect("vectors are JSON");
         let vectors = doc["vectors"].as_array().expect("a vectors array");
         assert!(vectors.len() >= 20);
