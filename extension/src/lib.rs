@@ -62,4 +62,9 @@ extension_sql_file!(
     name = "reconciliation",
     requires = ["views"]
 );
+extension_sql_file!(
+    "../../sql/98_backups.sql",
+    name = "backups",
+    requires = ["reconciliation"]
+);
 extension_sql_file!("../../sql/99_roles.sql", name = "roles", finalize);

@@ -1,6 +1,6 @@
 //! Test harness: every test gets a fresh database with the pgpay extension created, on the local
 //! PostgreSQL (`PGPAY_TEST_ADMIN_URL`, default `host=127.0.0.1 port=5432 user=postgres dbname=postgres`).
-//! The extension must be installed first (`scripts/install-extension`, which `make test` runs).
+//! The extension must be installed first (`scripts/install-extension`, which `scripts/test` runs).
 
 pub mod fixtures;
 pub mod stripe_sdk;
@@ -38,6 +38,25 @@ pub struct TestDb {
 impl TestDb {
     /// Creates `pgpay_test_<random>` and runs `CREATE EXTENSION pgpay` in it.
     pub async fn create() -> TestDb {
+        TestDb::create_at(None).await
+    }
+
+    /// Like [`TestDb::create`], at an older released version of the extension (upgrade tests).
+    pub async fn create_at(version: Option<&str>) -> TestDb {
+        let db = TestDb::create_empty().await;
+        db.connect()
+            .await
+            .batch_execute(&match version {
+                Some(v) => format!("CREATE EXTENSION pgpay VERSION '{v}'"),
+                None => "CREATE EXTENSION pgpay".to_string(),
+            })
+            .await
+            .expect("CREATE EXTENSION pgpay (is it installed? run scripts/install-extension)");
+        db
+    }
+
+    /// A fresh database without the extension (restore tests create it from a dump).
+    pub async fn create_empty() -> TestDb {
         let name = format!("pgpay_test_{}", uuid::Uuid::new_v4().simple());
         let admin = connect(&admin_url()).await;
         admin
@@ -45,13 +64,7 @@ impl TestDb {
             .await
             .expect("create test database");
         let url = with_dbname(&admin_url(), &name);
-        let db = TestDb { name, url };
-        db.connect()
-            .await
-            .batch_execute("CREATE EXTENSION pgpay")
-            .await
-            .expect("CREATE EXTENSION pgpay (is it installed? run scripts/install-extension)");
-        db
+        TestDb { name, url }
     }
 
     pub fn name(&self) -> &str {
@@ -105,6 +118,20 @@ fn with_dbname(url: &str, dbname: &str) -> String {
         .filter(|part| !part.starts_with("dbname="))
         .collect();
     format!("{} dbname={dbname}", kept.join(" "))
+}
+
+/// A program of the PostgreSQL installation under test (`pg_dump`, `initdb`, ...): the one whose
+/// `pg_config` is in `PG_CONFIG`, else the system PostgreSQL 15.
+pub fn pg_program(name: &str) -> std::path::PathBuf {
+    let pg_config =
+        std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let output = std::process::Command::new(&pg_config)
+        .arg("--bindir")
+        .output()
+        .unwrap_or_else(|e| panic!("{pg_config} --bindir: {e}"));
+    assert!(output.status.success(), "{pg_config} --bindir failed");
+    let bindir = String::from_utf8(output.stdout).expect("a UTF-8 path");
+    std::path::Path::new(bindir.trim()).join(name)
 }
 
 /// Polls `condition` until it is true or `timeout` passes; returns whether it became true.
