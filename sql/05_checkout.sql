@@ -59,10 +59,13 @@ BEGIN
         'order_ref', order_ref, 'amount', amount, 'currency', v_currency,
         'customer_ref', customer_ref, 'metadata', v_metadata, 'description', description));
 
-    -- The same call again returns the same row and writes nothing, not even a lock.
+    -- The same call again returns the same row and writes nothing, not even a lock. An attempt
+    -- that ended without payment (canceled, expired, refused by Stripe) is not returned: the same
+    -- call then starts a new attempt, as a customer retrying the same cart expects.
     SELECT * INTO v_latest FROM pay.payments p
     WHERE p.order_ref = begin_checkout.order_ref ORDER BY p.attempt DESC LIMIT 1;
-    IF FOUND AND v_latest.params_fingerprint = v_fingerprint THEN
+    IF FOUND AND v_latest.params_fingerprint = v_fingerprint
+       AND v_latest.status NOT IN ('canceled', 'create_failed') THEN
         RETURN v_latest;
     END IF;
 
@@ -73,7 +76,8 @@ BEGIN
     -- Read again under the lock: a concurrent caller may have just created the same attempt.
     SELECT * INTO v_latest FROM pay.payments p
     WHERE p.order_ref = begin_checkout.order_ref ORDER BY p.attempt DESC LIMIT 1;
-    IF FOUND AND v_latest.params_fingerprint = v_fingerprint THEN
+    IF FOUND AND v_latest.params_fingerprint = v_fingerprint
+       AND v_latest.status NOT IN ('canceled', 'create_failed') THEN
         RETURN v_latest;
     END IF;
 

@@ -34,6 +34,10 @@ CREATE TABLE pay.findings (
     detail            text,
     found_at          timestamptz NOT NULL DEFAULT now(),
     resolved_at       timestamptz,
+    resolved_by       text,
+    resolution_note   text,
+    CONSTRAINT findings_resolution_complete CHECK (
+        (resolved_at IS NULL) = (resolved_by IS NULL) AND (resolved_at IS NULL) = (resolution_note IS NULL)),
     CONSTRAINT findings_kind_known CHECK (kind IN (
         'amount_drift', 'currency_drift', 'status_drift_fixed', 'status_mismatch', 'orphan_adopted',
         'missing_at_stripe', 'not_ours', 'second_payment_intent', 'unknown_payment'))
@@ -45,9 +49,52 @@ CREATE UNIQUE INDEX findings_once ON pay.findings (
 
 CREATE VIEW pay.reconciliation_findings AS
     SELECT f.id, f.kind, f.payment_id, p.order_ref, f.stripe_object_id, f.expected, f.actual, f.detail,
-           f.run_id, f.found_at, f.resolved_at, f.resolved_at IS NULL AS open
+           f.run_id, f.found_at, f.resolved_at, f.resolved_at IS NULL AS open,
+           f.resolved_by, f.resolution_note
     FROM pay.findings f
     LEFT JOIN pay.payments p ON p.id = f.payment_id;
+
+-- Closes a finding once a human has dealt with it (a drift repaired, a refund issued by hand):
+-- who, when and why are kept on the finding, and, when it names a payment, in that payment's
+-- audit trail. `pgpay-worker status` counts open findings only.
+CREATE FUNCTION pay.resolve_finding(finding_id bigint, note text) RETURNS pay.reconciliation_findings
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v pay.findings;
+    v_status pay.payment_status;
+    v_result pay.reconciliation_findings;
+BEGIN
+    IF note IS NULL OR btrim(note) = '' THEN
+        RAISE EXCEPTION 'resolve_finding: note must say how finding % was resolved', finding_id
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF length(note) > 2000 THEN
+        RAISE EXCEPTION 'resolve_finding: note is longer than 2000 characters'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v FROM pay.findings f WHERE f.id = resolve_finding.finding_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'resolve_finding: no finding %', finding_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v.resolved_at IS NOT NULL THEN
+        RAISE EXCEPTION 'resolve_finding: finding % was already resolved at % by %', finding_id, v.resolved_at, v.resolved_by
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE pay.findings f
+    SET resolved_at = now(), resolved_by = session_user, resolution_note = note
+    WHERE f.id = v.id;
+    IF v.payment_id IS NOT NULL THEN
+        SELECT p.status INTO v_status FROM pay.payments p WHERE p.id = v.payment_id FOR NO KEY UPDATE;
+        PERFORM pay._audit(v.payment_id, v_status, v_status,
+            'finding ' || v.id || ' (' || v.kind || ') resolved: ' || note, 'finding:' || v.id);
+    END IF;
+    SELECT * INTO v_result FROM pay.reconciliation_findings r WHERE r.id = v.id;
+    RETURN v_result;
+END;
+$$;
 
 -- Records a finding once; returns whether it was new.
 CREATE FUNCTION pay._record_finding(p_run_id bigint, p_kind text, p_payment_id uuid, p_stripe_id text,

@@ -69,4 +69,5 @@ GRANT EXECUTE ON FUNCTION pay.record_missing_at_stripe(bigint, text[]) TO pay_wo
 GRANT EXECUTE ON FUNCTION pay.rekey_create_command(bigint, int, text) TO pay_worker;
 GRANT EXECUTE ON FUNCTION pay.status_report() TO pay_worker, pay_auditor;
 GRANT SELECT ON pay.reconciliation_runs, pay.findings, pay.reconciliation_findings TO pay_auditor;
+GRANT EXECUTE ON FUNCTION pay.resolve_finding(bigint, text) TO pay_auditor;
 GRANT SELECT ON pay.reconciliation_runs, pay.findings, pay.reconciliation_findings TO pay_worker;

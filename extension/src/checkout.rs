@@ -20,6 +20,7 @@ fn checkout_validate(
         checkout::validate_order_ref(order_ref.unwrap_or(""))?;
         checkout::validate_amount(amount.unwrap_or(0))?;
         let currency = checkout::normalize_currency(currency.unwrap_or(""))?;
+        checkout::validate_minimum_charge(amount.unwrap_or(0), &currency)?;
         if let Some(customer_ref) = customer_ref {
             checkout::validate_customer_ref(customer_ref)?;
         }

@@ -123,8 +123,8 @@ fn with_dbname(url: &str, dbname: &str) -> String {
 /// A program of the PostgreSQL installation under test (`pg_dump`, `initdb`, ...): the one whose
 /// `pg_config` is in `PG_CONFIG`, else the system PostgreSQL 15.
 pub fn pg_program(name: &str) -> std::path::PathBuf {
-    let pg_config =
-        std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let pg_config = std::env::var("PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
     let output = std::process::Command::new(&pg_config)
         .arg("--bindir")
         .output()

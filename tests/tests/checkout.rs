@@ -34,6 +34,7 @@ async fn bad_input_is_22023_naming_the_field_and_writes_nothing() {
         ("null amount", "SELECT pay.begin_checkout('o', NULL, 'usd')".into(), "amount"),
         ("currency", "SELECT pay.begin_checkout('o', 100, 'us')".into(), "currency"),
         ("unknown currency", "SELECT pay.begin_checkout('o', 100, 'abc')".into(), "currency"),
+        ("below Stripe's minimum", "SELECT pay.begin_checkout('o', 29, 'gbp')".into(), "amount"),
         ("empty order", "SELECT pay.begin_checkout('', 100, 'usd')".into(), "order_ref"),
         ("null order", "SELECT pay.begin_checkout(NULL, 100, 'usd')".into(), "order_ref"),
         ("long order", format!("SELECT pay.begin_checkout('{}', 100, 'usd')", "o".repeat(201)), "order_ref"),
@@ -415,4 +416,111 @@ async fn cancel_before_sending_needs_no_stripe_call() {
     // A canceled order may start again.
     let again = checkout(&client, "order-5", 950, "usd").await.unwrap();
     assert_ne!(again, id);
+}
+
+#[tokio::test]
+async fn stripes_rules_are_explained_in_the_refusal() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let cases = [
+        (
+            "SELECT pay.begin_checkout('o', 49, 'USD')",
+            "amount 49 is below Stripe's minimum charge for USD: 50 minor units ($0.50)",
+        ),
+        (
+            "SELECT pay.begin_checkout('o', 49, 'jpy')",
+            "amount 49 is below Stripe's minimum charge for JPY: 50 minor units (¥50)",
+        ),
+        (
+            "SELECT pay.begin_checkout('o', 5000, 'xyz')",
+            "currency \"xyz\" is not a currency Stripe supports",
+        ),
+        (
+            "SELECT pay.begin_checkout('o', 5000, 'u5d')",
+            "currency must be a three-letter ISO 4217 code such as 'usd', got \"u5d\"",
+        ),
+    ];
+    for (sql, expected) in cases {
+        let err = client.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), Some("22023"), "{sql}: {err}");
+        assert_eq!(err.as_db_error().unwrap().message(), expected, "{sql}");
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM pay.payments").await, 0);
+    // At the minimum itself Stripe accepts, and so do we.
+    checkout(&client, "o", 30, "gbp")
+        .await
+        .expect("£0.30 is Stripe's minimum");
+}
+
+#[tokio::test]
+async fn the_same_cart_after_a_cancel_or_a_refused_create_starts_a_new_attempt() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    // Canceled before anything was sent: the same call again is a customer retrying the cart.
+    let first = checkout(&client, "retry-cart", 1500, "usd").await.unwrap();
+    client
+        .execute("SELECT pay.cancel_checkout($1)", &[&first])
+        .await
+        .unwrap();
+    let second = checkout(&client, "retry-cart", 1500, "usd").await.unwrap();
+    assert_ne!(first, second, "a canceled attempt is not handed out again");
+    assert_eq!(
+        checkout(&client, "retry-cart", 1500, "usd").await.unwrap(),
+        second,
+        "the live attempt is returned as before"
+    );
+    let keys: Vec<String> = client
+        .query(
+            "SELECT o.idempotency_key FROM pay.outbox o JOIN pay.payments p ON p.id = o.payment_id
+             WHERE p.order_ref = 'retry-cart' AND o.kind = 'create_payment_intent' ORDER BY p.attempt",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(keys.len(), 2);
+    assert_ne!(keys[0], keys[1], "a new attempt gets a new Idempotency-Key");
+
+    // Stripe refused the create (a permanent 4xx): the same call starts attempt 3.
+    let command: (i64, i32) = {
+        let row = client
+            .query_one(
+                "SELECT id, attempts + 1 FROM pay.outbox WHERE payment_id = $1 AND kind = 'create_payment_intent'",
+                &[&second],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    client
+        .query("SELECT * FROM pay.claim_outbox('test-worker', 10)", &[])
+        .await
+        .unwrap();
+    let refused = json!({"error": {"type": "invalid_request_error", "message": "Your account cannot charge in USD."}});
+    client
+        .execute(
+            "SELECT pay.fail_outbox($1, $2, 400, $3)",
+            &[&command.0, &command.1, &refused],
+        )
+        .await
+        .unwrap();
+    let status: String = client
+        .query_one(
+            "SELECT status::text FROM pay.payments WHERE id = $1",
+            &[&second],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "create_failed");
+    let third = checkout(&client, "retry-cart", 1500, "usd").await.unwrap();
+    assert_ne!(third, second);
+    let attempt: i32 = client
+        .query_one("SELECT attempt FROM pay.payments WHERE id = $1", &[&third])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempt, 3);
 }

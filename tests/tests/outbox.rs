@@ -302,7 +302,7 @@ async fn wait_for_intent_returns_once_the_worker_has_answered() {
         .unwrap_err();
     assert_eq!(sqlstate(&err), Some("57014"));
     let err = client
-        .batch_execute("BEGIN; SELECT pay.wait_for_intent((SELECT id FROM pay.begin_checkout('o-same-tx', 5, 'usd')), 5000)")
+        .batch_execute("BEGIN; SELECT pay.wait_for_intent((SELECT id FROM pay.begin_checkout('o-same-tx', 500, 'usd')), 5000)")
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&err), Some("55000"), "{err}");

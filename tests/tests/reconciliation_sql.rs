@@ -425,3 +425,82 @@ async fn payments_stripe_does_not_list_are_findings() {
         .get(0);
     assert_eq!(report["open_findings"], 1);
 }
+
+#[tokio::test]
+async fn a_resolved_finding_is_closed_audited_and_no_longer_counted() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let id = checkout(&client, "order-drift", 1000).await;
+    client
+        .execute(
+            "SELECT pay.record_reconciliation_finding(NULL, 'amount_drift', $1, 'pi_drift', '1000', '900', 'test')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let finding: i64 = client
+        .query_one("SELECT id FROM pay.reconciliation_findings WHERE open", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let open_before: i64 = client
+        .query_one(
+            "SELECT (pay.status_report() ->> 'open_findings')::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open_before, 1);
+
+    // A note is required, and a DBA's refusal names what is wrong.
+    let err = client
+        .query("SELECT pay.resolve_finding($1, '  ')", &[&finding])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), Some("22023"));
+    let err = client
+        .query("SELECT pay.resolve_finding(-1, 'x')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), Some("P0002"));
+
+    // The auditor role may resolve.
+    client.batch_execute("SET ROLE pay_auditor").await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT open, resolved_by, resolution_note FROM pay.resolve_finding($1, 'refunded the difference by hand (ticket 42)')",
+            &[&finding],
+        )
+        .await
+        .unwrap();
+    client.batch_execute("RESET ROLE").await.unwrap();
+    assert!(!row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("postgres"));
+    assert_eq!(
+        row.get::<_, Option<String>>(2).as_deref(),
+        Some("refunded the difference by hand (ticket 42)")
+    );
+    let open_after: i64 = client
+        .query_one(
+            "SELECT (pay.status_report() ->> 'open_findings')::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open_after, 0);
+    let audited = count(
+        &client,
+        &format!(
+            "SELECT count(*) FROM pay.payment_timeline('{id}') WHERE cause LIKE 'finding % (amount_drift) resolved: refunded the difference by hand (ticket 42)'"
+        ),
+    )
+    .await;
+    assert_eq!(audited, 1, "the resolution is in the payment's timeline");
+    let again = client
+        .query("SELECT pay.resolve_finding($1, 'twice')", &[&finding])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&again), Some("55000"), "{again}");
+}

@@ -18,7 +18,12 @@ const SECRET: &str = "whsec_test_upgrade_0123456789";
 /// list of dumped configuration tables.
 async fn schema_of(db: &TestDb) -> String {
     let output = Command::new(pg_program("pg_dump"))
-        .args(["--schema-only", "--binary-upgrade", "--no-comments", "--dbname"])
+        .args([
+            "--schema-only",
+            "--binary-upgrade",
+            "--no-comments",
+            "--dbname",
+        ])
         .arg(db.url())
         .output()
         .expect("pg_dump runs");
@@ -74,7 +79,9 @@ async fn use_the_released_api(client: &Client) -> Uuid {
         .await
         .expect("begin_checkout")
         .get(0);
-    assert!(fixtures::answer_create(client, paid, "pi_upgrade_paid", "requires_payment_method").await);
+    assert!(
+        fixtures::answer_create(client, paid, "pi_upgrade_paid", "requires_payment_method").await
+    );
     let succeeded = fixtures::payment_intent(
         "pi_upgrade_paid",
         &paid.to_string(),
@@ -106,11 +113,17 @@ async fn use_the_released_api(client: &Client) -> Uuid {
         .await
         .expect("complete_fulfillment");
     client
-        .execute("SELECT pay.refund($1, 500, 'requested_by_customer')", &[&paid])
+        .execute(
+            "SELECT pay.refund($1, 500, 'requested_by_customer')",
+            &[&paid],
+        )
         .await
         .expect("refund");
     client
-        .query_one("SELECT id FROM pay.begin_checkout('order-open', 990, 'usd')", &[])
+        .query_one(
+            "SELECT id FROM pay.begin_checkout('order-open', 990, 'usd')",
+            &[],
+        )
         .await
         .expect("a second checkout");
     let rejected: String = client
@@ -139,7 +152,11 @@ async fn rows_of(client: &Client) -> Vec<String> {
     ];
     let mut rows = Vec::new();
     for query in queries {
-        for row in client.query(query, &[]).await.unwrap_or_else(|e| panic!("{query}: {e}")) {
+        for row in client
+            .query(query, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{query}: {e}"))
+        {
             rows.push(row.get::<_, String>(0));
         }
     }
@@ -151,7 +168,10 @@ async fn an_upgraded_database_equals_a_fresh_install_and_keeps_every_row() {
     let old = TestDb::create_at(Some(RELEASED)).await;
     let client = old.connect().await;
     let version: String = client
-        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'pgpay'", &[])
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pgpay'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -164,7 +184,10 @@ async fn an_upgraded_database_equals_a_fresh_install_and_keeps_every_row() {
         .await
         .expect("ALTER EXTENSION pgpay UPDATE");
     let upgraded_to: String = client
-        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'pgpay'", &[])
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pgpay'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -184,15 +207,30 @@ async fn an_upgraded_database_equals_a_fresh_install_and_keeps_every_row() {
         );
     }
 
-    assert_eq!(rows_of(&client).await, before, "every row survives the upgrade");
+    assert_eq!(
+        rows_of(&client).await,
+        before,
+        "every row survives the upgrade"
+    );
 
     // The whole loop on the upgraded database: the queued refund goes out, a new order pays.
     let order: Uuid = client
-        .query_one("SELECT id FROM pay.begin_checkout('order-after', 1200, 'usd')", &[])
+        .query_one(
+            "SELECT id FROM pay.begin_checkout('order-after', 1200, 'usd')",
+            &[],
+        )
         .await
         .expect("begin_checkout after the upgrade")
         .get(0);
-    assert!(fixtures::answer_create(&client, order, "pi_upgrade_after", "requires_payment_method").await);
+    assert!(
+        fixtures::answer_create(
+            &client,
+            order,
+            "pi_upgrade_after",
+            "requires_payment_method"
+        )
+        .await
+    );
     let intent = fixtures::payment_intent(
         "pi_upgrade_after",
         &order.to_string(),
@@ -200,7 +238,12 @@ async fn an_upgraded_database_equals_a_fresh_install_and_keeps_every_row() {
         "usd",
         "succeeded",
     );
-    let event = fixtures::event("evt_upgrade_after", "payment_intent.succeeded", 1_700_000_200, intent);
+    let event = fixtures::event(
+        "evt_upgrade_after",
+        "payment_intent.succeeded",
+        1_700_000_200,
+        intent,
+    );
     let status: String = client
         .query_one(
             "SELECT status FROM pay.ingest_webhook($1, $2)",
@@ -209,9 +252,16 @@ async fn an_upgraded_database_equals_a_fresh_install_and_keeps_every_row() {
         .await
         .expect("ingest after the upgrade")
         .get(0);
-    assert_eq!(status, "applied", "the secret added at 0.1.0 still verifies");
     assert_eq!(
-        count(&client, "SELECT count(*) FROM pay.fulfillments WHERE completed_at IS NULL").await,
+        status, "applied",
+        "the secret added at 0.1.0 still verifies"
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.fulfillments WHERE completed_at IS NULL"
+        )
+        .await,
         1,
         "the new success is fulfilled once, the old one stays completed"
     );
@@ -222,7 +272,10 @@ async fn an_upgraded_database_equals_a_fresh_install_and_keeps_every_row() {
         ),
     )
     .await;
-    assert_eq!(refunds_pending, 1, "the refund queued at 0.1.0 is still due");
+    assert_eq!(
+        refunds_pending, 1,
+        "the refund queued at 0.1.0 is still due"
+    );
 }
 
 #[tokio::test]
@@ -273,7 +326,10 @@ async fn a_plain_pg_dump_backup_restores_the_payments() {
     let mut expected = before.clone();
     expected.retain(|row| row != "primary");
     after.retain(|row| row != "primary");
-    assert_eq!(after, expected, "every payment, command, audit row and event is restored");
+    assert_eq!(
+        after, expected,
+        "every payment, command, audit row and event is restored"
+    );
     assert_eq!(
         count(
             &restored_client,
@@ -285,7 +341,10 @@ async fn a_plain_pg_dump_backup_restores_the_payments() {
     );
     // Sequences come back too: a new checkout after the restore gets fresh ids.
     restored_client
-        .query_one("SELECT id FROM pay.begin_checkout('order-restored', 700, 'usd')", &[])
+        .query_one(
+            "SELECT id FROM pay.begin_checkout('order-restored', 700, 'usd')",
+            &[],
+        )
         .await
         .expect("begin_checkout after a restore");
 }

@@ -20,8 +20,20 @@ pub enum CheckoutError {
     OrderRef(String),
     #[error("amount must be between 1 and {MAX_AMOUNT} minor units, got {0}")]
     Amount(i64),
+    #[error(
+        "amount {amount} is below Stripe's minimum charge for {currency}: {minimum} minor units ({shown})",
+        currency = .currency.to_ascii_uppercase()
+    )]
+    BelowMinimum {
+        amount: i64,
+        currency: String,
+        minimum: i64,
+        shown: &'static str,
+    },
     #[error("currency must be a three-letter ISO 4217 code such as 'usd', got {0:?}")]
     Currency(String),
+    #[error("currency {0:?} is not a currency Stripe supports")]
+    UnsupportedCurrency(String),
     #[error("customer_ref {0}")]
     CustomerRef(String),
     #[error("description {0}")]
@@ -47,9 +59,61 @@ pub fn normalize_currency(currency: &str) -> Result<String, CheckoutError> {
     let lower = currency.to_ascii_lowercase();
     if ISO_4217.binary_search(&lower.as_str()).is_ok() {
         Ok(lower)
+    } else if lower.len() == 3 && lower.bytes().all(|b| b.is_ascii_lowercase()) {
+        Err(CheckoutError::UnsupportedCurrency(lower))
     } else {
         Err(CheckoutError::Currency(currency.chars().take(16).collect()))
     }
+}
+
+/// Stripe's minimum charge amounts, in minor units, for the currencies its table lists
+/// (docs.stripe.com/currencies, "Minimum and maximum charge amounts"). Stripe applies the minimum
+/// of the account's settlement currency after conversion, so a charge in another currency can
+/// still be refused by Stripe; for a charge in the settlement currency this check is exact.
+/// Sorted by currency (binary search).
+const MINIMUM_CHARGE: [(&str, i64, &str); 24] = [
+    ("aed", 200, "2.00 AED"),
+    ("aud", 50, "A$0.50"),
+    ("bgn", 100, "1.00 BGN"),
+    ("brl", 50, "R$0.50"),
+    ("cad", 50, "CA$0.50"),
+    ("chf", 50, "0.50 CHF"),
+    ("czk", 1500, "15.00 CZK"),
+    ("dkk", 250, "2.50 DKK"),
+    ("eur", 50, "€0.50"),
+    ("gbp", 30, "£0.30"),
+    ("hkd", 400, "HK$4.00"),
+    ("huf", 17500, "175.00 HUF"),
+    ("inr", 50, "₹0.50"),
+    ("jpy", 50, "¥50"),
+    ("mxn", 1000, "MX$10.00"),
+    ("myr", 200, "RM 2.00"),
+    ("nok", 300, "3.00 NOK"),
+    ("nzd", 50, "NZ$0.50"),
+    ("pln", 200, "2.00 PLN"),
+    ("ron", 200, "2.00 RON"),
+    ("sek", 300, "3.00 SEK"),
+    ("sgd", 50, "S$0.50"),
+    ("thb", 1000, "฿10.00"),
+    ("usd", 50, "$0.50"),
+];
+
+/// Refuses an amount below Stripe's minimum charge for `currency` (lower case, as
+/// [`normalize_currency`] returns it).
+pub fn validate_minimum_charge(amount: i64, currency: &str) -> Result<(), CheckoutError> {
+    let Ok(index) = MINIMUM_CHARGE.binary_search_by(|(code, _, _)| (*code).cmp(currency)) else {
+        return Ok(());
+    };
+    let (_, minimum, shown) = MINIMUM_CHARGE[index];
+    if amount < minimum {
+        return Err(CheckoutError::BelowMinimum {
+            amount,
+            currency: currency.to_string(),
+            minimum,
+            shown,
+        });
+    }
+    Ok(())
 }
 
 pub fn validate_customer_ref(customer_ref: &str) -> Result<(), CheckoutError> {
@@ -167,6 +231,44 @@ mod tests {
     #[test]
     fn currency_list_is_sorted_and_unique() {
         assert!(ISO_4217.windows(2).all(|w| w[0] < w[1]));
+        assert!(MINIMUM_CHARGE.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(MINIMUM_CHARGE
+            .iter()
+            .all(|(code, _, _)| ISO_4217.binary_search(code).is_ok()));
+    }
+
+    #[test]
+    fn stripes_minimum_charge_is_refused_naming_the_minimum() {
+        let cases = [
+            ("usd", 49, Some("amount 49 is below Stripe's minimum charge for USD: 50 minor units ($0.50)")),
+            ("usd", 50, None),
+            ("gbp", 29, Some("amount 29 is below Stripe's minimum charge for GBP: 30 minor units (£0.30)")),
+            ("gbp", 30, None),
+            ("eur", 1, Some("amount 1 is below Stripe's minimum charge for EUR: 50 minor units (€0.50)")),
+            ("jpy", 49, Some("amount 49 is below Stripe's minimum charge for JPY: 50 minor units (¥50)")),
+            ("jpy", 50, None),
+            ("huf", 17_499, Some("amount 17499 is below Stripe's minimum charge for HUF: 17500 minor units (175.00 HUF)")),
+            // Not in Stripe's table: Stripe checks the converted amount itself.
+            ("isk", 1, None),
+        ];
+        for (currency, amount, expected) in cases {
+            let got = validate_minimum_charge(amount, currency)
+                .err()
+                .map(|e| e.to_string());
+            assert_eq!(got.as_deref(), expected, "{currency} {amount}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_three_letter_code_is_not_a_format_error() {
+        assert_eq!(
+            normalize_currency("XYZ").unwrap_err().to_string(),
+            "currency \"xyz\" is not a currency Stripe supports"
+        );
+        assert!(normalize_currency("u$d")
+            .unwrap_err()
+            .to_string()
+            .starts_with("currency must be a three-letter ISO 4217 code"));
     }
 
     #[test]
