@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
@@ -200,20 +201,34 @@ fn authenticate(expected: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(api_key_of)
         .ok_or_else(|| {
             ApiError::unauthorized(
-                "Invalid Authorization header: use Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY').",
+                "Invalid Authorization header: use Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY') or Basic auth with the key as the user name (curl -u YOUR_SECRET_KEY:).",
             )
         })?;
     if given != expected {
         return Err(ApiError::unauthorized(format!(
             "Invalid API Key provided: {}",
-            redact_key(given)
+            redact_key(&given)
         )));
     }
     Ok(())
+}
+
+/// The API key of an `Authorization` header, as Stripe takes it: `Bearer <key>`, or HTTP Basic
+/// with the key as the user name and no password (`curl -u sk_test_...:`).
+fn api_key_of(header: &str) -> Option<String> {
+    if let Some(key) = header.strip_prefix("Bearer ") {
+        return Some(key.trim().to_string());
+    }
+    let encoded = header.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let credentials = String::from_utf8(decoded).ok()?;
+    let (user, _password) = credentials.split_once(':').unwrap_or((&credentials, ""));
+    Some(user.to_string())
 }
 
 fn read_params(request: &Incoming) -> Result<Params, ApiError> {
@@ -364,4 +379,26 @@ impl Reply {
 fn to_bytes(value: &Value) -> Bytes {
     // Serializing a Value cannot fail: its keys are strings.
     Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::api_key_of;
+
+    #[test]
+    fn bearer_and_basic_auth_carry_the_key() {
+        let cases = [
+            ("Bearer sk_test_123", Some("sk_test_123")),
+            ("Bearer  sk_test_123 ", Some("sk_test_123")),
+            // curl -u sk_test_123:  → "sk_test_123:" in base64
+            ("Basic c2tfdGVzdF8xMjM6", Some("sk_test_123")),
+            // without the colon, as some clients send it
+            ("Basic c2tfdGVzdF8xMjM=", Some("sk_test_123")),
+            ("Basic !!!", None),
+            ("Token sk_test_123", None),
+        ];
+        for (header, expected) in cases {
+            assert_eq!(api_key_of(header).as_deref(), expected, "{header}");
+        }
+    }
 }
