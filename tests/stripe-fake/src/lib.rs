@@ -96,6 +96,8 @@
 mod api;
 mod card;
 mod charge;
+mod checkout_flow;
+mod checkout_session;
 mod clock;
 mod collection;
 mod config;
@@ -107,6 +109,7 @@ pub mod form;
 mod idempotency;
 mod ids;
 mod ledger;
+mod line_items;
 mod list;
 mod operations;
 mod params;
@@ -122,14 +125,15 @@ mod shared;
 mod state;
 mod webhooks;
 
+pub use checkout_flow::CheckoutPayment;
 pub use config::{Config, API_VERSION};
 pub use error::{ApiError, ErrorType};
 pub use fake::{StartError, StripeFake, WaitTimeout};
 pub use faults::{FaultAction, FaultError, FaultRule, FaultStatus};
 pub use idempotency::DEFAULT_RETENTION_SECS;
 pub use ledger::{
-    EventLedger, IdempotencyLedger, Ledger, PaymentIntentLedger, PaymentIntentSummary,
-    RefundLedger, RefundSummary,
+    CheckoutSessionLedger, CheckoutSessionSummary, EventLedger, IdempotencyLedger, Ledger,
+    PaymentIntentLedger, PaymentIntentSummary, RefundLedger, RefundSummary,
 };
 pub use seed::{SeedError, SeedReport, SeedRequest};
 pub use webhooks::{
