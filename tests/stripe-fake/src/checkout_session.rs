@@ -254,3 +254,56 @@ impl CheckoutSessions {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str, created: i64, expires_at: i64) -> Session {
+        Session {
+            id: id.into(),
+            created,
+            expires_at,
+            mode: Mode::Payment,
+            status: SessionStatus::Open,
+            payment_status: PaymentStatus::Unpaid,
+            currency: "usd".into(),
+            amount_total: 100,
+            line_items: Vec::new(),
+            payment_method_types: vec!["card"],
+            success_url: "https://example.com".into(),
+            cancel_url: None,
+            client_reference_id: None,
+            customer: None,
+            customer_email: None,
+            paid_by_email: None,
+            metadata: BTreeMap::new(),
+            payment_intent_data: PaymentIntentData::default(),
+            payment_intent: None,
+            url: "http://127.0.0.1/c/pay/x".into(),
+        }
+    }
+
+    #[test]
+    fn due_sessions_by_expiry_and_only_while_open() {
+        let mut all = CheckoutSessions::default();
+        all.insert(session("late", 0, 300));
+        all.insert(session("early", 1, 200));
+        all.insert(session("paid", 2, 100));
+        all.update("paid", |s| s.status = SessionStatus::Complete);
+        assert_eq!(all.due(99), Vec::<String>::new());
+        assert_eq!(all.due(200), ["early"]);
+        assert_eq!(all.due(i64::MAX), ["early", "late"]);
+        all.update("early", |s| s.status = SessionStatus::Expired);
+        assert_eq!(all.due(i64::MAX), ["late"]);
+    }
+
+    #[test]
+    fn url_only_while_open() {
+        let mut s = session("cs", 0, 1);
+        assert_eq!(s.to_json()["url"], "http://127.0.0.1/c/pay/x");
+        s.status = SessionStatus::Expired;
+        assert!(s.to_json()["url"].is_null());
+        assert_eq!(s.to_json()["status"], "expired");
+    }
+}

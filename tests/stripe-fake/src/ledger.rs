@@ -52,7 +52,7 @@ pub struct Ledger {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PaymentIntentLedger {
-    /// Created through the API or seeded, since the last reset.
+    /// Created through the API, seeded, or by a Checkout Session's customer, since the last reset.
     pub created: u64,
     pub by_status: BTreeMap<String, u64>,
     /// Every PaymentIntent, oldest first (empty when lists were not asked for).

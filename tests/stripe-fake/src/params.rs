@@ -500,6 +500,40 @@ mod tests {
     }
 
     #[test]
+    fn nested_hashes_and_indexed_lists() {
+        let mut r = reader(
+            "items[10][q]=c&items[2][q]=b&items[0][q]=a&items[0][x][y]=1&types[1]=t1&types[0]=t0",
+        );
+        let mut items = r.hash_list("items").expect("a list");
+        assert_eq!(
+            r.string_list("types").expect("a list"),
+            ["t0", "t1"],
+            "in index order"
+        );
+        let got: Vec<String> = items
+            .iter_mut()
+            .map(|i| i.string("q").expect("string").expect("given"))
+            .collect();
+        assert_eq!(got, ["a", "b", "c"], "10 after 2");
+        let first = &mut items[0];
+        assert_eq!(first.path("q"), "items[0][q]");
+        let mut nested = first.hash("x").expect("hash").expect("given");
+        assert_eq!(nested.integer("z"), Ok(None), "absent is fine at any depth");
+        assert_eq!(
+            nested.finish().expect_err("y unread").param.as_deref(),
+            Some("items[0][x][y]")
+        );
+        assert!(reader("items[a][q]=1").hash_list("items").is_err());
+        assert!(reader("items[0]=1").hash_list("items").is_err());
+        let error = reader("items[0][n]=1.5")
+            .hash_list("items")
+            .expect("a list")[0]
+            .integer("n")
+            .expect_err("not an integer");
+        assert_eq!(error.param.as_deref(), Some("items[0][n]"));
+    }
+
+    #[test]
     fn unknown_parameters_are_named() {
         let mut r = reader("amount=1&created[foo][bar]=2");
         r.integer("amount").expect("valid");
