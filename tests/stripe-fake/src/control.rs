@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::checkout_flow::CheckoutPayment;
 use crate::error::ApiError;
 use crate::faults::FaultRule;
 use crate::pipeline::{HttpResponse, Incoming, Reply};
@@ -61,6 +62,27 @@ struct AuthenticateBody {
 
 fn yes() -> bool {
     true
+}
+
+/// `{"payment_method":"pm_card_visa"}` (the default) or `{"delayed":true}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckoutPayBody {
+    payment_method: Option<String>,
+    #[serde(default)]
+    delayed: bool,
+}
+
+impl CheckoutPayBody {
+    fn payment(self) -> Result<CheckoutPayment, ApiError> {
+        match (self.payment_method, self.delayed) {
+            (Some(_), true) => Err(ApiError::invalid_request(
+                "Give either payment_method or delayed, not both.",
+            )),
+            (None, true) => Ok(CheckoutPayment::Delayed),
+            (pm, false) => Ok(CheckoutPayment::Card(pm.unwrap_or_else(visa))),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -156,6 +178,15 @@ fn route(shared: &Shared, request: &Incoming) -> Result<Value, ApiError> {
             let body: AuthenticateBody = body(request)?;
             shared.authenticate(id, body.succeed)
         }
+        ("POST", ["checkout", "sessions", id, "pay"]) => {
+            let body: CheckoutPayBody = body(request)?;
+            shared.pay_checkout(id, &body.payment()?)
+        }
+        ("POST", ["checkout", "sessions", id, "settle"]) => {
+            let body: AuthenticateBody = body(request)?;
+            shared.settle_checkout(id, body.succeed)
+        }
+        ("POST", ["checkout", "sessions", id, "abandon"]) => shared.abandon_checkout(id),
         ("POST", ["idempotency"]) => {
             let body: RetentionBody = body(request)?;
             if body.retention_secs < 1 {

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::checkout_flow::CheckoutPayment;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::faults::{FaultError, FaultRule, FaultStatus};
@@ -77,7 +78,7 @@ impl StripeFake {
             .map_err(StartError::Client)?;
         let concurrency = config.webhook_concurrency;
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared::new(config, tx));
+        let shared = Arc::new(Shared::new(config, tx, format!("http://{addr}")));
         let dispatcher = tokio::spawn(webhooks::dispatch(shared.clone(), rx, client, concurrency));
         let server = tokio::spawn(server::serve(listener, shared.clone()));
         Ok(StripeFake {
@@ -271,6 +272,35 @@ impl StripeFake {
         succeed: bool,
     ) -> Result<Value, ApiError> {
         self.shared.authenticate(payment_intent, succeed)
+    }
+
+    /// The customer pays on the Checkout Session's hosted page: by card (the session completes
+    /// paid, or a declining card is `Err` with the 402 card error and the session stays open) or by
+    /// a delayed bank debit (the session completes unpaid; see
+    /// [`StripeFake::settle_checkout`]). Events as Stripe emits them, delivered to the webhook.
+    pub async fn pay_checkout(
+        &self,
+        session: &str,
+        payment: CheckoutPayment,
+    ) -> Result<Value, ApiError> {
+        self.shared.pay_checkout(session, &payment)
+    }
+
+    /// The delayed payment of a session completed unpaid succeeds
+    /// (`checkout.session.async_payment_succeeded`) or fails (`..._async_payment_failed`).
+    pub async fn settle_checkout(&self, session: &str, succeed: bool) -> Result<Value, ApiError> {
+        self.shared.settle_checkout(session, succeed)
+    }
+
+    /// The customer walks away: the open session expires now (`checkout.session.expired`).
+    /// Advancing the clock past `expires_at` does the same.
+    pub async fn abandon_checkout(&self, session: &str) -> Result<Value, ApiError> {
+        self.shared.abandon_checkout(session)
+    }
+
+    /// The Checkout Session's JSON as the API would return it.
+    pub fn checkout_session(&self, id: &str) -> Option<Value> {
+        self.shared.checkout_session(id)
     }
 
     /// The PaymentIntent's JSON as the API would return it.

@@ -15,6 +15,7 @@ pub struct Counters {
     pub requests: BTreeMap<&'static str, u64>,
     pub responses: BTreeMap<u16, u64>,
     pub payment_intents_created: u64,
+    pub checkout_sessions_created: u64,
     pub events_by_type: BTreeMap<String, u64>,
     pub replays: u64,
     pub conflicts: u64,
@@ -30,6 +31,7 @@ pub struct Ledger {
     pub now: i64,
     pub clock_offset_secs: i64,
     pub payment_intents: PaymentIntentLedger,
+    pub checkout_sessions: CheckoutSessionLedger,
     /// Charges made by confirmations (failed ones included).
     pub charges: u64,
     pub refunds: RefundLedger,
@@ -50,7 +52,7 @@ pub struct Ledger {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PaymentIntentLedger {
-    /// Created through the API or seeded, since the last reset.
+    /// Created through the API, seeded, or by a Checkout Session's customer, since the last reset.
     pub created: u64,
     pub by_status: BTreeMap<String, u64>,
     /// Every PaymentIntent, oldest first (empty when lists were not asked for).
@@ -65,6 +67,30 @@ pub struct PaymentIntentSummary {
     pub amount_received: i64,
     pub currency: String,
     pub created: i64,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckoutSessionLedger {
+    /// Created through the API since the last reset: one per attempt in an exactly-once test.
+    pub created: u64,
+    /// By `status` (`open`, `complete`, `expired`).
+    pub by_status: BTreeMap<String, u64>,
+    /// Every session, oldest first (empty when lists were not asked for).
+    pub list: Vec<CheckoutSessionSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckoutSessionSummary {
+    pub id: String,
+    pub status: String,
+    pub payment_status: String,
+    pub amount_total: i64,
+    pub currency: String,
+    pub client_reference_id: Option<String>,
+    pub payment_intent: Option<String>,
+    pub created: i64,
+    pub expires_at: i64,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -124,6 +150,24 @@ impl Ledger {
         self.faults_fired.get(action).copied().unwrap_or(0)
     }
 
+    /// Checkout Sessions whose metadata has `key` = `value`.
+    pub fn checkout_sessions_with(&self, key: &str, value: &str) -> Vec<&CheckoutSessionSummary> {
+        self.checkout_sessions
+            .list
+            .iter()
+            .filter(|s| s.metadata.get(key).map(String::as_str) == Some(value))
+            .collect()
+    }
+
+    /// How many Checkout Sessions have this status now.
+    pub fn session_status_count(&self, status: &str) -> u64 {
+        self.checkout_sessions
+            .by_status
+            .get(status)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// PaymentIntents whose metadata has `key` = `value` (say, one order's `order_ref`).
     pub fn payment_intents_with(&self, key: &str, value: &str) -> Vec<&PaymentIntentSummary> {
         self.payment_intents
@@ -153,6 +197,30 @@ pub fn snapshot(state: &State, now: i64, clock_offset_secs: i64, lists: bool) ->
             });
         }
     }
+    let mut sessions = CheckoutSessionLedger {
+        created: counters.checkout_sessions_created,
+        ..CheckoutSessionLedger::default()
+    };
+    for (_, s) in state.checkout_sessions.all.iter() {
+        *sessions
+            .by_status
+            .entry(s.status.as_str().to_owned())
+            .or_default() += 1;
+        if lists {
+            sessions.list.push(CheckoutSessionSummary {
+                id: s.id.clone(),
+                status: s.status.as_str().to_owned(),
+                payment_status: s.payment_status.as_str().to_owned(),
+                amount_total: s.amount_total,
+                currency: s.currency.clone(),
+                client_reference_id: s.client_reference_id.clone(),
+                payment_intent: s.payment_intent.clone(),
+                created: s.created,
+                expires_at: s.expires_at,
+                metadata: s.metadata.clone(),
+            });
+        }
+    }
     let mut refunds = RefundLedger::default();
     for (_, refund) in state.refunds.iter() {
         refunds.count += 1;
@@ -176,6 +244,7 @@ pub fn snapshot(state: &State, now: i64, clock_offset_secs: i64, lists: bool) ->
             by_status,
             list,
         },
+        checkout_sessions: sessions,
         charges: state.charges.len() as u64,
         refunds,
         events: EventLedger {

@@ -40,6 +40,10 @@
 //! | `POST /v1/refunds`, `GET /v1/refunds[/:id]` | `payment_intent` or `charge`, `amount` (default: what is left), `reason` |
 //! | `GET /v1/charges/:id` | |
 //! | `GET /v1/events[/:id]` | newest first; list parameters plus `type` (`payment_intent.*`) or `types[]` |
+//! | `POST /v1/checkout/sessions` | `mode=payment`, `success_url`, `cancel_url`, `line_items[N][price_data][currency]`, `..[unit_amount]`, `..[product_data][name]`, `line_items[N][quantity]`, `client_reference_id`, `customer` or `customer_email`, `metadata[..]`, `payment_intent_data[metadata/description/receipt_email]`, `expires_at`, `payment_method_types[]` |
+//! | `GET /v1/checkout/sessions` | newest first; list parameters plus `payment_intent`, `customer`, `status` (no search: Stripe has none for sessions) |
+//! | `GET /v1/checkout/sessions/:id` | |
+//! | `POST /v1/checkout/sessions/:id/expire` | open sessions only |
 //!
 //! # Control endpoints
 //!
@@ -65,6 +69,9 @@
 //! | `POST /_fake/events/:id/resend` | | `{"resent":"evt_.."}` |
 //! | `POST /_fake/payment_intents/:id/confirm` | `{"payment_method":"pm_card_visa"}` | the PaymentIntent, or a 402 card error |
 //! | `POST /_fake/payment_intents/:id/authenticate` | `{"succeed":true}` | the PaymentIntent |
+//! | `POST /_fake/checkout/sessions/:id/pay` | `{"payment_method":"pm_card_visa"}` or `{"delayed":true}` | the session, or a 402 card error |
+//! | `POST /_fake/checkout/sessions/:id/settle` | `{"succeed":true}` | the session |
+//! | `POST /_fake/checkout/sessions/:id/abandon` | | the session, expired |
 //! | `POST /_fake/idempotency` | `{"retention_secs":86400}` | `{"retention_secs":..}` |
 //!
 //! A fault rule: `{"method":"POST","path":"/v1/payment_intents/*","action":"latency",
@@ -72,6 +79,32 @@
 //! `fail_before_commit`, `rate_limit` with `retry_after_secs`, `latency` with `latency_ms`,
 //! `reset_connection`); `*` in `path` matches anything, `/` included; `times` and `probability`
 //! (seeded by [`Config::seed`]) limit when it fires, and without either it fires on every match.
+//!
+//! # Checkout Sessions
+//!
+//! A session is created open and unpaid, with `payment_intent` null (Stripe creates the
+//! PaymentIntent when the customer confirms, in API versions since 2022-08-01), `url` on the
+//! fake's own address (`{base}/c/pay/cs_test_...`, not served: the control endpoints play the
+//! customer) and `expires_at` 24 h ahead unless given (30 min to 24 h). No event marks creation.
+//! The customer then, through the control endpoints or the handle's `pay_checkout`,
+//! `settle_checkout` and `abandon_checkout`:
+//!
+//! | the customer | session after | events, in this order |
+//! |---|---|---|
+//! | pays by card | complete, paid | `payment_intent.created`, `charge.succeeded`, `payment_intent.succeeded`, `checkout.session.completed` |
+//! | pays with a declining card | still open (402 to the caller) | `payment_intent.created` (first attempt only), `charge.failed`, `payment_intent.payment_failed` |
+//! | pays by bank debit (`us_bank_account` for usd, `sepa_debit` for eur) | complete, unpaid | `payment_intent.created`, `charge.pending`, `payment_intent.processing`, `checkout.session.completed` |
+//! | debit settles | complete, paid | `charge.succeeded`, `payment_intent.succeeded`, `checkout.session.async_payment_succeeded` |
+//! | debit fails | complete, unpaid | `charge.failed`, `payment_intent.payment_failed`, `checkout.session.async_payment_failed` |
+//! | abandons, or the clock passes `expires_at` | expired, `url` null | `payment_intent.canceled` (if a declined attempt left one), `checkout.session.expired` |
+//!
+//! Stripe documents no order among these events and promises none on delivery; the fake emits
+//! one fixed order (`charge.*` before `payment_intent.*` as its PaymentIntents do, the session's
+//! event last) and reorders only when asked ([`DeliveryOptions::reorder_window`]). Due sessions
+//! expire at the next API request or clock push, with `request.id` null. The PaymentIntent
+//! carries `payment_intent_data[metadata]` (not the session's metadata) and refuses
+//! `confirm`/`cancel` through the API, as Stripe's does; refunds work as for any PaymentIntent.
+//! The ledger counts sessions created ([`Ledger::checkout_sessions`]).
 //!
 //! # Idempotency, precisely
 //!
@@ -87,6 +120,10 @@
 //!   `pm_card_authenticationRequired`, ...); capture is always automatic; `customer` is not checked.
 //! - No minimum charge amount (Stripe wants about 50 cents); amounts are 1..=99999999.
 //! - Search is immediately consistent (Stripe's lags by up to a minute).
+//! - Checkout: payment mode and hosted UI only; line items by `price_data` only (no Price or
+//!   Product objects yet); no tax, discounts, shipping or session updates; 3-D Secure cards are
+//!   refused by the customer controls; a session total must be at least 1 (Stripe wants the
+//!   currency's minimum charge, 50 cents for usd).
 //! - Webhook retries are compressed to milliseconds; signatures carry wall-clock time even when the
 //!   fake's clock was advanced, since the receiver checks them against its own clock.
 //! - Webhooks go out one at a time in event order by default ([`Config::webhook_concurrency`]);
@@ -96,6 +133,8 @@
 mod api;
 mod card;
 mod charge;
+mod checkout_flow;
+mod checkout_session;
 mod clock;
 mod collection;
 mod config;
@@ -107,6 +146,7 @@ pub mod form;
 mod idempotency;
 mod ids;
 mod ledger;
+mod line_items;
 mod list;
 mod operations;
 mod params;
@@ -122,14 +162,15 @@ mod shared;
 mod state;
 mod webhooks;
 
+pub use checkout_flow::CheckoutPayment;
 pub use config::{Config, API_VERSION};
 pub use error::{ApiError, ErrorType};
 pub use fake::{StartError, StripeFake, WaitTimeout};
 pub use faults::{FaultAction, FaultError, FaultRule, FaultStatus};
 pub use idempotency::DEFAULT_RETENTION_SECS;
 pub use ledger::{
-    EventLedger, IdempotencyLedger, Ledger, PaymentIntentLedger, PaymentIntentSummary,
-    RefundLedger, RefundSummary,
+    CheckoutSessionLedger, CheckoutSessionSummary, EventLedger, IdempotencyLedger, Ledger,
+    PaymentIntentLedger, PaymentIntentSummary, RefundLedger, RefundSummary,
 };
 pub use seed::{SeedError, SeedReport, SeedRequest};
 pub use webhooks::{

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::api::payment_intents;
+use crate::checkout_flow::{self, CheckoutPayment};
 use crate::error::ApiError;
 use crate::faults::{FaultError, FaultRule, FaultStatus};
 use crate::ledger::{self, Ledger};
@@ -27,8 +28,9 @@ impl Shared {
 
     pub fn advance_clock(&self, secs: u32) -> i64 {
         let now = self.clock.advance(secs);
-        // Waiters on key expiry or `created` re-check.
-        self.update(|_| ());
+        // Sessions past `expires_at` expire now (with their events); waiters on key expiry or
+        // `created` re-check.
+        self.update(|s| checkout_flow::expire_due(s, now));
         now
     }
 
@@ -124,6 +126,35 @@ impl Shared {
     pub fn authenticate(&self, payment_intent: &str, succeed: bool) -> Result<Value, ApiError> {
         let ctx = Ctx::internal(self.clock.now());
         self.update(|s| payment_intents::authenticate(s, &ctx, payment_intent, succeed))
+    }
+
+    /// The customer pays on a Checkout Session's hosted page.
+    pub fn pay_checkout(
+        &self,
+        session: &str,
+        payment: &CheckoutPayment,
+    ) -> Result<Value, ApiError> {
+        let ctx = Ctx::internal(self.clock.now());
+        self.update(|s| checkout_flow::pay(s, &ctx, session, payment))
+    }
+
+    /// The bank debit of a session completed unpaid settles, or fails.
+    pub fn settle_checkout(&self, session: &str, succeed: bool) -> Result<Value, ApiError> {
+        let ctx = Ctx::internal(self.clock.now());
+        self.update(|s| checkout_flow::settle(s, &ctx, session, succeed))
+    }
+
+    /// The customer walks away and the session expires now, as Stripe would at `expires_at`.
+    pub fn abandon_checkout(&self, session: &str) -> Result<Value, ApiError> {
+        let ctx = Ctx::internal(self.clock.now());
+        self.update(|s| {
+            checkout_flow::expire_due(s, ctx.now);
+            checkout_flow::expire(s, &ctx, session)
+        })
+    }
+
+    pub fn checkout_session(&self, id: &str) -> Option<Value> {
+        self.read(|s| s.checkout_sessions.get(id).map(|cs| cs.to_json()))
     }
 
     pub fn payment_intent(&self, id: &str) -> Option<Value> {

@@ -81,22 +81,93 @@ impl CreatedRange {
 #[derive(Debug)]
 pub struct Reader {
     params: BTreeMap<String, Param>,
+    /// For a nested hash (`line_items[0]`): errors name `line_items[0][quantity]`, as Stripe's do.
+    prefix: Option<String>,
 }
 
 impl Reader {
     pub fn new(params: Params) -> Reader {
-        Reader { params: params.0 }
+        Reader {
+            params: params.0,
+            prefix: None,
+        }
+    }
+
+    /// The full name of a parameter read here, for error messages.
+    pub fn path(&self, name: &str) -> String {
+        match &self.prefix {
+            Some(prefix) => format!("{prefix}[{name}]"),
+            None => name.to_owned(),
+        }
+    }
+
+    /// A hash parameter (`payment_intent_data[...]`), read with its own reader.
+    pub fn hash(&mut self, name: &str) -> Result<Option<Reader>, ApiError> {
+        let path = self.path(name);
+        match self.params.remove(name) {
+            None => Ok(None),
+            Some(Param::Str(s)) if s.is_empty() => Ok(None),
+            Some(Param::Map(entries)) => Ok(Some(Reader {
+                params: entries,
+                prefix: Some(path),
+            })),
+            Some(_) => Err(ApiError::invalid_param(
+                &path,
+                format!("Invalid hash: {path} must be a hash"),
+            )),
+        }
+    }
+
+    /// An array of hashes (`line_items[0][...]`, `line_items[1][...]`), in index order, each with
+    /// its own reader.
+    pub fn hash_list(&mut self, name: &str) -> Result<Vec<Reader>, ApiError> {
+        let path = self.path(name);
+        let invalid = || ApiError::invalid_param(&path, format!("Invalid array: {path}"));
+        let items: Vec<(String, Param)> = match self.params.remove(name) {
+            None => return Ok(Vec::new()),
+            Some(Param::Str(s)) if s.is_empty() => return Ok(Vec::new()),
+            Some(Param::List(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| (i.to_string(), item))
+                .collect(),
+            Some(Param::Map(entries)) => {
+                // `a[0]`, `a[1]`, ... arrive as a hash keyed by index; order by the number.
+                let mut indexed = Vec::with_capacity(entries.len());
+                for (index, item) in entries {
+                    let n: usize = index.parse().map_err(|_| invalid())?;
+                    indexed.push((n, index, item));
+                }
+                indexed.sort_by_key(|(n, _, _)| *n);
+                indexed.into_iter().map(|(_, i, item)| (i, item)).collect()
+            }
+            Some(Param::Str(_)) => return Err(invalid()),
+        };
+        items
+            .into_iter()
+            .map(|(index, item)| match item {
+                Param::Map(entries) => Ok(Reader {
+                    params: entries,
+                    prefix: Some(format!("{path}[{index}]")),
+                }),
+                _ => Err(ApiError::invalid_param(
+                    format!("{path}[{index}]"),
+                    format!("Invalid hash: {path}[{index}] must be a hash"),
+                )),
+            })
+            .collect()
     }
 
     /// A string parameter. Stripe treats an empty string as "unset", so it reads as `None`.
     pub fn string(&mut self, name: &str) -> Result<Option<String>, ApiError> {
+        let path = self.path(name);
         match self.params.remove(name) {
             None => Ok(None),
             Some(Param::Str(s)) if s.is_empty() => Ok(None),
             Some(Param::Str(s)) => Ok(Some(s)),
             Some(_) => Err(ApiError::invalid_param(
-                name,
-                format!("Invalid string: {name} must be a string, not a hash or an array"),
+                &path,
+                format!("Invalid string: {path} must be a string, not a hash or an array"),
             )),
         }
     }
@@ -114,7 +185,7 @@ impl Reader {
 
     pub fn required_string(&mut self, name: &str) -> Result<String, ApiError> {
         self.string(name)?
-            .ok_or_else(|| ApiError::missing_param(name))
+            .ok_or_else(|| ApiError::missing_param(&self.path(name)))
     }
 
     /// A string limited to `max_chars` characters.
@@ -126,9 +197,10 @@ impl Reader {
         let value = self.string(name)?;
         if let Some(text) = &value {
             if text.chars().count() > max_chars {
+                let path = self.path(name);
                 return Err(ApiError::invalid_param(
-                    name,
-                    format!("Invalid string: {name} must be at most {max_chars} characters"),
+                    &path,
+                    format!("Invalid string: {path} must be at most {max_chars} characters"),
                 ));
             }
         }
@@ -138,10 +210,11 @@ impl Reader {
     /// A decimal integer that fits in i64; anything else (`1.5`, `1e3`, 30 digits) is Stripe's
     /// "Invalid integer".
     pub fn integer(&mut self, name: &str) -> Result<Option<i64>, ApiError> {
+        let path = self.path(name);
         match self.params.remove(name) {
             None => Ok(None),
-            Some(Param::Str(s)) => parse_integer(name, &s).map(Some),
-            Some(_) => Err(invalid_integer(name, "a hash or an array")),
+            Some(Param::Str(s)) => parse_integer(&path, &s).map(Some),
+            Some(_) => Err(invalid_integer(&path, "a hash or an array")),
         }
     }
 
@@ -181,20 +254,21 @@ impl Reader {
 
     /// `metadata[...]`, checked against Stripe's limits.
     pub fn metadata(&mut self) -> Result<Option<MetadataUpdate>, ApiError> {
+        let name = self.path("metadata");
         let entries = match self.params.remove("metadata") {
             None => return Ok(None),
             Some(Param::Str(s)) if s.is_empty() => return Ok(Some(MetadataUpdate::Clear)),
             Some(Param::Map(entries)) => entries,
             Some(_) => {
                 return Err(ApiError::invalid_param(
-                    "metadata",
-                    "Invalid hash: metadata must be a hash of string keys and values",
+                    &name,
+                    format!("Invalid hash: {name} must be a hash of string keys and values"),
                 ))
             }
         };
         if entries.len() > MAX_METADATA_KEYS {
             return Err(ApiError::invalid_param(
-                "metadata",
+                &name,
                 format!(
                     "You can have up to {MAX_METADATA_KEYS} metadata keys, but you passed in {}.",
                     entries.len()
@@ -203,7 +277,7 @@ impl Reader {
         }
         let mut out = BTreeMap::new();
         for (key, value) in entries {
-            let param = format!("metadata[{}]", shorten(&key));
+            let param = format!("{name}[{}]", shorten(&key));
             let Param::Str(value) = value else {
                 return Err(ApiError::invalid_param(
                     param,
@@ -280,6 +354,18 @@ impl Reader {
                     _ => Err(ApiError::invalid_param(name, "Invalid array")),
                 })
                 .collect(),
+            // The official SDKs send arrays with indexes: `types[0]=a&types[1]=b`.
+            Some(Param::Map(entries)) => {
+                let mut indexed = Vec::with_capacity(entries.len());
+                for (index, item) in entries {
+                    match (index.parse::<usize>(), item) {
+                        (Ok(n), Param::Str(s)) => indexed.push((n, s)),
+                        _ => return Err(ApiError::invalid_param(name, "Invalid array")),
+                    }
+                }
+                indexed.sort_by_key(|(n, _)| *n);
+                Ok(indexed.into_iter().map(|(_, s)| s).collect())
+            }
             Some(_) => Err(ApiError::invalid_param(name, "Invalid array")),
         }
     }
@@ -295,7 +381,13 @@ impl Reader {
     pub fn finish(self) -> Result<(), ApiError> {
         match self.params.into_iter().next() {
             None => Ok(()),
-            Some((name, value)) => Err(ApiError::unknown_param(&first_leaf(&name, &value))),
+            Some((name, value)) => {
+                let name = match &self.prefix {
+                    Some(prefix) => format!("{prefix}[{name}]"),
+                    None => name,
+                };
+                Err(ApiError::unknown_param(&first_leaf(&name, &value)))
+            }
         }
     }
 }
@@ -405,6 +497,40 @@ mod tests {
             reader("metadata=").metadata(),
             Ok(Some(MetadataUpdate::Clear))
         );
+    }
+
+    #[test]
+    fn nested_hashes_and_indexed_lists() {
+        let mut r = reader(
+            "items[10][q]=c&items[2][q]=b&items[0][q]=a&items[0][x][y]=1&types[1]=t1&types[0]=t0",
+        );
+        let mut items = r.hash_list("items").expect("a list");
+        assert_eq!(
+            r.string_list("types").expect("a list"),
+            ["t0", "t1"],
+            "in index order"
+        );
+        let got: Vec<String> = items
+            .iter_mut()
+            .map(|i| i.string("q").expect("string").expect("given"))
+            .collect();
+        assert_eq!(got, ["a", "b", "c"], "10 after 2");
+        let first = &mut items[0];
+        assert_eq!(first.path("q"), "items[0][q]");
+        let mut nested = first.hash("x").expect("hash").expect("given");
+        assert_eq!(nested.integer("z"), Ok(None), "absent is fine at any depth");
+        assert_eq!(
+            nested.finish().expect_err("y unread").param.as_deref(),
+            Some("items[0][x][y]")
+        );
+        assert!(reader("items[a][q]=1").hash_list("items").is_err());
+        assert!(reader("items[0]=1").hash_list("items").is_err());
+        let error = reader("items[0][n]=1.5")
+            .hash_list("items")
+            .expect("a list")[0]
+            .integer("n")
+            .expect_err("not an integer");
+        assert_eq!(error.param.as_deref(), Some("items[0][n]"));
     }
 
     #[test]

@@ -81,6 +81,11 @@ pub struct PaymentIntent {
     pub next_action: Option<Value>,
     pub canceled_at: Option<i64>,
     pub cancellation_reason: Option<String>,
+    /// `card`, or the bank debit a Checkout customer chose (`us_bank_account`, `sepa_debit`).
+    pub payment_method_type: &'static str,
+    /// The Checkout Session that created this PaymentIntent: Stripe refuses to confirm or cancel
+    /// it directly (expire the session instead). Not part of the PaymentIntent's JSON.
+    pub checkout_session: Option<String>,
 }
 
 impl PaymentIntent {
@@ -109,6 +114,8 @@ impl PaymentIntent {
             next_action: None,
             canceled_at: None,
             cancellation_reason: None,
+            payment_method_type: "card",
+            checkout_session: None,
         }
     }
 
@@ -145,7 +152,7 @@ impl PaymentIntent {
             next_action: self.next_action.as_ref(),
             on_behalf_of: None,
             payment_method: self.payment_method.as_deref(),
-            payment_method_types: ["card"],
+            payment_method_types: [self.payment_method_type],
             processing: None,
             receipt_email: self.receipt_email.as_deref(),
             setup_future_usage: None,

@@ -17,6 +17,10 @@ pub enum Route {
     RetrieveCharge(String),
     ListEvents,
     RetrieveEvent(String),
+    CreateCheckoutSession,
+    ListCheckoutSessions,
+    RetrieveCheckoutSession(String),
+    ExpireCheckoutSession(String),
 }
 
 impl Route {
@@ -38,6 +42,12 @@ impl Route {
             ("GET", ["charges", ch]) => Route::RetrieveCharge(id(ch)),
             ("GET", ["events"]) => Route::ListEvents,
             ("GET", ["events", evt]) => Route::RetrieveEvent(id(evt)),
+            ("POST", ["checkout", "sessions"]) => Route::CreateCheckoutSession,
+            ("GET", ["checkout", "sessions"]) => Route::ListCheckoutSessions,
+            ("GET", ["checkout", "sessions", cs]) => Route::RetrieveCheckoutSession(id(cs)),
+            ("POST", ["checkout", "sessions", cs, "expire"]) => {
+                Route::ExpireCheckoutSession(id(cs))
+            }
             _ => return None,
         };
         Some(route)
@@ -59,6 +69,10 @@ impl Route {
             Route::RetrieveCharge(_) => "GET /v1/charges/:id",
             Route::ListEvents => "GET /v1/events",
             Route::RetrieveEvent(_) => "GET /v1/events/:id",
+            Route::CreateCheckoutSession => "POST /v1/checkout/sessions",
+            Route::ListCheckoutSessions => "GET /v1/checkout/sessions",
+            Route::RetrieveCheckoutSession(_) => "GET /v1/checkout/sessions/:id",
+            Route::ExpireCheckoutSession(_) => "POST /v1/checkout/sessions/:id/expire",
         }
     }
 }
@@ -93,6 +107,22 @@ mod tests {
             (Method::DELETE, "/v1/payment_intents/pi_1", None),
             (Method::GET, "/v1/payment_intents/pi_1/cancel", None),
             (Method::GET, "/v2/payment_intents", None),
+            (
+                Method::POST,
+                "/v1/checkout/sessions/cs_test_1/expire",
+                Some(Route::ExpireCheckoutSession("cs_test_1".into())),
+            ),
+            (
+                Method::GET,
+                "/v1/checkout/sessions/cs_test_1",
+                Some(Route::RetrieveCheckoutSession("cs_test_1".into())),
+            ),
+            (
+                Method::GET,
+                "/v1/checkout/sessions/search",
+                Some(Route::RetrieveCheckoutSession("search".into())),
+            ),
+            (Method::POST, "/v1/checkout/sessions/cs_test_1", None),
             (
                 Method::GET,
                 "/v1/events/evt_1",

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::charge::Charge;
+use crate::charge::{Charge, ChargeStatus};
 use crate::ids;
 use crate::params::{MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS};
 use crate::payment_intent::{PaymentIntent, Status};
@@ -144,7 +144,7 @@ pub fn seed(state: &mut State, now: i64, request: &SeedRequest) -> Result<SeedRe
                     created,
                     payment_intent: id.clone(),
                     payment_method: "pm_card_visa".into(),
-                    succeeded: true,
+                    status: ChargeStatus::Succeeded,
                     failure_code: None,
                     failure_message: None,
                 };

@@ -21,8 +21,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, tx: Sender) -> Shared {
-        let state = State::new(&config, config.webhook.clone(), tx, 0);
+    pub fn new(config: Config, tx: Sender, base_url: String) -> Shared {
+        let state = State::new(&config, config.webhook.clone(), tx, 0, base_url);
         Shared {
             config,
             clock: Clock::default(),

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::charge::Charge;
+use crate::checkout_session::CheckoutSessions;
 use crate::collection::Collection;
 use crate::config::{Config, API_VERSION};
 use crate::faults::Faults;
@@ -47,6 +48,7 @@ pub struct Event {
 #[derive(Debug)]
 pub struct State {
     pub payment_intents: PaymentIntents,
+    pub checkout_sessions: CheckoutSessions,
     pub charges: HashMap<String, Charge>,
     pub refunds: Collection<Refund>,
     pub events: Collection<Event>,
@@ -55,6 +57,8 @@ pub struct State {
     pub webhooks: WebhookState,
     pub rate_limit: RateLimit,
     pub counters: Counters,
+    /// `http://127.0.0.1:PORT`: Checkout Session URLs point at the fake itself.
+    pub base_url: String,
 }
 
 impl State {
@@ -63,9 +67,11 @@ impl State {
         endpoint: Option<WebhookEndpoint>,
         tx: Sender,
         epoch: u64,
+        base_url: String,
     ) -> State {
         State {
             payment_intents: PaymentIntents::default(),
+            checkout_sessions: CheckoutSessions::default(),
             charges: HashMap::new(),
             refunds: Collection::default(),
             events: Collection::default(),
@@ -80,6 +86,7 @@ impl State {
             ),
             rate_limit: RateLimit::new(config.rate_limit_per_second),
             counters: Counters::default(),
+            base_url,
         }
     }
 
@@ -89,7 +96,8 @@ impl State {
         let endpoint = self.webhooks.endpoint.take();
         let tx = self.webhooks.sender();
         let epoch = self.webhooks.epoch() + 1;
-        *self = State::new(config, endpoint, tx, epoch);
+        let base_url = std::mem::take(&mut self.base_url);
+        *self = State::new(config, endpoint, tx, epoch, base_url);
     }
 
     /// Records an event with a snapshot of `object` and queues it for delivery.

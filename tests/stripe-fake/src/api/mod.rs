@@ -2,10 +2,12 @@
 //! anything, then changes the state and records events.
 
 mod charges;
+mod checkout_sessions;
 mod events;
 pub mod payment_intents;
 mod refunds;
 
+use crate::checkout_flow;
 use crate::error::ApiError;
 use crate::form::Params;
 use crate::list::Body;
@@ -18,6 +20,8 @@ pub fn execute(
     route: &Route,
     params: Params,
 ) -> Result<Body, ApiError> {
+    // Sessions past `expires_at` expire before anything reads or changes them.
+    checkout_flow::expire_due(state, ctx.now);
     let answer = match route {
         Route::CreatePaymentIntent => payment_intents::create(state, ctx, params),
         Route::ListPaymentIntents => return payment_intents::list(state, params),
@@ -32,6 +36,10 @@ pub fn execute(
         Route::RetrieveCharge(id) => charges::retrieve(state, id, params),
         Route::ListEvents => return events::list(state, params),
         Route::RetrieveEvent(id) => events::retrieve(state, id, params),
+        Route::CreateCheckoutSession => checkout_sessions::create(state, ctx, params),
+        Route::ListCheckoutSessions => return checkout_sessions::list(state, params),
+        Route::RetrieveCheckoutSession(id) => checkout_sessions::retrieve(state, id, params),
+        Route::ExpireCheckoutSession(id) => checkout_sessions::expire(state, ctx, id, params),
     };
     answer.map(Body::from)
 }

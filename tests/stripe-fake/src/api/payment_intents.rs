@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::card::{self, Outcome};
-use crate::charge::Charge;
+use crate::charge::{Charge, ChargeStatus};
 use crate::collection::{predecessor, Key};
 use crate::error::{shorten, ApiError};
 use crate::form::Params;
@@ -194,7 +194,9 @@ pub fn cancel(state: &mut State, ctx: &Ctx, id: &str, params: Params) -> Result<
             ));
         }
     }
-    let status = find(state, id)?.status;
+    let pi = find(state, id)?;
+    refuse_if_checkout(pi, "cancel")?;
+    let status = pi.status;
     if matches!(status, Status::Succeeded | Status::Canceled) {
         return Err(ApiError::unexpected_state(
             "payment_intent_unexpected_state",
@@ -223,8 +225,34 @@ pub fn confirm(state: &mut State, ctx: &Ctx, id: &str, params: Params) -> Result
 
 /// Confirms as a customer would: `pm_card_visa` succeeds, `pm_card_chargeDeclined` is a 402 that
 /// leaves the PaymentIntent in `requires_payment_method`, `pm_card_authenticationRequired` asks
-/// for 3-D Secure.
+/// for 3-D Secure. A Checkout Session's PaymentIntent is confirmed by its session only.
 pub fn confirm_with(
+    state: &mut State,
+    ctx: &Ctx,
+    id: &str,
+    payment_method: Option<String>,
+) -> Result<Value, ApiError> {
+    refuse_if_checkout(find(state, id)?, "confirm")?;
+    attempt_payment(state, ctx, id, payment_method)
+}
+
+/// Stripe: "You can't confirm or cancel the PaymentIntent for a Checkout Session. To cancel,
+/// expire the Checkout Session instead."
+fn refuse_if_checkout(pi: &PaymentIntent, verb: &str) -> Result<(), ApiError> {
+    match &pi.checkout_session {
+        Some(session) => Err(ApiError::unexpected_state(
+            "payment_intent_unexpected_state",
+            format!(
+                "You cannot {verb} this PaymentIntent because it belongs to the Checkout Session {session}. To cancel, expire the Checkout Session instead."
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The payment attempt itself, with the card outcomes of [`crate::card`]; the Checkout flow calls
+/// it for its own PaymentIntents.
+pub fn attempt_payment(
     state: &mut State,
     ctx: &Ctx,
     id: &str,
@@ -259,7 +287,7 @@ pub fn confirm_with(
                 created: ctx.now,
                 payment_intent: id.to_owned(),
                 payment_method: pm.clone(),
-                succeeded: false,
+                status: ChargeStatus::Failed,
                 failure_code: Some(code),
                 failure_message: Some(message),
             };
@@ -350,7 +378,7 @@ fn succeed(state: &mut State, ctx: &Ctx, id: &str, pm: String) -> Result<Value, 
         created: ctx.now,
         payment_intent: id.to_owned(),
         payment_method: pm.clone(),
-        succeeded: true,
+        status: ChargeStatus::Succeeded,
         failure_code: None,
         failure_message: None,
     };
@@ -464,7 +492,7 @@ fn decode_page(token: &str) -> Result<Key, ApiError> {
     ))
 }
 
-fn find<'a>(state: &'a State, id: &str) -> Result<&'a PaymentIntent, ApiError> {
+pub fn find<'a>(state: &'a State, id: &str) -> Result<&'a PaymentIntent, ApiError> {
     state
         .payment_intents
         .get(id)
@@ -472,7 +500,7 @@ fn find<'a>(state: &'a State, id: &str) -> Result<&'a PaymentIntent, ApiError> {
 }
 
 /// Applies `change` and returns the PaymentIntent's JSON afterwards.
-fn update_pi(
+pub fn update_pi(
     state: &mut State,
     id: &str,
     change: impl FnOnce(&mut PaymentIntent),

@@ -84,7 +84,7 @@ pub fn create(state: &mut State, ctx: &Ctx, params: Params) -> Result<Value, Api
         .charges
         .get_mut(&charge_id)
         .ok_or_else(|| ApiError::no_such("charge", &charge_id, "charge"))?;
-    if !charge.succeeded {
+    if !charge.succeeded() {
         return Err(ApiError::unexpected_state(
             "charge_not_refundable",
             format!("Charge {charge_id} has not succeeded and cannot be refunded."),
