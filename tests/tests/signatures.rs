@@ -10,9 +10,10 @@ async fn every_sdk_vector_gets_the_sdk_verdict_through_sql() {
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/stripe_webhook_signatures.json"
     );
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("tests/fixtures/stripe_webhook_signatures.json"))
-            .expect("json");
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(path).expect("tests/fixtures/stripe_webhook_signatures.json"),
+    )
+    .expect("json");
     let vectors = doc["vectors"].as_array().expect("vectors");
     assert!(vectors.len() >= 20, "expected the full vector set");
     let statement = client

@@ -358,7 +358,8 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../../tests/fixtures/stripe_webhook_signatures.json"
         );
-        let text = std::fs::read_to_string(path).expect("tests/fixtures/stripe_webhook_signatures.json");
+        let text =
+            std::fs::read_to_string(path).expect("tests/fixtures/stripe_webhook_signatures.json");
         let doc: serde_json::Value = serde_json::from_str(&text).expect("vectors are JSON");
         let vectors = doc["vectors"].as_array().expect("a vectors array");
         assert!(vectors.len() >= 20);
