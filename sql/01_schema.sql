@@ -1,6 +1,6 @@
 -- pgpay schema: payments, their outbox commands and the audit log.
--- The invariants of DESIGN.md are written here as named constraints, so the database refuses a
--- bad state even if a function is wrong.
+-- The payment invariants are written here as named constraints, so the database refuses a bad
+-- state even if a function is wrong.
 
 CREATE TYPE pay.payment_status AS ENUM (
     'creating',                 -- ours: no PaymentIntent yet

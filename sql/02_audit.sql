@@ -18,8 +18,9 @@ CREATE TRIGGER audit_log_no_truncate
     BEFORE TRUNCATE ON pay.audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION pay._audit_log_is_append_only();
 
--- Writes one audit row. Every status change goes through here. (plpgsql, not SQL: a SQL function
--- that cannot be inlined is planned again on every call.)
+-- Writes one audit row for the plpgsql functions. The transition rule's writes in Rust
+-- (extension/src/apply_intent.rs) insert the same row through their kept plan instead.
+-- (plpgsql, not SQL: a SQL function that cannot be inlined is planned again on every call.)
 CREATE FUNCTION pay._audit(
     p_payment_id uuid,
     p_from pay.payment_status,

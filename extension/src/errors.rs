@@ -1,5 +1,7 @@
-//! The one place where Rust errors become Postgres errors, each with an explicit SQLSTATE (a bare
-//! `Err` from pgrx would surface as a vague 22000/XX000).
+//! Typed Rust errors become Postgres errors here, each with an explicit SQLSTATE (a bare `Err`
+//! from pgrx would surface as a vague 22000/XX000). The few conditions found while holding a
+//! payment's row lock (`apply_intent.rs`, `webhook.rs`) raise with `ereport!` where they are
+//! found, also with an explicit SQLSTATE.
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;

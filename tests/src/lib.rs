@@ -78,8 +78,13 @@ impl TestDb {
 
     /// The same connection string as a URL, for programs that take `DATABASE_URL`.
     pub fn database_url(&self) -> String {
+        self.database_url_as("postgres")
+    }
+
+    /// [`TestDb::database_url`] logging in as `user` (a role the test created).
+    pub fn database_url_as(&self, user: &str) -> String {
         let port = std::env::var("PGPAY_TEST_PORT").unwrap_or_else(|_| "5432".into());
-        format!("postgres://postgres@127.0.0.1:{port}/{}", self.name)
+        format!("postgres://{user}@127.0.0.1:{port}/{}", self.name)
     }
 
     pub async fn connect(&self) -> Client {

@@ -7,22 +7,23 @@
 //!
 //! Start one in-process with [`start`] (tests do) or run it to completion with [`run`]
 //! (the binary does). Shutdown is a [`CancellationToken`] you pass in.
+//!
+//! Layout, one job per folder: [`outbox`] (claim, send, write back), [`stripe`] (the
+//! client, what its answers mean, reads, rate limit, backoff), [`jobs`] (reconciliation,
+//! the refresh of stuck payments, status, their schedule), and at the top [`config`], `db`
+//! (pool, connections, errors), `http` (`/healthz`, `/metrics`, the webhook relay) and
+//! [`metrics`].
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
-pub mod backoff;
-pub mod classify;
-pub mod command;
 pub mod config;
-pub mod db;
-pub mod dispatcher;
+mod db;
+mod error_chain;
 mod http;
-mod maintenance;
+pub mod jobs;
 pub mod metrics;
-pub mod ratelimit;
-pub mod reconcile;
-pub mod secret;
-pub mod status;
+pub mod outbox;
+mod secret;
+mod shared;
 pub mod stripe;
 
 use std::net::SocketAddr;
@@ -34,10 +35,14 @@ pub use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use crate::config::{ConfigError, RunArgs, WorkerConfig};
+pub use crate::db::DbError;
+pub use crate::error_chain::ErrorChain;
+pub use crate::jobs::JobError;
 pub use crate::metrics::{Metrics, Outcome};
 pub use crate::secret::SecretString;
 
-use crate::dispatcher::{Dispatcher, Shared};
+use crate::outbox::Dispatcher;
+use crate::shared::Shared;
 
 /// Why the worker could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -50,13 +55,11 @@ pub enum WorkerError {
     Client(#[from] stripe::ClientError),
     /// The database pool could not be built.
     #[error("could not set up the database pool")]
-    Db(#[from] db::DbError),
+    Db(#[from] DbError),
     /// `--http-listen` could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
-        /// The address.
         addr: SocketAddr,
-        /// Why.
         #[source]
         source: std::io::Error,
     },
@@ -65,7 +68,7 @@ pub enum WorkerError {
     Http(#[source] std::io::Error),
     /// A reconciliation failed.
     #[error("reconciliation failed")]
-    Reconcile(#[from] reconcile::ReconcileError),
+    Reconcile(#[from] JobError),
     /// A worker task panicked.
     #[error("worker task panicked")]
     Panicked(#[source] tokio::task::JoinError),
@@ -78,7 +81,7 @@ pub struct WorkerHandle {
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     dispatcher: JoinHandle<()>,
-    maintenance: Option<JoinHandle<()>>,
+    schedule: Option<JoinHandle<()>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -115,7 +118,7 @@ impl WorkerHandle {
     /// Waits until the worker has stopped (after a shutdown request).
     pub async fn wait(self) -> Result<(), WorkerError> {
         let d = self.dispatcher.await;
-        let m = match self.maintenance {
+        let m = match self.schedule {
             Some(m) => m.await,
             None => Ok(()),
         };
@@ -139,11 +142,11 @@ impl WorkerHandle {
         if let Some(h) = &self.http {
             h.abort();
         }
-        if let Some(m) = &self.maintenance {
+        if let Some(m) = &self.schedule {
             m.abort();
         }
         let _ = self.dispatcher.await;
-        if let Some(m) = self.maintenance {
+        if let Some(m) = self.schedule {
             let _ = m.await;
         }
         if let Some(h) = self.http {
@@ -172,7 +175,7 @@ pub async fn start(
         let queue = Duration::from_secs_f64(config.concurrency as f64 / config.rate_limit);
         let window = config
             .lease
-            .saturating_sub(config.stripe.request_timeout + dispatcher::LEASE_MARGIN * 2);
+            .saturating_sub(config.stripe.request_timeout + config::LEASE_MARGIN * 2);
         if queue > window {
             warn!(
                 ?queue,
@@ -211,15 +214,15 @@ pub async fn start(
     info!(config = ?config, "starting pgpay-worker");
     let worker_id = config.worker_id.clone();
     let shared = Arc::new(Shared {
-        limiter: ratelimit::RateLimiter::new(config.rate_limit),
+        limiter: stripe::RateLimiter::new(config.rate_limit),
         cfg: config,
         pool,
         stripe,
         metrics: metrics.clone(),
     });
-    let maintenance = (shared.cfg.reconcile_every.is_some()
+    let schedule = (shared.cfg.reconcile_every.is_some()
         || shared.cfg.refresh_stuck_every.is_some())
-    .then(|| tokio::spawn(maintenance::run(shared.clone(), cancel.clone())));
+    .then(|| tokio::spawn(jobs::schedule::run(shared.clone(), cancel.clone())));
     let dispatcher = tokio::spawn(Dispatcher::new(shared, cancel.clone()).run());
     Ok(WorkerHandle {
         worker_id,
@@ -227,7 +230,7 @@ pub async fn start(
         metrics,
         cancel,
         dispatcher,
-        maintenance,
+        schedule,
         http,
     })
 }

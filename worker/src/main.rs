@@ -7,10 +7,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use pgpay_worker::classify::ErrorChain;
+use humantime::Duration as Human;
 use pgpay_worker::config::{parse_duration, ScheduleArgs};
-use pgpay_worker::reconcile::{Counts, Phase, ReconcileOptions, Report, Started};
-use pgpay_worker::{CancellationToken, RunArgs};
+use pgpay_worker::jobs::reconcile::{Counts, Phase, ReconcileOptions, Report, Started};
+use pgpay_worker::jobs::JobError;
+use pgpay_worker::{CancellationToken, ErrorChain, RunArgs};
 use tracing_subscriber::EnvFilter;
 
 /// Exit codes beyond 0 (success) and 1 (failure, or something needs a human).
@@ -52,13 +53,13 @@ struct RunCmd {
 struct ReconcileCmd {
     /// PaymentIntents and events created this long ago or later (e.g. 48h).
     #[arg(long, value_parser = parse_duration)]
-    since: Duration,
+    since: Human,
     /// Do everything in a transaction that is rolled back, and print what would change.
     #[arg(long)]
     dry_run: bool,
     /// The run's lease (renewed after every page); another replica may take over after it.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
-    run_lease: Duration,
+    run_lease: Human,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -73,7 +74,7 @@ struct StatusCmd {
     json: bool,
     /// A last reconciliation that finished longer ago than this needs a human.
     #[arg(long, default_value = "50h", value_parser = parse_duration)]
-    reconcile_stale_after: Duration,
+    reconcile_stale_after: Human,
 }
 
 fn main() -> ExitCode {
@@ -181,14 +182,14 @@ async fn reconcile(cmd: ReconcileCmd) -> ExitCode {
         Err(e) => return config_error(&e),
     };
     let options = ReconcileOptions {
-        window: cmd.since,
+        window: cmd.since.into(),
         dry_run: cmd.dry_run,
-        lease: cmd.run_lease,
+        lease: cmd.run_lease.into(),
     };
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(cancel.clone()));
     let progress = Progress::new();
-    let result = pgpay_worker::reconcile::reconcile_with_config(
+    let result = pgpay_worker::jobs::reconcile::reconcile_with_config(
         &config,
         &options,
         &cancel,
@@ -271,18 +272,19 @@ fn summary(r: &Report) -> String {
 }
 
 async fn status(cmd: StatusCmd) -> ExitCode {
-    let pg: pgpay_worker::reconcile::Config = match cmd.database_url.parse() {
+    let pg: tokio_postgres::Config = match cmd.database_url.parse() {
         Ok(c) => c,
         Err(e) => return config_error(&pgpay_worker::ConfigError::DatabaseUrl(e)),
     };
+    let stale_after: Duration = cmd.reconcile_stale_after.into();
     let result = async {
-        let client = pgpay_worker::reconcile::connect(&pg).await?;
-        pgpay_worker::status::read(&client).await.map_err(|source| {
-            pgpay_worker::reconcile::ReconcileError::Db {
+        let client = pgpay_worker::jobs::connect(&pg, "pgpay-worker status").await?;
+        pgpay_worker::jobs::status::read(&client)
+            .await
+            .map_err(|source| JobError::Db {
                 op: "status_report",
                 source,
-            }
-        })
+            })
     }
     .await;
     let status = match result {
@@ -295,9 +297,9 @@ async fn status(cmd: StatusCmd) -> ExitCode {
     if cmd.json {
         println!("{:#}", status.report);
     } else {
-        print!("{}", status.render(cmd.reconcile_stale_after));
+        print!("{}", status.render(stale_after));
     }
-    if status.problems(cmd.reconcile_stale_after).is_empty() {
+    if status.problems(stale_after).is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

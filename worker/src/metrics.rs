@@ -73,14 +73,15 @@ struct OpLabels {
     op: String,
 }
 
-/// Kinds the contract names; anything else is counted as `other` to bound cardinality.
-pub fn kind_label(kind: &str) -> &str {
-    match kind {
-        "create_payment_intent"
-        | "cancel_payment_intent"
-        | "refund"
-        | "retrieve_payment_intent" => kind,
-        _ => "other",
+/// The outbox kinds (`pay.outbox_kind` in sql/01_schema.sql); anything else is counted as
+/// `other` to bound cardinality.
+const OUTBOX_KINDS: [&str; 3] = ["create_payment_intent", "cancel_payment_intent", "refund"];
+
+fn kind_label(kind: &str) -> &str {
+    if OUTBOX_KINDS.contains(&kind) {
+        kind
+    } else {
+        "other"
     }
 }
 
@@ -329,18 +330,13 @@ impl Metrics {
     }
     /// Commands with `outcome`, all kinds.
     pub fn commands_with(&self, outcome: Outcome) -> u64 {
-        [
-            "create_payment_intent",
-            "cancel_payment_intent",
-            "refund",
-            "retrieve_payment_intent",
-            "other",
-        ]
-        .iter()
-        .map(|k| self.commands(k, outcome))
-        .sum()
+        OUTBOX_KINDS
+            .iter()
+            .chain(&["other"])
+            .map(|k| self.commands(k, outcome))
+            .sum()
     }
-    /// Retries for `reason` (see [`crate::classify::RetryReason::as_str`]).
+    /// Retries for `reason` (`http_429`, `timeout`, ...: the `reason` label).
     pub fn retries(&self, reason: &str) -> u64 {
         self.retries
             .get(&ReasonLabels {

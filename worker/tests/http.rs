@@ -183,11 +183,7 @@ async fn the_worker_needs_nothing_but_the_pay_worker_role() {
     })
     .await;
     let mut cfg = config(&db, &stripe.base_url());
-    cfg.database = db
-        .database_url()
-        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1)
-        .parse()
-        .unwrap();
+    cfg.database = db.database_url_as(&role).parse().unwrap();
     cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
     let worker = pgpay_worker::start(cfg, CancellationToken::new())
         .await

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{checkout, config, count, init_tracing, wait_for_count, WAIT};
 use pgpay_tests::tokio_postgres::Client;
 use pgpay_tests::{wait_until, TestDb};
-use pgpay_worker::reconcile::{reconcile_with_config, ReconcileOptions, Report, Started};
+use pgpay_worker::jobs::reconcile::{reconcile_with_config, ReconcileOptions, Report, Started};
 use pgpay_worker::{CancellationToken, WorkerConfig};
 use serde_json::Value;
 use stripe_fake::{Config as FakeConfig, DeliveryOptionsPatch, FaultAction, FaultRule, StripeFake};
@@ -358,7 +358,7 @@ async fn orphans_are_adopted_drift_is_a_finding_foreign_intents_are_counted_and_
     );
 
     // status sees what needs a human.
-    let status = pgpay_worker::status::read(&client).await.unwrap();
+    let status = pgpay_worker::jobs::status::read(&client).await.unwrap();
     let problems = status.problems(Duration::from_secs(3600));
     assert!(
         problems

@@ -387,13 +387,13 @@ async fn first_attempt_a_day_ago(
     let (id, attempt, key, request): (i64, i32, String, serde_json::Value) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     if reached_stripe {
-        let req = pgpay_worker::command::parse_request(&request, Some(&key)).unwrap();
+        let req = pgpay_worker::outbox::parse_request(&request, Some(&key)).unwrap();
         let resp = reqwest::Client::new()
             .post(format!("{}{}", fake.base_url(), req.path))
             .header("Authorization", format!("Bearer {FAKE_KEY}"))
             .header("Idempotency-Key", &key)
             .header("Content-Type", "application/x-www-form-urlencoded")
-            .body(pgpay_worker::command::encode_form(&req.params))
+            .body(pgpay_worker::stripe::encode_form(&req.params))
             .send()
             .await
             .unwrap();

@@ -10,9 +10,12 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::classify::ErrorChain;
-use crate::dispatcher::Shared;
-use crate::reconcile::{self, ReconcileError, ReconcileOptions, Started, StripeReader};
+use super::reconcile::{self, ReconcileOptions, Started};
+use super::refresh::refresh_stuck;
+use super::{connect, JobError};
+use crate::error_chain::ErrorChain;
+use crate::shared::Shared;
+use crate::stripe::StripeReader;
 
 /// Stuck payments refreshed per round (each is one GET).
 const REFRESH_BATCH: i64 = 100;
@@ -46,21 +49,16 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = tick(&mut refresh_tick) => refresh(&shared, &cancel).await,
         }
     }
-    debug!("maintenance stopped");
+    debug!("schedule stopped");
 }
 
 fn reader<'a>(shared: &'a Shared, cancel: &'a CancellationToken) -> StripeReader<'a> {
-    StripeReader {
-        stripe: &shared.stripe,
-        limiter: &shared.limiter,
-        retry: &shared.cfg.retry,
-        cancel,
-    }
+    StripeReader::new(&shared.stripe, &shared.limiter, &shared.cfg.retry, cancel)
 }
 
 async fn scheduled_reconcile(shared: &Shared, cancel: &CancellationToken) {
     let result = async {
-        let client = reconcile::connect(&shared.cfg.database).await?;
+        let client = connect(&shared.cfg.database, "pgpay-worker reconcile").await?;
         reconcile::reconcile(
             &client,
             &reader(shared, cancel),
@@ -76,7 +74,7 @@ async fn scheduled_reconcile(shared: &Shared, cancel: &CancellationToken) {
         Ok(Started::AlreadyRunning) => {
             debug!("another replica is reconciling; skipping this turn")
         }
-        Err(ReconcileError::Canceled) => info!("reconciliation canceled at shutdown"),
+        Err(JobError::Canceled) => info!("reconciliation canceled at shutdown"),
         Err(e) => {
             shared.metrics.db_error("reconcile");
             warn!(error = %ErrorChain(&e), "scheduled reconciliation failed");
@@ -86,8 +84,8 @@ async fn scheduled_reconcile(shared: &Shared, cancel: &CancellationToken) {
 
 async fn refresh(shared: &Shared, cancel: &CancellationToken) {
     let result = async {
-        let client = reconcile::connect(&shared.cfg.database).await?;
-        reconcile::refresh_stuck(&client, &reader(shared, cancel), REFRESH_BATCH).await
+        let client = connect(&shared.cfg.database, "pgpay-worker refresh").await?;
+        refresh_stuck(&client, &reader(shared, cancel), REFRESH_BATCH).await
     }
     .await;
     match result {
@@ -98,7 +96,7 @@ async fn refresh(shared: &Shared, cancel: &CancellationToken) {
             "refreshed stuck payments"
         ),
         Ok(_) => {}
-        Err(ReconcileError::Canceled) => {}
+        Err(JobError::Canceled) => {}
         Err(e) => {
             shared.metrics.db_error("refresh_stuck");
             warn!(error = %ErrorChain(&e), "refreshing stuck payments failed");

@@ -1,7 +1,8 @@
-//! The one place where an attempt's result becomes a decision: complete, retry or fail.
+//! The one place where Stripe's answer (or its absence) becomes a decision: complete,
+//! retry or fail. The outbox writes the decision back; the reader acts on it.
 //!
-//! Rules (DESIGN.md "Worker", STYLE.md "Worker"):
-//! - 2xx: done; the body goes to `pay.complete_outbox`.
+//! Rules:
+//! - 2xx: done; for a command, the body goes to `pay.complete_outbox`.
 //! - `Stripe-Should-Retry: true` / `false` on a non-2xx answer wins over the status code.
 //! - 409 (idempotency key in flight), 429, 5xx: retry.
 //! - No answer (timeout, connection error, broken body): retry — the Idempotency-Key makes
@@ -13,16 +14,15 @@
 //! - Any other 4xx: permanent; Stripe's error JSON goes to `pay.fail_outbox`.
 //!
 //! Retry delays: full jitter from the row's attempt number, with `Retry-After` as a floor
-//! (clamped), see [`crate::backoff`].
+//! (clamped), see `RetryPolicy`.
 
-use std::error::Error;
-use std::fmt;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::backoff::RetryPolicy;
-use crate::stripe::{SendError, StripeResponse};
+use super::backoff::RetryPolicy;
+use super::client::{SendError, StripeResponse};
+use crate::error_chain::ErrorChain;
 
 /// What an HTTP status (with Stripe's hint header) means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,10 +98,11 @@ pub fn classify_status(status: u16, should_retry: Option<bool>) -> Verdict {
     }
 }
 
-/// The write-back that follows an attempt: which `pay.*_outbox` function to call, with what.
+/// What one attempt comes to. For an outbox command each variant is one of the fenced
+/// write-backs: `pay.complete_outbox`, `pay.retry_outbox`, `pay.fail_outbox`.
 #[derive(Debug, Clone, PartialEq)]
-pub enum WriteBack {
-    /// `pay.complete_outbox(id, attempt, http_status, response)`.
+pub enum Decision {
+    /// Stripe acted: its answer is the result.
     Complete {
         /// HTTP status of the answer.
         http_status: u16,
@@ -110,18 +111,17 @@ pub enum WriteBack {
         /// Stripe replayed a stored answer for this key.
         replayed: bool,
     },
-    /// `pay.retry_outbox(id, attempt, http_status, error, now() + delay)`.
+    /// Try again after `delay` (same Idempotency-Key).
     Retry {
         /// HTTP status, `None` when there was no answer.
         http_status: Option<u16>,
         /// Short description for `last_error` (no bodies, no keys).
         error: String,
-        /// Delay before the command may be claimed again.
+        /// Delay before the next attempt.
         delay: Duration,
-        /// Why.
         reason: RetryReason,
     },
-    /// `pay.fail_outbox(id, attempt, http_status, error)`.
+    /// Stripe refused for good: record its error.
     Fail {
         /// HTTP status, `None` for a command that was never sent (malformed).
         http_status: Option<u16>,
@@ -130,13 +130,13 @@ pub enum WriteBack {
     },
 }
 
-/// The classification boundary: turns the result of one attempt into its write-back.
+/// The classification boundary: turns the result of one attempt into its decision.
 pub fn decide(
     result: Result<StripeResponse, SendError>,
     attempt: i32,
     policy: &RetryPolicy,
     rng: &mut fastrand::Rng,
-) -> WriteBack {
+) -> Decision {
     let resp = match result {
         Ok(resp) => resp,
         Err(err) => {
@@ -145,7 +145,7 @@ pub fn decide(
                 SendError::Connect(_) => RetryReason::Connect,
                 SendError::Transport(_) | SendError::BodyTooLarge => RetryReason::Transport,
             };
-            return WriteBack::Retry {
+            return Decision::Retry {
                 http_status: None,
                 error: truncate(ErrorChain(&err).to_string()),
                 delay: policy.delay(attempt, None, rng),
@@ -157,12 +157,12 @@ pub fn decide(
     match classify_status(resp.status, resp.should_retry) {
         // complete_outbox takes the object Stripe answered; anything else is not Stripe.
         Verdict::Complete => match body.filter(Value::is_object) {
-            Some(response) => WriteBack::Complete {
+            Some(response) => Decision::Complete {
                 http_status: resp.status,
                 response,
                 replayed: resp.replayed,
             },
-            None => WriteBack::Retry {
+            None => Decision::Retry {
                 http_status: Some(resp.status),
                 error: format!(
                     "HTTP {} with a body that is not a JSON object ({} bytes)",
@@ -173,13 +173,13 @@ pub fn decide(
                 reason: RetryReason::InvalidBody,
             },
         },
-        Verdict::Retry(reason) => WriteBack::Retry {
+        Verdict::Retry(reason) => Decision::Retry {
             http_status: Some(resp.status),
             error: truncate(describe_error(resp.status, body.as_ref(), resp.body.len())),
             delay: policy.delay(attempt, resp.retry_after, rng),
             reason,
         },
-        Verdict::Fail => WriteBack::Fail {
+        Verdict::Fail => Decision::Fail {
             http_status: Some(resp.status),
             error: match body {
                 Some(v) if v.get("error").is_some_and(Value::is_object) => v,
@@ -194,11 +194,6 @@ pub fn decide(
             },
         },
     }
-}
-
-/// A permanent failure of our own making (a malformed row), in Stripe's error shape.
-pub fn worker_error(message: impl fmt::Display) -> Value {
-    json!({"error": {"type": "pgpay_worker_error", "message": message.to_string()}})
 }
 
 /// `HTTP 429 rate_limit: Too many requests` — type, code and message from Stripe's error
@@ -234,21 +229,6 @@ fn truncate(mut s: String) -> String {
         s.push('…');
     }
     s
-}
-
-/// Displays an error with its whole `source()` chain: `a: b: c`.
-pub struct ErrorChain<'a>(pub &'a (dyn Error + 'a));
-
-impl fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -357,11 +337,11 @@ mod tests {
                 let got = decide(Ok(resp(status, sr, ra, body)), attempt, &policy, &mut rng);
                 let ctx = format!("status {status} sr {sr:?} ra {ra:?} attempt {attempt}: {got:?}");
                 match got {
-                    WriteBack::Complete { http_status, .. } => {
+                    Decision::Complete { http_status, .. } => {
                         assert_eq!(want, K::Complete, "{ctx}");
                         assert_eq!(http_status, status);
                     }
-                    WriteBack::Retry {
+                    Decision::Retry {
                         delay, http_status, ..
                     } => {
                         assert_eq!(want, K::Retry, "{ctx}");
@@ -370,7 +350,7 @@ mod tests {
                         let top = floor.max(policy.ceiling(attempt));
                         assert!(delay >= floor && delay <= top, "{ctx}");
                     }
-                    WriteBack::Fail { error, http_status } => {
+                    Decision::Fail { error, http_status } => {
                         assert_eq!(want, K::Fail, "{ctx}");
                         assert_eq!(http_status, Some(status));
                         assert!(error["error"].is_object(), "{ctx}");
@@ -392,7 +372,7 @@ mod tests {
         );
         assert_eq!(
             got,
-            WriteBack::Fail {
+            Decision::Fail {
                 http_status: Some(402),
                 error: serde_json::from_str(body).unwrap()
             }
@@ -404,7 +384,7 @@ mod tests {
             &mut rng,
         );
         match got {
-            WriteBack::Fail { error, .. } => {
+            Decision::Fail { error, .. } => {
                 assert_eq!(error["error"]["type"], "api_error");
                 assert!(!error.to_string().contains("nope"));
             }
@@ -422,7 +402,7 @@ mod tests {
             &RetryPolicy::default(),
             &mut rng,
         ) {
-            WriteBack::Retry { error, reason, .. } => {
+            Decision::Retry { error, reason, .. } => {
                 assert_eq!(error, "HTTP 500 api_error: Try again");
                 assert_eq!(reason, RetryReason::ServerError);
             }
@@ -434,7 +414,7 @@ mod tests {
             &RetryPolicy::default(),
             &mut rng,
         ) {
-            WriteBack::Retry { error, .. } => {
+            Decision::Retry { error, .. } => {
                 assert_eq!(error, "HTTP 502 (24 bytes, no Stripe error object)")
             }
             other => panic!("{other:?}"),
@@ -449,18 +429,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(1);
         assert!(matches!(
             decide(Ok(r), 2, &RetryPolicy::default(), &mut rng),
-            WriteBack::Complete { replayed: true, .. }
+            Decision::Complete { replayed: true, .. }
         ));
-    }
-
-    #[test]
-    fn error_chain_shows_sources() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer")]
-        struct Outer(#[source] Inner);
-        #[derive(Debug, thiserror::Error)]
-        #[error("inner")]
-        struct Inner;
-        assert_eq!(ErrorChain(&Outer(Inner)).to_string(), "outer: inner");
     }
 }

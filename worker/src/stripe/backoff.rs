@@ -25,11 +25,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            base: Duration::from_millis(500),
-            max: Duration::from_secs(120),
-            retry_after_cap: Duration::from_secs(60),
-        }
+        Self::DEFAULT
     }
 }
 
@@ -37,6 +33,13 @@ impl Default for RetryPolicy {
 const MAX_DOUBLINGS: u32 = 64;
 
 impl RetryPolicy {
+    /// The worker's default (and its flags' defaults).
+    pub const DEFAULT: RetryPolicy = RetryPolicy {
+        base: Duration::from_millis(500),
+        max: Duration::from_secs(120),
+        retry_after_cap: Duration::from_secs(60),
+    };
+
     /// The upper bound of the jitter window after attempt number `attempt` (1-based, as
     /// stored in `pay.outbox.attempts`): `min(max, base * 2^(attempt-1))`.
     pub fn ceiling(&self, attempt: i32) -> Duration {
@@ -72,16 +75,6 @@ impl RetryPolicy {
             None => jitter,
         }
     }
-}
-
-/// Backoff for the worker's own reconnects and database write-backs: short, jittered.
-pub(crate) fn reconnect_backoff() -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 #[cfg(test)]
@@ -149,13 +142,6 @@ mod tests {
             assert_eq!(d, Duration::from_secs(60), "clamped to retry_after_cap");
             let d = p.delay(10, Some(Duration::ZERO), &mut rng);
             assert!(d <= p.ceiling(10));
-        }
-    }
-
-    #[test]
-    fn reconnect_backoff_is_bounded() {
-        for d in reconnect_backoff().take(50) {
-            assert!(d <= Duration::from_secs(20), "{d:?}");
         }
     }
 }

@@ -31,11 +31,6 @@ impl RateLimiter {
         }
     }
 
-    /// Whether this limiter limits at all.
-    pub fn is_unlimited(&self) -> bool {
-        self.interval.is_none()
-    }
-
     /// Waits for the caller's slot. Cancel-safe: dropping the future forfeits the slot,
     /// which only makes the limiter more conservative.
     pub async fn acquire(&self) {
@@ -128,7 +123,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn zero_means_unlimited() {
         let limiter = RateLimiter::new(0.0);
-        assert!(limiter.is_unlimited());
         let start = Instant::now();
         for _ in 0..10_000 {
             limiter.acquire().await;

@@ -1,4 +1,5 @@
-//! The HTTP side: one `reqwest` client that sends outbox commands to Stripe.
+//! The HTTP side: one `reqwest` client for every request to Stripe (outbox commands and
+//! reads).
 //!
 //! It never logs request or response bodies, the API key (its header value is marked
 //! sensitive) or the Idempotency-Key. Redirects are not followed: Stripe does not send
@@ -9,7 +10,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Url;
 
-use crate::command::{encode_form, Method, StripeRequest};
+use super::request::{encode_form, Method, StripeRequest};
 use crate::secret::SecretString;
 
 /// Stripe answers are small; anything bigger than this is not Stripe.
@@ -155,8 +156,8 @@ impl StripeClient {
         self.request_timeout
     }
 
-    /// The URL a request goes to: the API base followed by the path (and, for GET and
-    /// DELETE, the parameters as a query string). Refuses anything that would leave the
+    /// The URL a request goes to: the API base followed by the path (and, for a GET, the
+    /// parameters as a query string). Refuses anything that would leave the
     /// base's origin, so the API key is only ever sent where it was configured to go.
     pub fn url_for(&self, req: &StripeRequest) -> Result<Url, BadUrl> {
         let joined = format!("{}{}", self.base.as_str().trim_end_matches('/'), req.path);
@@ -243,8 +244,6 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::parse_request;
-    use serde_json::json;
 
     fn client(base: &str) -> StripeClient {
         StripeClient::new(&StripeConfig {
@@ -260,20 +259,15 @@ mod tests {
     #[test]
     fn urls_stay_on_the_base_origin() {
         let c = client("https://api.stripe.com");
-        let post = parse_request(
-            &json!({"method": "POST", "path": "/v1/payment_intents", "params": {"amount": "1"}}),
-            Some("k"),
-        )
-        .unwrap();
+        let post = create();
         assert_eq!(
             c.url_for(&post).unwrap().as_str(),
             "https://api.stripe.com/v1/payment_intents"
         );
-        let get = parse_request(
-            &json!({"method": "GET", "path": "/v1/payment_intents/pi_1", "params": {"expand[]": "latest_charge"}}),
-            None,
-        )
-        .unwrap();
+        let get = StripeRequest::get(
+            "/v1/payment_intents/pi_1",
+            vec![("expand[]".into(), "latest_charge".into())],
+        );
         assert_eq!(
             c.url_for(&get).unwrap().as_str(),
             "https://api.stripe.com/v1/payment_intents/pi_1?expand%5B%5D=latest_charge"
@@ -310,11 +304,12 @@ mod tests {
     }
 
     fn create() -> StripeRequest {
-        parse_request(
-            &json!({"method": "POST", "path": "/v1/payment_intents", "params": {"amount": "1"}}),
-            Some("k"),
-        )
-        .unwrap()
+        StripeRequest {
+            method: Method::Post,
+            path: "/v1/payment_intents".into(),
+            params: vec![("amount".into(), "1".into())],
+            idempotency_key: Some("k".into()),
+        }
     }
 
     #[tokio::test]
@@ -370,7 +365,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, SendError::Transport(_)), "{err:?}");
         // No URL (which could carry query parameters) in the message.
-        assert!(!crate::classify::ErrorChain(&err)
+        assert!(!crate::error_chain::ErrorChain(&err)
             .to_string()
             .contains("127.0.0.1"));
     }

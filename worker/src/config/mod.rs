@@ -1,6 +1,8 @@
-//! Configuration: defaults, then environment, then flags (clap's precedence), validated
-//! once at startup into a [`WorkerConfig`]. Library users (tests) build a
+//! Configuration: defaults, then environment, then flags (clap's precedence, see [`args`]),
+//! validated once at startup into a [`WorkerConfig`]. Library users (tests) build a
 //! [`WorkerConfig`] directly with [`WorkerConfig::new`] and adjust fields.
+
+mod args;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,14 +10,39 @@ use std::time::Duration;
 
 use reqwest::Url;
 
-use crate::backoff::RetryPolicy;
+pub use self::args::{parse_duration, RunArgs, ScheduleArgs};
 use crate::secret::SecretString;
-use crate::stripe::StripeConfig;
+use crate::stripe::{RetryPolicy, StripeConfig};
 
-/// Stripe's API.
-pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
-/// The API version the worker (and the extension's response handling) is written against.
-pub const DEFAULT_STRIPE_VERSION: &str = "2024-06-20";
+/// Safety margin between the end of our send and the end of our lease, for clock-rate
+/// differences and the time the claim itself took. `validate` requires
+/// `lease >= request_timeout + 2 * LEASE_MARGIN`.
+pub(crate) const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// The defaults, written once: [`WorkerConfig::new`] starts from them and the flags show
+/// them (the retry defaults are [`RetryPolicy::DEFAULT`]).
+mod defaults {
+    use std::time::Duration;
+
+    /// Stripe's API.
+    pub const API_BASE: &str = "https://api.stripe.com";
+    /// The API version the worker (and the extension's response handling) is written against.
+    pub const STRIPE_VERSION: &str = "2024-06-20";
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const CONCURRENCY: usize = 16;
+    pub const BATCH_SIZE: u32 = 32;
+    pub const LEASE: Duration = Duration::from_secs(60);
+    pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+    /// Stripe allows 25 requests/s in test mode: headroom for reconciliation and the dashboard.
+    pub const RATE_LIMIT: f64 = 20.0;
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DB_POOL_SIZE: usize = 4;
+    /// An hour of margin before Stripe forgets an Idempotency-Key (24 h).
+    pub const KEY_RETENTION_GUARD: Duration = Duration::from_secs(23 * 3600);
+    pub const RECONCILE_WINDOW: Duration = Duration::from_secs(48 * 3600);
+    pub const REFRESH_STUCK_EVERY: Duration = Duration::from_secs(300);
+}
 
 /// Everything `run` needs. `Debug` is safe to log: the database password and the Stripe key
 /// are redacted.
@@ -79,9 +106,7 @@ pub enum ConfigError {
     /// The key file cannot be read.
     #[error("cannot read the Stripe key file {path}")]
     SecretKeyFile {
-        /// The file.
         path: PathBuf,
-        /// Why.
         #[source]
         source: std::io::Error,
     },
@@ -96,9 +121,8 @@ pub enum ConfigError {
     /// `STRIPE_API_BASE` is not a usable base URL.
     #[error("STRIPE_API_BASE {value:?} is not usable: {reason}")]
     ApiBase {
-        /// The value (a URL without credentials).
+        /// A URL without credentials.
         value: String,
-        /// Why.
         reason: &'static str,
     },
     /// A setting outside its range.
@@ -119,7 +143,7 @@ fn out_of_range(name: &'static str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// hostname-pid-random: unique per process, readable in `pay.outbox.lease_owner`.
-pub fn default_worker_id() -> String {
+fn default_worker_id() -> String {
     let host = gethostname::gethostname().to_string_lossy().into_owned();
     let host: String = host
         .chars()
@@ -159,7 +183,7 @@ fn parse_api_base(value: &str) -> Result<Url, ConfigError> {
 }
 
 /// Whether the base URL points at this machine (so plain http is harmless).
-pub fn is_loopback(url: &Url) -> bool {
+pub(crate) fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
@@ -183,25 +207,25 @@ impl WorkerConfig {
             stripe: StripeConfig {
                 api_base: parse_api_base(stripe_api_base)?,
                 secret_key: stripe_secret_key.into(),
-                api_version: DEFAULT_STRIPE_VERSION.to_owned(),
-                connect_timeout: Duration::from_secs(5),
-                request_timeout: Duration::from_secs(30),
+                api_version: defaults::STRIPE_VERSION.to_owned(),
+                connect_timeout: defaults::CONNECT_TIMEOUT,
+                request_timeout: defaults::REQUEST_TIMEOUT,
             },
             worker_id: default_worker_id(),
-            concurrency: 16,
-            batch_size: 32,
-            lease: Duration::from_secs(60),
-            poll_interval: Duration::from_secs(1),
-            rate_limit: 20.0,
+            concurrency: defaults::CONCURRENCY,
+            batch_size: defaults::BATCH_SIZE,
+            lease: defaults::LEASE,
+            poll_interval: defaults::POLL_INTERVAL,
+            rate_limit: defaults::RATE_LIMIT,
             http_listen: None,
-            shutdown_timeout: Duration::from_secs(30),
-            db_pool_size: 4,
-            retry: RetryPolicy::default(),
+            shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            db_pool_size: defaults::DB_POOL_SIZE,
+            retry: RetryPolicy::DEFAULT,
             listen_for_notifications: true,
-            key_retention_guard: Duration::from_secs(23 * 3600),
+            key_retention_guard: defaults::KEY_RETENTION_GUARD,
             reconcile_every: None,
-            reconcile_window: Duration::from_secs(48 * 3600),
-            refresh_stuck_every: Some(Duration::from_secs(300)),
+            reconcile_window: defaults::RECONCILE_WINDOW,
+            refresh_stuck_every: Some(defaults::REFRESH_STUCK_EVERY),
         };
         Ok(cfg)
     }
@@ -256,14 +280,12 @@ impl WorkerConfig {
                 "must be at least 100ms and at most --request-timeout",
             ));
         }
-        if self.lease < rt + crate::dispatcher::LEASE_MARGIN * 2
-            || self.lease > Duration::from_secs(3600)
-        {
+        if self.lease < rt + LEASE_MARGIN * 2 || self.lease > Duration::from_secs(3600) {
             return Err(out_of_range(
                 "--lease",
                 format!(
                     "must be at least --request-timeout + {:?} (so a send always ends before the lease does) and at most 1h (claim_outbox's limit)",
-                    crate::dispatcher::LEASE_MARGIN * 2
+                    LEASE_MARGIN * 2
                 ),
             ));
         }
@@ -333,160 +355,9 @@ impl WorkerConfig {
     }
 }
 
-/// Parses `500ms`, `60s`, `2m`, `48h`, ... (humantime).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 1s, 60s, 2m)"))
-}
-
-/// `pgpay-worker run` flags. Each has an environment variable; flags win over the
-/// environment, which wins over the defaults. The Stripe key is read from
-/// `STRIPE_SECRET_KEY` or a file, never from a flag (argv is visible to every local user).
-#[derive(Clone, clap::Args)]
-#[command(
-    after_help = "The Stripe key comes from STRIPE_SECRET_KEY or --stripe-secret-key-file (never a flag: argv is world-readable).\nLogging: RUST_LOG (default info)."
-)]
-pub struct RunArgs {
-    /// PostgreSQL connection string of the database with the pgpay extension.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
-    /// File holding the Stripe secret key (alternative to STRIPE_SECRET_KEY).
-    #[arg(long, env = "STRIPE_SECRET_KEY_FILE", value_name = "PATH")]
-    pub stripe_secret_key_file: Option<PathBuf>,
-    /// Base URL of Stripe's API (point it at stripe-fake for the demo and tests).
-    #[arg(long, env = "STRIPE_API_BASE", default_value = DEFAULT_API_BASE)]
-    pub stripe_api_base: String,
-    /// Pinned Stripe-Version header.
-    #[arg(long, env = "STRIPE_API_VERSION", default_value = DEFAULT_STRIPE_VERSION)]
-    pub stripe_api_version: String,
-    /// Commands in flight at once.
-    #[arg(long, env = "PGPAY_WORKER_CONCURRENCY", default_value_t = 16)]
-    pub concurrency: usize,
-    /// Rows per claim.
-    #[arg(long, env = "PGPAY_WORKER_BATCH_SIZE", default_value_t = 32)]
-    pub batch_size: u32,
-    /// Lease per claimed command.
-    #[arg(long, env = "PGPAY_WORKER_LEASE", default_value = "60s", value_parser = parse_duration)]
-    pub lease: Duration,
-    /// Poll interval (the fallback for lost notifications).
-    #[arg(long, env = "PGPAY_WORKER_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    pub poll_interval: Duration,
-    /// Requests per second to Stripe (0 = unlimited, for benchmarks against stripe-fake).
-    #[arg(long, env = "PGPAY_WORKER_RATE_LIMIT", default_value_t = 20.0)]
-    pub rate_limit: f64,
-    /// Serve /healthz, /metrics and /webhooks/stripe on this address (e.g. 127.0.0.1:9187).
-    #[arg(long, env = "PGPAY_WORKER_HTTP_LISTEN")]
-    pub http_listen: Option<SocketAddr>,
-    /// How long shutdown waits for in-flight requests.
-    #[arg(long, env = "PGPAY_WORKER_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub shutdown_timeout: Duration,
-    /// Timeout for one request to Stripe.
-    #[arg(long, env = "PGPAY_WORKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub request_timeout: Duration,
-    /// Connect timeout for requests to Stripe.
-    #[arg(long, env = "PGPAY_WORKER_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
-    /// Database connections for claims, write-backs and HTTP endpoints.
-    #[arg(long, env = "PGPAY_WORKER_DB_POOL_SIZE", default_value_t = 4)]
-    pub db_pool_size: usize,
-    /// Backoff ceiling of the first retry (doubles per attempt, full jitter).
-    #[arg(long, env = "PGPAY_WORKER_RETRY_BASE", default_value = "500ms", value_parser = parse_duration)]
-    pub retry_base: Duration,
-    /// Largest backoff ceiling.
-    #[arg(long, env = "PGPAY_WORKER_RETRY_MAX", default_value = "2m", value_parser = parse_duration)]
-    pub retry_max: Duration,
-    /// Retry-After values are honoured up to this.
-    #[arg(long, env = "PGPAY_WORKER_RETRY_AFTER_CAP", default_value = "60s", value_parser = parse_duration)]
-    pub retry_after_cap: Duration,
-    /// lease_owner name (default: hostname-pid-random).
-    #[arg(long, env = "PGPAY_WORKER_ID")]
-    pub worker_id: Option<String>,
-    /// Creates first attempted longer ago than this are looked up at Stripe before a re-send
-    /// (Stripe forgets Idempotency-Keys after 24h).
-    #[arg(long, env = "PGPAY_WORKER_KEY_RETENTION_GUARD", default_value = "23h", value_parser = parse_duration)]
-    pub key_retention_guard: Duration,
-}
-
-/// The schedules of `pgpay-worker run` (reconciliation and stuck-payment refresh).
-#[derive(Clone, clap::Args)]
-pub struct ScheduleArgs {
-    /// Reconcile with Stripe this often inside `run` (off by default); one replica at a time.
-    #[arg(long, env = "PGPAY_WORKER_RECONCILE_EVERY", value_parser = parse_duration)]
-    pub reconcile_every: Option<Duration>,
-    /// Window of a scheduled reconciliation.
-    #[arg(long, env = "PGPAY_WORKER_RECONCILE_WINDOW", default_value = "48h", value_parser = parse_duration)]
-    pub reconcile_window: Duration,
-    /// Refresh stuck payments (pay.stuck_payments) from Stripe this often; 0 turns it off.
-    #[arg(long, env = "PGPAY_WORKER_REFRESH_STUCK_EVERY", default_value = "5m", value_parser = parse_duration)]
-    pub refresh_stuck_every: Duration,
-}
-
-impl ScheduleArgs {
-    /// Sets the schedule fields of `cfg` and validates it again.
-    pub fn apply(&self, cfg: &mut WorkerConfig) -> Result<(), ConfigError> {
-        cfg.reconcile_every = self.reconcile_every;
-        cfg.reconcile_window = self.reconcile_window;
-        cfg.refresh_stuck_every = Some(self.refresh_stuck_every).filter(|d| !d.is_zero());
-        cfg.validate()
-    }
-}
-
-impl RunArgs {
-    /// Resolves the key (from `stripe_secret_key_env`, the value of `STRIPE_SECRET_KEY`, or
-    /// the key file) and validates everything.
-    pub fn into_config(
-        self,
-        stripe_secret_key_env: Option<String>,
-    ) -> Result<WorkerConfig, ConfigError> {
-        let env_key = stripe_secret_key_env.filter(|k| !k.is_empty());
-        let key = match (env_key, &self.stripe_secret_key_file) {
-            (Some(_), Some(_)) => return Err(ConfigError::TwoSecretKeys),
-            (Some(k), None) => SecretString::new(k),
-            (None, Some(path)) => {
-                let raw =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::SecretKeyFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                SecretString::new(raw.trim())
-            }
-            (None, None) => return Err(ConfigError::MissingSecretKey),
-        };
-        let mut cfg = WorkerConfig::new(&self.database_url, &self.stripe_api_base, key)?;
-        cfg.stripe.api_version = self.stripe_api_version;
-        cfg.stripe.request_timeout = self.request_timeout;
-        cfg.stripe.connect_timeout = self.connect_timeout;
-        if let Some(id) = self.worker_id {
-            cfg.worker_id = id;
-        }
-        cfg.concurrency = self.concurrency;
-        cfg.batch_size = self.batch_size;
-        cfg.lease = self.lease;
-        cfg.poll_interval = self.poll_interval;
-        cfg.rate_limit = self.rate_limit;
-        cfg.http_listen = self.http_listen;
-        cfg.shutdown_timeout = self.shutdown_timeout;
-        cfg.db_pool_size = self.db_pool_size;
-        cfg.key_retention_guard = self.key_retention_guard;
-        cfg.retry = RetryPolicy {
-            base: self.retry_base,
-            max: self.retry_max,
-            retry_after_cap: self.retry_after_cap,
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        run: RunArgs,
-    }
 
     const DB: &str = "postgres://pay_worker:hunter2@127.0.0.1:5432/pgpay";
     const KEY: &str = "sk_test_51Hsupersecretvalue";
@@ -596,114 +467,17 @@ mod tests {
             assert!(WorkerConfig::new(DB, bad_base, KEY).is_err(), "{bad_base}");
         }
         assert!(matches!(
-            WorkerConfig::new("postgres://x:y@h:notaport/db", DEFAULT_API_BASE, KEY),
+            WorkerConfig::new("postgres://x:y@h:notaport/db", defaults::API_BASE, KEY),
             Err(ConfigError::DatabaseUrl(_))
         ));
         let mut c = WorkerConfig::new(
             "postgres://u@127.0.0.1/db?sslmode=require",
-            DEFAULT_API_BASE,
+            defaults::API_BASE,
             KEY,
         )
         .unwrap();
         assert!(matches!(c.validate(), Err(ConfigError::DatabaseTls)));
         c.database.ssl_mode(tokio_postgres::config::SslMode::Prefer);
         c.validate().unwrap();
-    }
-
-    // All environment-dependent parsing lives in this one test: the process environment
-    // is shared by every test thread.
-    #[test]
-    fn layering_defaults_env_flags_and_key_sources() {
-        std::env::remove_var("PGPAY_WORKER_CONCURRENCY");
-        std::env::remove_var("PGPAY_WORKER_POLL_INTERVAL");
-        std::env::remove_var("STRIPE_SECRET_KEY_FILE");
-        std::env::set_var("DATABASE_URL", DB);
-
-        // Defaults.
-        let cli = Cli::try_parse_from(["x"]).unwrap();
-        let c = cli.run.clone().into_config(Some(KEY.into())).unwrap();
-        assert_eq!(c.concurrency, 16);
-        assert_eq!(c.poll_interval, Duration::from_secs(1));
-        assert_eq!(c.stripe.api_base.as_str(), "https://api.stripe.com/");
-
-        // Environment over defaults.
-        std::env::set_var("PGPAY_WORKER_CONCURRENCY", "3");
-        std::env::set_var("PGPAY_WORKER_POLL_INTERVAL", "250ms");
-        let c = Cli::try_parse_from(["x"])
-            .unwrap()
-            .run
-            .into_config(Some(KEY.into()))
-            .unwrap();
-        assert_eq!(c.concurrency, 3);
-        assert_eq!(c.poll_interval, Duration::from_millis(250));
-
-        // Flags over the environment.
-        let c = Cli::try_parse_from([
-            "x",
-            "--concurrency",
-            "5",
-            "--poll-interval",
-            "2s",
-            "--rate-limit",
-            "0",
-            "--lease",
-            "90s",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .unwrap()
-        .run
-        .into_config(Some(KEY.into()))
-        .unwrap();
-        assert_eq!(c.concurrency, 5);
-        assert_eq!(c.poll_interval, Duration::from_secs(2));
-        assert_eq!(c.rate_limit, 0.0);
-        assert_eq!(c.lease, Duration::from_secs(90));
-        assert_eq!(c.http_listen, Some("127.0.0.1:0".parse().unwrap()));
-        std::env::remove_var("PGPAY_WORKER_CONCURRENCY");
-        std::env::remove_var("PGPAY_WORKER_POLL_INTERVAL");
-
-        // Bad duration is a parse error naming the flag.
-        let err = Cli::try_parse_from(["x", "--lease", "forever"])
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("--lease"), "{err}");
-
-        // Key sources.
-        let args = Cli::try_parse_from(["x"]).unwrap().run;
-        assert!(matches!(
-            args.clone().into_config(None),
-            Err(ConfigError::MissingSecretKey)
-        ));
-        assert!(matches!(
-            args.clone().into_config(Some(String::new())),
-            Err(ConfigError::MissingSecretKey)
-        ));
-        let dir = std::env::temp_dir().join(format!("pgpay-worker-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("key");
-        std::fs::write(&file, format!("{KEY}\n")).unwrap();
-        let with_file =
-            Cli::try_parse_from(["x", "--stripe-secret-key-file", file.to_str().unwrap()])
-                .unwrap()
-                .run;
-        let c = with_file.clone().into_config(None).unwrap();
-        assert_eq!(c.stripe.secret_key.expose(), KEY);
-        assert!(matches!(
-            with_file.into_config(Some(KEY.into())),
-            Err(ConfigError::TwoSecretKeys)
-        ));
-        let missing = Cli::try_parse_from(["x", "--stripe-secret-key-file", "/nonexistent/key"])
-            .unwrap()
-            .run;
-        assert!(matches!(
-            missing.into_config(None),
-            Err(ConfigError::SecretKeyFile { .. })
-        ));
-        std::fs::remove_dir_all(&dir).unwrap();
-
-        // No flag takes the key itself.
-        assert!(Cli::try_parse_from(["x", "--stripe-secret-key", KEY]).is_err());
-        std::env::remove_var("DATABASE_URL");
     }
 }

@@ -1,0 +1,242 @@
+//! One command's attempt, from the claimed row to the write-back: parse the row, wait for
+//! a rate-limit slot with enough lease left, look a stale create up at Stripe first (past
+//! Stripe's key retention), send, classify.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::command::parse_request;
+use super::sql::{self, ClaimedRow};
+use super::write_back::{finish, release};
+use crate::config::LEASE_MARGIN;
+use crate::error_chain::ErrorChain;
+use crate::shared::Shared;
+use crate::stripe::{
+    decide, Decision, Method, RetryReason, SendError, StripeRequest, StripeResponse,
+};
+
+/// Do not start a request with less time than this before `lease - LEASE_MARGIN`.
+const MIN_SEND_WINDOW: Duration = Duration::from_millis(500);
+
+/// The kind whose re-send past Stripe's key retention could create a second PaymentIntent.
+const CREATE: &str = "create_payment_intent";
+
+/// One command, from parse to write-back. Never returns an error: every failure ends in
+/// a write-back (or, if the database is unreachable, in the lease running out). Returns the
+/// retry delay when the command was handed back for a retry.
+pub(super) async fn process(
+    shared: Arc<Shared>,
+    row: ClaimedRow,
+    lease_deadline: Instant,
+    cancel: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) -> Option<Duration> {
+    let prepared = parse_request(&row.request, row.idempotency_key.as_deref())
+        .map_err(|e| e.to_string())
+        .and_then(|req| match shared.stripe.url_for(&req) {
+            Ok(url) => Ok((req, url)),
+            Err(e) => Err(e.to_string()),
+        });
+    let (mut req, url) = match prepared {
+        Ok(p) => p,
+        Err(msg) => {
+            warn!(error = %msg, "malformed command; failing it permanently");
+            let decision = Decision::Fail {
+                http_status: None,
+                error: worker_error(format!("malformed outbox command: {msg}")),
+            };
+            return finish(&shared, &row, decision).await;
+        }
+    };
+
+    let mut timeout = send_slot(&shared, &row, lease_deadline, &cancel).await?;
+    if row.past_key_retention && row.kind == CREATE && req.method == Method::Post {
+        match key_retention_lookup(&shared, &row, timeout).await {
+            Lookup::Rekeyed(key) => req.idempotency_key = Some(key),
+            Lookup::Done(decision) => return finish(&shared, &row, decision).await,
+            Lookup::Release(why) => {
+                release(&shared, &row, why).await;
+                return None;
+            }
+        }
+        timeout = send_slot(&shared, &row, lease_deadline, &cancel).await?;
+    }
+
+    let result = send_timed(&shared, &row.kind, &req, url, timeout).await;
+    let decision = decide(
+        result,
+        row.attempt,
+        &shared.cfg.retry,
+        &mut fastrand::Rng::new(),
+    );
+    finish(&shared, &row, decision).await
+}
+
+/// Waits for a rate-limit slot and checks the lease. Returns the timeout for the request,
+/// or `None` after releasing the command (shutdown, or too little lease left to send).
+async fn send_slot(
+    shared: &Shared,
+    row: &ClaimedRow,
+    lease_deadline: Instant,
+    cancel: &CancellationToken,
+) -> Option<Duration> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => {
+            release(shared, row, "released at shutdown").await;
+            return None;
+        }
+        _ = shared.limiter.acquire() => {}
+    }
+    let remaining = lease_deadline
+        .saturating_duration_since(Instant::now())
+        .saturating_sub(LEASE_MARGIN);
+    if remaining < MIN_SEND_WINDOW {
+        // Sending now could overlap with another worker that takes over the lease.
+        warn!("lease nearly expired before the request could start; releasing");
+        release(shared, row, "lease nearly expired before send").await;
+        return None;
+    }
+    Some(shared.stripe.request_timeout().min(remaining))
+}
+
+async fn send_timed(
+    shared: &Shared,
+    kind: &str,
+    req: &StripeRequest,
+    url: reqwest::Url,
+    timeout: Duration,
+) -> Result<StripeResponse, SendError> {
+    let started = Instant::now();
+    let result = shared.stripe.send(req, url, timeout).await;
+    let elapsed = started.elapsed();
+    shared.metrics.observe_latency(kind, elapsed.as_secs_f64());
+    match &result {
+        Ok(resp) => debug!(
+            status = resp.status,
+            request_id = resp.request_id.as_deref().unwrap_or(""),
+            replayed = resp.replayed,
+            ?elapsed,
+            "Stripe answered"
+        ),
+        Err(e) => debug!(error = %ErrorChain(e), ?elapsed, "no answer from Stripe"),
+    }
+    result
+}
+
+enum Lookup {
+    /// Nothing at Stripe: send the create with this new key.
+    Rekeyed(String),
+    /// Adopted (complete) or the lookup failed (retry).
+    Done(Decision),
+    /// The re-key was declined (adopted meanwhile, or fenced): hand the command back.
+    Release(&'static str),
+}
+
+/// Invariant 2 past Stripe's 24-hour key retention: a create whose first attempt is older
+/// than the guard is never re-sent with its old key (Stripe may have forgotten it and would
+/// create a second PaymentIntent). Search by our metadata instead: found, it is adopted as
+/// the create's answer; not found, the extension re-keys the command and it is sent anew.
+async fn key_retention_lookup(shared: &Shared, row: &ClaimedRow, timeout: Duration) -> Lookup {
+    let retry = |error: String| {
+        shared.metrics.key_lookup("failed");
+        Lookup::Done(Decision::Retry {
+            http_status: None,
+            error,
+            delay: shared
+                .cfg
+                .retry
+                .delay(row.attempt, None, &mut fastrand::Rng::new()),
+            reason: RetryReason::LookupFailed,
+        })
+    };
+    let Some(payment_id) = row.payment_id.as_deref() else {
+        return retry("key-retention lookup: the command has no payment id".into());
+    };
+    let search = StripeRequest::get(
+        "/v1/payment_intents/search",
+        vec![
+            ("limit".into(), "10".into()),
+            (
+                "query".into(),
+                format!("metadata['pgpay_payment_id']:'{payment_id}'"),
+            ),
+        ],
+    );
+    let Ok(url) = shared.stripe.url_for(&search) else {
+        return retry("key-retention lookup: cannot build the search URL".into());
+    };
+    info!("create is past Stripe's key retention; looking for its PaymentIntent before re-sending");
+    let resp = match send_timed(shared, &row.kind, &search, url, timeout).await {
+        Ok(resp) if (200..300).contains(&resp.status) => resp,
+        result => {
+            // Whatever the search says, a failed lookup never fails the create: try again.
+            let error = match decide(
+                result,
+                row.attempt,
+                &shared.cfg.retry,
+                &mut fastrand::Rng::new(),
+            ) {
+                Decision::Retry { error, .. } => error,
+                Decision::Fail { error, http_status } => format!(
+                    "HTTP {} {}",
+                    http_status.unwrap_or(0),
+                    error["error"]["message"].as_str().unwrap_or("")
+                ),
+                Decision::Complete { .. } => String::new(),
+            };
+            return retry(format!("key-retention lookup failed: {error}"));
+        }
+    };
+    let data = match serde_json::from_slice::<serde_json::Value>(&resp.body)
+        .ok()
+        .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
+    {
+        Some(serde_json::Value::Array(data)) => data,
+        _ => return retry("key-retention lookup: the search answer has no data list".into()),
+    };
+    if data.len() > 1 {
+        warn!(
+            found = data.len(),
+            "more than one PaymentIntent carries this payment's id; adopting the first"
+        );
+    }
+    let found = data.into_iter().find(|pi| pi["object"] == "payment_intent");
+    if let Some(pi) = found {
+        shared.metrics.key_lookup("adopted");
+        info!("found the PaymentIntent at Stripe; adopting it instead of creating another");
+        return Lookup::Done(Decision::Complete {
+            http_status: resp.status,
+            response: pi,
+            replayed: false,
+        });
+    }
+    let reason = format!(
+        "no PaymentIntent with metadata pgpay_payment_id={payment_id} at Stripe after the key's retention"
+    );
+    match sql::rekey_create(&shared.pool, row.id, row.attempt, &reason).await {
+        Ok(Some(key)) => {
+            shared.metrics.key_lookup("rekeyed");
+            info!("no PaymentIntent at Stripe; the create was re-keyed and is sent anew");
+            Lookup::Rekeyed(key)
+        }
+        Ok(None) => Lookup::Release("re-key declined: adopted meanwhile or taken over"),
+        Err(e) => {
+            shared.metrics.db_error("rekey");
+            retry(format!(
+                "key-retention lookup: re-key failed: {}",
+                e.last_error_text()
+            ))
+        }
+    }
+}
+
+/// A permanent failure of our own making (a malformed row), in Stripe's error shape.
+fn worker_error(message: impl std::fmt::Display) -> serde_json::Value {
+    serde_json::json!({"error": {"type": "pgpay_worker_error", "message": message.to_string()}})
+}
