@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::Value;
-use tokio_postgres::NoTls;
 
 /// A database call that failed (pool or query).
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +49,8 @@ impl DbError {
 }
 
 /// Builds the small pool used for claims, write-backs and the HTTP endpoints.
-pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
-    let mut pg = config.clone();
+pub fn pool(config: &crate::tls::DatabaseConfig, size: usize) -> Result<Pool, DbError> {
+    let mut pg = config.postgres().clone();
     if pg.get_application_name().is_none() {
         pg.application_name("pgpay-worker");
     }
@@ -60,7 +59,7 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbErro
     }
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        config.tls(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

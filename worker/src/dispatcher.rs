@@ -17,8 +17,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{Id as TaskId, JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, Socket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
@@ -54,7 +53,7 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
-type PgConnection = tokio_postgres::Connection<Socket, NoTlsStream>;
+type PgConnection = tokio_postgres::Connection<Socket, crate::tls::PgTlsStream<Socket>>;
 type ConnectFuture =
     Pin<Box<dyn Future<Output = Result<Box<Listening>, tokio_postgres::Error>> + Send>>;
 
@@ -112,9 +111,9 @@ impl Listener {
 /// Opens the dedicated connection and runs `LISTEN pay_outbox`, driving the connection
 /// with `poll_message` while the statement runs.
 async fn connect_and_listen(
-    config: tokio_postgres::Config,
+    config: crate::tls::DatabaseConfig,
 ) -> Result<Box<Listening>, tokio_postgres::Error> {
-    let (client, mut conn) = config.connect(NoTls).await?;
+    let (client, mut conn) = config.connect().await?;
     {
         let listen = client.batch_execute("LISTEN pay_outbox");
         tokio::pin!(listen);
@@ -142,7 +141,7 @@ async fn connect_and_listen(
     }))
 }
 
-fn listener_config(cfg: &WorkerConfig) -> tokio_postgres::Config {
+fn listener_config(cfg: &WorkerConfig) -> crate::tls::DatabaseConfig {
     let mut pg = cfg.database.clone();
     pg.application_name("pgpay-worker listener");
     if pg.get_connect_timeout().is_none() {

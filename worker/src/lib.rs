@@ -24,6 +24,7 @@ pub mod reconcile;
 pub mod secret;
 pub mod status;
 pub mod stripe;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

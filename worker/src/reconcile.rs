@@ -21,9 +21,9 @@
 
 use std::time::{Duration, Instant};
 
+pub use crate::tls::DatabaseConfig as Config;
 use serde_json::Value;
-pub use tokio_postgres::Config;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -206,13 +206,13 @@ fn db(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ReconcileError 
 }
 
 /// Opens a dedicated connection (a run or a dry run's transaction lives on one connection).
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, ReconcileError> {
+pub async fn connect(config: &Config) -> Result<Client, ReconcileError> {
     let mut pg = config.clone();
     pg.application_name("pgpay-worker reconcile");
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(5));
     }
-    let (client, conn) = pg.connect(NoTls).await.map_err(ReconcileError::Connect)?;
+    let (client, conn) = pg.connect().await.map_err(ReconcileError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             debug!(error = %e, "reconcile connection closed");
