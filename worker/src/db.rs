@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::debug;
 
 use crate::error_chain::ErrorChain;
@@ -61,8 +61,8 @@ impl DbError {
 }
 
 /// Builds the small pool used for claims, write-backs and the HTTP endpoints.
-pub(crate) fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
-    let mut pg = config.clone();
+pub(crate) fn pool(config: &crate::tls::DatabaseConfig, size: usize) -> Result<Pool, DbError> {
+    let mut pg = config.postgres().clone();
     if pg.get_application_name().is_none() {
         pg.application_name("pgpay-worker");
     }
@@ -71,7 +71,7 @@ pub(crate) fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool,
     }
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        config.tls(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -94,7 +94,7 @@ pub(crate) async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, DbE
 /// Opens a dedicated connection named `application_name` (a reconciliation or a dry run's
 /// transaction lives on one connection).
 pub(crate) async fn connect(
-    config: &tokio_postgres::Config,
+    config: &crate::tls::DatabaseConfig,
     application_name: &str,
 ) -> Result<Client, tokio_postgres::Error> {
     let mut pg = config.clone();
@@ -102,7 +102,7 @@ pub(crate) async fn connect(
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(5));
     }
-    let (client, conn) = pg.connect(NoTls).await?;
+    let (client, conn) = pg.connect().await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             debug!(error = %e, "dedicated connection closed");

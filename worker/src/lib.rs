@@ -25,6 +25,7 @@ pub mod outbox;
 mod secret;
 mod shared;
 pub mod stripe;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -272,7 +272,7 @@ fn summary(r: &Report) -> String {
 }
 
 async fn status(cmd: StatusCmd) -> ExitCode {
-    let pg: tokio_postgres::Config = match cmd.database_url.parse() {
+    let pg: pgpay_worker::tls::DatabaseConfig = match cmd.database_url.parse() {
         Ok(c) => c,
         Err(e) => return config_error(&pgpay_worker::ConfigError::DatabaseUrl(e)),
     };

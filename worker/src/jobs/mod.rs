@@ -52,7 +52,7 @@ pub(crate) fn db_op(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> J
 
 /// Opens the dedicated connection a job lives on (a dry run's transaction needs one).
 pub async fn connect(
-    config: &tokio_postgres::Config,
+    config: &crate::tls::DatabaseConfig,
     application_name: &str,
 ) -> Result<Client, JobError> {
     db::connect(config, application_name)

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, Socket};
 use tracing::{info, warn};
 
 use crate::config::WorkerConfig;
@@ -19,7 +18,7 @@ use crate::metrics::Metrics;
 /// The outbox doorbell channel.
 const CHANNEL: &str = "pay_outbox";
 
-type PgConnection = tokio_postgres::Connection<Socket, NoTlsStream>;
+type PgConnection = tokio_postgres::Connection<Socket, crate::tls::PgTlsStream<Socket>>;
 type ConnectFuture =
     Pin<Box<dyn Future<Output = Result<Box<Listening>, tokio_postgres::Error>> + Send>>;
 
@@ -52,7 +51,7 @@ pub(super) enum ListenerEvent {
 
 pub(super) struct Listener {
     state: State,
-    config: tokio_postgres::Config,
+    config: crate::tls::DatabaseConfig,
     reconnect: backon::ExponentialBackoff,
     metrics: Arc<Metrics>,
 }
@@ -154,9 +153,9 @@ impl Listener {
 /// Opens the dedicated connection and runs `LISTEN pay_outbox`, driving the connection
 /// with `poll_message` while the statement runs.
 async fn connect_and_listen(
-    config: tokio_postgres::Config,
+    config: crate::tls::DatabaseConfig,
 ) -> Result<Box<Listening>, tokio_postgres::Error> {
-    let (client, mut conn) = config.connect(NoTls).await?;
+    let (client, mut conn) = config.connect().await?;
     {
         let listen = client.batch_execute("LISTEN pay_outbox");
         tokio::pin!(listen);
@@ -184,7 +183,7 @@ async fn connect_and_listen(
     }))
 }
 
-fn listener_config(cfg: &WorkerConfig) -> tokio_postgres::Config {
+fn listener_config(cfg: &WorkerConfig) -> crate::tls::DatabaseConfig {
     let mut pg = cfg.database.clone();
     pg.application_name("pgpay-worker listener");
     if pg.get_connect_timeout().is_none() {
