@@ -165,6 +165,9 @@ async fn rows_of(client: &Client) -> Vec<String> {
 
 #[tokio::test]
 async fn an_upgraded_database_equals_a_fresh_install_and_keeps_every_row() {
+    // The fresh install first: the released 0.1.0 script creates the pay_* roles without
+    // guarding against another database creating them at the same moment (0.2.0 does).
+    let fresh = TestDb::create().await;
     let old = TestDb::create_at(Some(RELEASED)).await;
     let client = old.connect().await;
     let version: String = client
@@ -193,7 +196,6 @@ async fn an_upgraded_database_equals_a_fresh_install_and_keeps_every_row() {
         .get(0);
     assert_ne!(upgraded_to, RELEASED);
 
-    let fresh = TestDb::create().await;
     let (upgraded_schema, fresh_schema) = (schema_of(&old).await, schema_of(&fresh).await);
     if upgraded_schema != fresh_schema {
         let upgraded: Vec<&str> = upgraded_schema.lines().collect();
