@@ -10,6 +10,12 @@ CREATE TABLE pay.fulfillments (
     claimed_by     text,
     claim_expires  timestamptz,
     completed_at   timestamptz,
+    -- Failed provisioning attempts (pay.fail_fulfillment), the last error, when to try again, and
+    -- when the row gave up (pay.dead_fulfillments).
+    attempts       int NOT NULL DEFAULT 0,
+    last_error     text,
+    next_attempt_at timestamptz,
+    dead_at        timestamptz,
     CONSTRAINT fulfillments_claim_has_expiry CHECK ((claimed_by IS NULL) = (claim_expires IS NULL))
 );
 CREATE INDEX fulfillments_open ON pay.fulfillments (created_at) WHERE completed_at IS NULL;

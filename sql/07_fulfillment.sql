@@ -2,7 +2,8 @@
 
 -- Claims successful payments to provision, each held by one consumer at a time (a lease that
 -- expires if the consumer dies). Provision and call pay.complete_fulfillment in one transaction
--- to provision exactly once.
+-- to provision exactly once. Rows whose last attempt failed wait until next_attempt_at; dead
+-- rows (pay.dead_fulfillments) wait for pay.retry_fulfillment.
 CREATE FUNCTION pay.claim_fulfillments(consumer text, max_rows int DEFAULT 10, lease interval DEFAULT '5 minutes')
 RETURNS SETOF pay.fulfillments
 LANGUAGE plpgsql
@@ -22,7 +23,9 @@ BEGIN
     RETURN QUERY
     WITH picked AS (
         SELECT f.payment_id FROM pay.fulfillments f
-        WHERE f.completed_at IS NULL AND (f.claimed_by IS NULL OR f.claim_expires < now())
+        WHERE f.completed_at IS NULL AND f.dead_at IS NULL
+          AND (f.next_attempt_at IS NULL OR f.next_attempt_at <= now())
+          AND (f.claimed_by IS NULL OR f.claim_expires < now())
         ORDER BY f.created_at
         LIMIT max_rows
         FOR UPDATE SKIP LOCKED
@@ -35,26 +38,158 @@ BEGIN
 END;
 $$;
 
--- Marks a fulfillment done. True the first time, false when it was already done.
-CREATE FUNCTION pay.complete_fulfillment(payment_id uuid) RETURNS boolean
+-- The claim a consumer still holds, locked: NULL when it is not (or no longer) the holder. A
+-- consumer that names itself is fenced: once its lease expired and another consumer claimed the
+-- row, it can neither complete nor fail that consumer's claim.
+CREATE FUNCTION pay._held_fulfillment(p_payment_id uuid, p_consumer text) RETURNS pay.fulfillments
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v pay.fulfillments;
+BEGIN
+    SELECT * INTO v FROM pay.fulfillments f WHERE f.payment_id = p_payment_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'payment % has nothing to fulfil (not succeeded, or flagged)', p_payment_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF p_consumer IS NOT NULL AND v.completed_at IS NULL
+       AND (v.claimed_by IS DISTINCT FROM p_consumer OR v.claim_expires < now()) THEN
+        RETURN NULL;
+    END IF;
+    RETURN v;
+END;
+$$;
+
+-- Marks a fulfillment done. True the first time, false when it was already done. With
+-- `consumer`, only the consumer whose claim is live may complete: a consumer whose lease expired
+-- gets 55000, so the transaction that provisioned rolls back instead of provisioning twice.
+CREATE FUNCTION pay.complete_fulfillment(payment_id uuid, consumer text DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pay, pg_temp
 AS $$
+DECLARE
+    v pay.fulfillments;
 BEGIN
+    v := pay._held_fulfillment(complete_fulfillment.payment_id, consumer);
+    IF v.payment_id IS NULL THEN
+        RAISE EXCEPTION 'complete_fulfillment: consumer % no longer holds the claim on payment %', consumer, payment_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Its lease expired and the fulfillment was handed to another consumer: roll back this provisioning.';
+    END IF;
+    IF v.completed_at IS NOT NULL THEN
+        RETURN false;
+    END IF;
     UPDATE pay.fulfillments f
-    SET completed_at = now(), claimed_by = NULL, claim_expires = NULL
-    WHERE f.payment_id = complete_fulfillment.payment_id AND f.completed_at IS NULL;
-    IF FOUND THEN
-        RETURN true;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pay.fulfillments f WHERE f.payment_id = complete_fulfillment.payment_id) THEN
-        RAISE EXCEPTION 'complete_fulfillment: payment % has nothing to fulfil (not succeeded, or flagged)', payment_id
-            USING ERRCODE = 'no_data_found';
-    END IF;
-    RETURN false;
+    SET completed_at = now(), claimed_by = NULL, claim_expires = NULL, next_attempt_at = NULL
+    WHERE f.payment_id = v.payment_id;
+    RETURN true;
 END;
 $$;
+
+-- A setting of the fulfillment retry policy, validated (a bad value names the setting).
+CREATE FUNCTION pay._fulfillment_setting(p_name text, p_default text) RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v text := coalesce(nullif(current_setting('pay.' || p_name, true), ''), p_default);
+BEGIN
+    BEGIN
+        IF p_name = 'fulfillment_max_attempts' THEN
+            IF v::int < 1 THEN RAISE invalid_parameter_value; END IF;
+        ELSIF v::interval < interval '0' THEN
+            RAISE invalid_parameter_value;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'setting pay.% = % is not valid', p_name, v
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = CASE WHEN p_name = 'fulfillment_max_attempts' THEN 'a whole number of at least 1'
+                              ELSE 'an interval such as ''30 seconds''' END;
+    END;
+    RETURN v;
+END;
+$$;
+
+-- Records that provisioning failed: one more attempt, the error, and when to try again (after
+-- `retry_in`, else an exponential backoff with full jitter between 0 and
+-- min(pay.fulfillment_backoff_cap, pay.fulfillment_backoff_base * 2^(attempts - 1))). After
+-- pay.fulfillment_max_attempts failures the row is dead (pay.dead_fulfillments) and audited.
+-- Returns false, changing nothing, when `consumer` no longer holds the claim or the row is done.
+CREATE FUNCTION pay.fail_fulfillment(payment_id uuid, error text, retry_in interval DEFAULT NULL, consumer text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v pay.fulfillments;
+    v_max int := pay._fulfillment_setting('fulfillment_max_attempts', '10')::int;
+    v_base interval := pay._fulfillment_setting('fulfillment_backoff_base', '10 seconds')::interval;
+    v_cap interval := pay._fulfillment_setting('fulfillment_backoff_cap', '1 hour')::interval;
+    v_attempts int;
+    v_status pay.payment_status;
+BEGIN
+    IF error IS NULL OR btrim(error) = '' THEN
+        RAISE EXCEPTION 'fail_fulfillment: error must say what failed' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF retry_in IS NOT NULL AND (retry_in < interval '0' OR retry_in > interval '30 days') THEN
+        RAISE EXCEPTION 'fail_fulfillment: retry_in must be between 0 and 30 days, got %', retry_in
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v := pay._held_fulfillment(fail_fulfillment.payment_id, consumer);
+    IF v.payment_id IS NULL OR v.completed_at IS NOT NULL OR v.dead_at IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    v_attempts := v.attempts + 1;
+    IF v_attempts >= v_max THEN
+        UPDATE pay.fulfillments f
+        SET attempts = v_attempts, last_error = left(error, 2000), dead_at = now(), next_attempt_at = NULL,
+            claimed_by = NULL, claim_expires = NULL
+        WHERE f.payment_id = v.payment_id;
+        SELECT p.status INTO v_status FROM pay.payments p WHERE p.id = v.payment_id FOR NO KEY UPDATE;
+        PERFORM pay._audit(v.payment_id, v_status, v_status,
+            'fulfillment dead after ' || v_attempts || ' failed attempts: ' || left(error, 500));
+    ELSE
+        UPDATE pay.fulfillments f
+        SET attempts = v_attempts, last_error = left(error, 2000), claimed_by = NULL, claim_expires = NULL,
+            next_attempt_at = now() + coalesce(retry_in,
+                random() * least(v_cap, v_base * power(2, least(v_attempts - 1, 30))))
+        WHERE f.payment_id = v.payment_id;
+    END IF;
+    RETURN true;
+END;
+$$;
+
+-- Hands a dead fulfillment out again, with a fresh budget of attempts (its last error stays).
+CREATE FUNCTION pay.retry_fulfillment(payment_id uuid) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_status pay.payment_status;
+BEGIN
+    UPDATE pay.fulfillments f
+    SET dead_at = NULL, attempts = 0, next_attempt_at = NULL
+    WHERE f.payment_id = retry_fulfillment.payment_id AND f.dead_at IS NOT NULL;
+    IF NOT FOUND THEN
+        IF NOT EXISTS (SELECT 1 FROM pay.fulfillments f WHERE f.payment_id = retry_fulfillment.payment_id) THEN
+            RAISE EXCEPTION 'retry_fulfillment: payment % has nothing to fulfil', payment_id USING ERRCODE = 'no_data_found';
+        END IF;
+        RETURN false;
+    END IF;
+    SELECT p.status INTO v_status FROM pay.payments p WHERE p.id = retry_fulfillment.payment_id FOR NO KEY UPDATE;
+    PERFORM pay._audit(retry_fulfillment.payment_id, v_status, v_status, 'dead fulfillment handed out again by ' || session_user);
+    RETURN true;
+END;
+$$;
+
+-- Fulfillments that failed pay.fulfillment_max_attempts times: a human looks, then calls
+-- pay.retry_fulfillment.
+CREATE VIEW pay.dead_fulfillments AS
+    SELECT f.payment_id, f.order_ref, f.attempts, f.last_error, f.dead_at, f.created_at
+    FROM pay.fulfillments f
+    WHERE f.dead_at IS NOT NULL AND f.completed_at IS NULL;
 
 -- Asks Stripe to refund part or all of a succeeded payment. Returns the outbox command id.
 -- Amounts already refunded or being refunded count, so refunds never exceed what was received.

@@ -48,7 +48,10 @@ GRANT INSERT ON pay.webhook_inbox TO pay_webhook;
 -- pay.add_webhook_secret and pay.revoke_webhook_secret stay with the extension's owner (a DBA).
 
 GRANT EXECUTE ON FUNCTION pay.claim_fulfillments(text, int, interval) TO pay_app;
-GRANT EXECUTE ON FUNCTION pay.complete_fulfillment(uuid) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.complete_fulfillment(uuid, text) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.fail_fulfillment(uuid, text, interval, text) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.retry_fulfillment(uuid) TO pay_app;
+GRANT SELECT ON pay.dead_fulfillments TO pay_app, pay_auditor;
 GRANT EXECUTE ON FUNCTION pay.refund(uuid, bigint, text) TO pay_app;
 GRANT SELECT ON pay.flagged_payments TO pay_app;
 
