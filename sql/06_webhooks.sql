@@ -106,28 +106,8 @@ CREATE VIEW pay.webhook_secret_labels AS
            revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now()) AS live
     FROM pay.webhook_secrets;
 
--- The payment an object speaks of: by PaymentIntent id, else by our metadata (a PaymentIntent
--- whose create answer was lost). NULL when it is not ours.
-CREATE FUNCTION pay._payment_for_intent(p_intent_id text, p_metadata jsonb) RETURNS uuid
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-    v_id uuid;
-    v_claimed text := p_metadata ->> 'pgpay_payment_id';
-BEGIN
-    IF p_intent_id IS NOT NULL THEN
-        SELECT p.id INTO v_id FROM pay.payments p WHERE p.stripe_payment_intent_id = p_intent_id;
-        IF FOUND THEN
-            RETURN v_id;
-        END IF;
-    END IF;
-    IF v_claimed ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
-        SELECT p.id INTO v_id FROM pay.payments p WHERE p.id = v_claimed::uuid;
-        RETURN v_id;
-    END IF;
-    RETURN NULL;
-END;
-$$;
+-- The payment an object speaks of is found by pay._payment_for (extension/src/lookup.rs), for
+-- webhooks and reconciliation alike.
 
 -- Applies one Stripe event that is not a payment_intent.* event about payment p_payment (locked by
 -- the caller). Returns the outcome (applied, unchanged, stored) and a detail. payment_intent.*

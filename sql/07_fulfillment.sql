@@ -191,6 +191,22 @@ CREATE VIEW pay.dead_fulfillments AS
     FROM pay.fulfillments f
     WHERE f.dead_at IS NOT NULL AND f.completed_at IS NULL;
 
+-- The one builder of a refund command (pay.refund and the duplicate-charge refund of
+-- extension/src/apply_intent.rs): POST /v1/refunds for the payment's PaymentIntent, `amount`
+-- NULL for all that is left, under the key pay.idempotency_key('pgpay.refund',
+-- {payment_id} + key_parts). Returns the outbox command id.
+CREATE FUNCTION pay._enqueue_refund(p_payment_id uuid, p_intent_id text, p_amount bigint, p_reason text,
+                                    p_key_parts jsonb)
+RETURNS bigint
+LANGUAGE sql
+AS $$
+    SELECT pay._enqueue(p_payment_id, 'refund',
+        pay.idempotency_key('pgpay.refund', jsonb_build_object('payment_id', p_payment_id) || p_key_parts),
+        'POST', '/v1/refunds',
+        jsonb_strip_nulls(jsonb_build_object('payment_intent', p_intent_id, 'amount', p_amount::text,
+                                             'reason', p_reason, 'metadata[pgpay_payment_id]', p_payment_id::text)));
+$$;
+
 -- Asks Stripe to refund part or all of a succeeded payment. Returns the outbox command id.
 -- Amounts already refunded or being refunded count, so refunds never exceed what was received.
 CREATE FUNCTION pay.refund(payment_id uuid, amount bigint DEFAULT NULL, reason text DEFAULT NULL)
@@ -205,7 +221,6 @@ DECLARE
     v_refundable bigint;
     v_amount bigint;
     v_ordinal int;
-    v_params jsonb;
 BEGIN
     SELECT * INTO v FROM pay.payments p WHERE p.id = refund.payment_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -228,12 +243,7 @@ BEGIN
         RAISE EXCEPTION 'amount must be between 1 and the % still refundable, got %', v_refundable, v_amount
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_params := jsonb_build_object('payment_intent', v.stripe_payment_intent_id, 'amount', v_amount::text,
-                                   'metadata[pgpay_payment_id]', v.id::text)
-        || jsonb_strip_nulls(jsonb_build_object('reason', reason));
-    RETURN pay._enqueue(v.id, 'refund',
-        pay.idempotency_key('pgpay.refund', jsonb_build_object('payment_id', v.id, 'ordinal', v_ordinal + 1,
-                                                               'amount', v_amount)),
-        'POST', '/v1/refunds', v_params);
+    RETURN pay._enqueue_refund(v.id, v.stripe_payment_intent_id, v_amount, reason,
+        jsonb_build_object('ordinal', v_ordinal + 1, 'amount', v_amount));
 END;
 $$;

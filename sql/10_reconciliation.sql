@@ -202,7 +202,7 @@ DECLARE
     v_result text;
 BEGIN
     IF p_object ->> 'object' = 'refund' THEN
-        payment_id := pay._payment_for_intent(p_object ->> 'payment_intent', p_object -> 'metadata');
+        payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
         IF payment_id IS NULL THEN
             outcome := 'not_ours';
             RETURN;
@@ -217,23 +217,20 @@ BEGIN
     v_amount := CASE WHEN p_object ->> 'amount' ~ '^[0-9]{1,18}$' THEN (p_object ->> 'amount')::bigint END;
 
     -- Read first without a lock: an unchanged payment (the common case) writes nothing.
-    SELECT * INTO v FROM pay.payments p WHERE p.stripe_payment_intent_id = v_id;
-    IF NOT FOUND THEN
-        IF v_claimed IS NULL OR v_claimed !~ '^[0-9a-fA-F-]{36}$' THEN
+    payment_id := pay._payment_for(v_id, v_claimed);
+    IF payment_id IS NULL THEN
+        IF pay._claimed_payment_id(v_claimed) IS NULL THEN
             outcome := 'not_ours';
             detail := 'no pgpay metadata';
             RETURN;
         END IF;
-        SELECT * INTO v FROM pay.payments p WHERE p.id = v_claimed::uuid;
-        IF NOT FOUND THEN
-            PERFORM pay._record_finding(p_run_id, 'unknown_payment', NULL, v_id, v_claimed, NULL,
-                'the PaymentIntent names a pgpay payment this database does not have');
-            outcome := 'not_ours';
-            detail := 'names an unknown payment';
-            RETURN;
-        END IF;
+        PERFORM pay._record_finding(p_run_id, 'unknown_payment', NULL, v_id, v_claimed, NULL,
+            'the PaymentIntent names a pgpay payment this database does not have');
+        outcome := 'not_ours';
+        detail := 'names an unknown payment';
+        RETURN;
     END IF;
-    payment_id := v.id;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = payment_id;
     IF v.stripe_payment_intent_id = v_id AND v.status::text = v_status AND v.amount = v_amount
        AND v.currency = v_currency AND v.client_secret IS NOT NULL THEN
         outcome := 'unchanged';

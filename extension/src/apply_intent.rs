@@ -6,7 +6,9 @@
 //! writes themselves (callgrind). The writes are prepared statements, planned once per backend.
 
 use pgpay_core::event::{field_i64, field_text, intent_problem, success_mismatch, NotAnInteger};
+use pgpay_core::outcome::Outcome;
 use pgpay_core::transition::{decide, Decision, IgnoreReason, PaymentStatus};
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::BuiltinOid::{INT8OID, JSONBOID, TEXTOID, UUIDOID};
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiTupleTable};
@@ -151,11 +153,10 @@ static FLAG_PAID_AFTER_SUPERSEDED: Statement = Statement {
     args: &[UUIDOID, INT8OID, INT8OID],
 };
 // One order, one kept charge: the refund's key is derived from the payment, so it is asked once.
+// The command itself is built by pay._enqueue_refund, as for pay.refund.
 static ENQUEUE_DUPLICATE_REFUND: Statement = Statement {
-    sql: "SELECT pay._enqueue($1, 'refund', \
-              pay.idempotency_key('pgpay.refund', jsonb_build_object('payment_id', $1, 'why', 'superseded_attempt_succeeded')), \
-              'POST', '/v1/refunds', \
-              jsonb_build_object('payment_intent', $2::text, 'reason', 'duplicate', 'metadata[pgpay_payment_id]', $1::text))",
+    sql: "SELECT pay._enqueue_refund($1, $2, NULL, 'duplicate', \
+              jsonb_build_object('why', 'superseded_attempt_succeeded'))",
     args: &[UUIDOID, TEXTOID],
 };
 
@@ -191,18 +192,283 @@ fn audit(client: &mut SpiClient<'_>, payment_id: Uuid, row: AuditRow<'_>) {
     );
 }
 
-fn integer_field(payment: &LockedPayment, intent: &Value, key: &str) -> Option<i64> {
-    field_i64(intent, key).unwrap_or_else(|NotAnInteger| {
-        raise_invalid_parameter(format!(
-            "evidence for payment {}: PaymentIntent field {key} is not an integer",
-            payment.id
-        ))
-    })
+/// A PaymentIntent object read as evidence about one payment, with the rule's decision.
+struct Evidence<'a> {
+    payment: &'a LockedPayment,
+    intent: &'a Value,
+    intent_id: String,
+    proposed: String,
+    decision: Decision,
+    client_secret: Option<String>,
+    received: i64,
+    error: Option<Value>,
+    cause: &'a str,
+    evidence_id: Option<&'a str>,
+    evidence_at: i64,
 }
 
-/// Applies PaymentIntent `intent` to `payment`, which the caller has locked. Returns `applied`,
-/// `unchanged`, `ignored` or `flagged`, or, before writing anything, why the object cannot be
-/// applied (`pgpay_core::event::intent_problem`): each caller decides what that means.
+/// How the PaymentIntent relates to the one the payment knows.
+enum Link {
+    /// The payment knew it already.
+    Known,
+    /// First word about it, recorded on its own (the status does not move).
+    Recorded,
+    /// First word about it, to be recorded with the transition (one UPDATE, one audit row).
+    WithTransition,
+    /// A second PaymentIntent: flagged for a human, nothing else applied.
+    Second,
+}
+
+impl<'a> Evidence<'a> {
+    /// Reads `intent` and decides; `Err` (before anything is written) when it cannot be
+    /// applied (`pgpay_core::event::intent_problem`).
+    fn read(
+        payment: &'a LockedPayment,
+        intent: &'a Value,
+        cause: &'a str,
+        evidence_id: Option<&'a str>,
+        evidence_at: i64,
+    ) -> Result<Self, &'static str> {
+        if let Some(problem) = intent_problem(intent) {
+            return Err(problem);
+        }
+        let (Some(intent_id), Some(proposed)) =
+            (field_text(intent, "id"), field_text(intent, "status"))
+        else {
+            return Err("the PaymentIntent has no id or status");
+        };
+        let Ok(current) = payment.status.parse::<PaymentStatus>() else {
+            raise_internal(format!(
+                "payment {} has status {:?}, which the transition rule does not know",
+                payment.id, payment.status
+            ));
+        };
+        // A status from a newer Stripe API is ignored rather than raised: the evidence is kept.
+        let decision = match proposed.parse::<PaymentStatus>() {
+            Ok(to) => decide(current, payment.status_evidence_at, to, evidence_at),
+            Err(_) => Decision::Ignore(IgnoreReason::UnknownStatus),
+        };
+        // intent_problem has checked that the amounts are integers.
+        let received = field_i64(intent, "amount_received")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        Ok(Evidence {
+            payment,
+            intent,
+            client_secret: field_text(intent, "client_secret"),
+            error: intent
+                .get("last_payment_error")
+                .filter(|e| !e.is_null())
+                .cloned(),
+            intent_id,
+            proposed,
+            decision,
+            received,
+            cause,
+            evidence_id,
+            evidence_at,
+        })
+    }
+
+    fn id(&self) -> DatumWithOid<'static> {
+        self.payment.id.into()
+    }
+
+    /// An audit row that leaves the status where it is.
+    fn audit_unchanged(&self, client: &mut SpiClient<'_>, why: &str, proposed: bool) {
+        let proposed = proposed.then_some(self.proposed.as_str());
+        audit(
+            client,
+            self.payment.id,
+            self.payment.unchanged(why, self.evidence_id, proposed),
+        );
+    }
+
+    /// Records the PaymentIntent id (and client secret) the payment did not know yet, or
+    /// flags a second one (invariant 1: never let a second PaymentIntent speak for a payment).
+    fn link(&self, client: &mut SpiClient<'_>) -> Link {
+        let intent_id = self.intent_id.as_str();
+        match self.payment.intent_id.as_deref() {
+            None => {
+                run(client, &RELEASE_WAITING, &[self.id(), intent_id.into()]);
+                if self.decision == Decision::Apply {
+                    return Link::WithTransition;
+                }
+                run(
+                    client,
+                    &RECORD_INTENT,
+                    &[
+                        self.id(),
+                        intent_id.into(),
+                        self.client_secret.as_deref().into(),
+                    ],
+                );
+                let why = format!("PaymentIntent {intent_id} recorded ({})", self.cause);
+                self.audit_unchanged(client, &why, false);
+                Link::Recorded
+            }
+            Some(known) if known != intent_id => {
+                let reason = format!("a second PaymentIntent {intent_id} claims this payment");
+                run(client, &FLAG, &[self.id(), reason.as_str().into()]);
+                let why = format!(
+                    "flagged: evidence about a second PaymentIntent {intent_id} ({})",
+                    self.cause
+                );
+                self.audit_unchanged(client, &why, true);
+                Link::Second
+            }
+            Some(_) => {
+                if self.payment.client_secret.is_none() && self.client_secret.is_some() {
+                    run(
+                        client,
+                        &SET_CLIENT_SECRET,
+                        &[self.id(), self.client_secret.as_deref().into()],
+                    );
+                }
+                Link::Known
+            }
+        }
+    }
+
+    /// `Decision::Apply`: move the status; a success is fulfilled exactly once, in this
+    /// transaction, unless its amount or currency differs (then it is flagged instead).
+    fn transition(self, client: &mut SpiClient<'_>, recorded_with_it: bool) -> Outcome {
+        let succeeded = self.proposed == "succeeded";
+        let mismatch = if succeeded {
+            success_mismatch(self.intent, self.payment.amount, &self.payment.currency)
+                .unwrap_or_else(|NotAnInteger| {
+                    raise_invalid_parameter(format!(
+                        "evidence for payment {}: PaymentIntent amount is not an integer",
+                        self.payment.id
+                    ))
+                })
+        } else {
+            None
+        };
+        let flagged = mismatch
+            .as_ref()
+            .map(|m| format!("success not fulfilled: {m}"));
+        run(
+            client,
+            &TRANSITION,
+            &[
+                self.id(),
+                self.proposed.as_str().into(),
+                self.intent_id.as_str().into(),
+                self.client_secret.as_deref().into(),
+                self.evidence_at.into(),
+                self.received.into(),
+                self.error.clone().map(JsonB).into(),
+                flagged.as_deref().into(),
+            ],
+        );
+        let why = if recorded_with_it {
+            format!("{} (PaymentIntent {} recorded)", self.cause, self.intent_id)
+        } else {
+            self.cause.to_owned()
+        };
+        let moved = AuditRow {
+            from: &self.payment.status,
+            to: &self.proposed,
+            cause: &why,
+            evidence_id: self.evidence_id,
+            proposed: None,
+        };
+        audit(client, self.payment.id, moved);
+        match &mismatch {
+            Some(m) => {
+                let why = format!("flagged, not fulfilled: {m}");
+                let flagged = AuditRow {
+                    from: &self.proposed,
+                    to: &self.proposed,
+                    cause: &why,
+                    evidence_id: self.evidence_id,
+                    proposed: None,
+                };
+                audit(client, self.payment.id, flagged);
+                Outcome::Flagged
+            }
+            None => {
+                if succeeded {
+                    run(
+                        client,
+                        &FULFILL,
+                        &[self.id(), self.payment.order_ref.as_str().into()],
+                    );
+                }
+                Outcome::Applied
+            }
+        }
+    }
+
+    /// `Decision::Unchanged`: the status stays. A decline (a failed attempt leaves the status
+    /// at requires_payment_method) is news, so it is recorded and audited; otherwise only the
+    /// evidence time and the received amount advance.
+    fn keep_status(self, client: &mut SpiClient<'_>) -> Outcome {
+        if let Some(error) = &self.error {
+            let why = format!(
+                "{}: {} {}",
+                self.cause,
+                field_text(error, "code").unwrap_or_else(|| "error".into()),
+                field_text(error, "message").unwrap_or_default()
+            );
+            let changed: Option<bool> = first(run(
+                client,
+                &RECORD_DECLINE,
+                &[
+                    self.id(),
+                    JsonB(error.clone()).into(),
+                    self.evidence_at.into(),
+                ],
+            ));
+            if changed == Some(true) {
+                self.audit_unchanged(client, &why, false);
+                return Outcome::Applied;
+            }
+        }
+        run(
+            client,
+            &RECORD_EVIDENCE,
+            &[self.id(), self.evidence_at.into(), self.received.into()],
+        );
+        Outcome::Unchanged
+    }
+
+    /// `Decision::SuccessAfterGiveUp`: two tabs, and an attempt pgpay had superseded was paid
+    /// anyway. One order, one kept charge: flag it and refund it under a key derived from the
+    /// payment.
+    fn refund_superseded(self, client: &mut SpiClient<'_>) -> Outcome {
+        run(
+            client,
+            &FLAG_PAID_AFTER_SUPERSEDED,
+            &[self.id(), self.received.into(), self.evidence_at.into()],
+        );
+        let why = format!(
+            "flagged: Stripe reports succeeded for a superseded attempt; refund requested ({})",
+            self.cause
+        );
+        self.audit_unchanged(client, &why, true);
+        run(
+            client,
+            &ENQUEUE_DUPLICATE_REFUND,
+            &[self.id(), self.intent_id.as_str().into()],
+        );
+        Outcome::Flagged
+    }
+
+    /// `Decision::Ignore`: audited with the reason, nothing else.
+    fn ignore(self, client: &mut SpiClient<'_>, reason: IgnoreReason) -> Outcome {
+        let why = format!("{}: {}", self.cause, reason.as_str());
+        self.audit_unchanged(client, &why, true);
+        Outcome::Ignored
+    }
+}
+
+/// Applies PaymentIntent `intent` to `payment`, which the caller has locked. Returns the
+/// outcome (applied, unchanged, ignored or flagged), or, before writing anything, why the
+/// object cannot be applied (`pgpay_core::event::intent_problem`): each caller decides what
+/// that means.
 pub fn apply_intent(
     client: &mut SpiClient<'_>,
     payment: &LockedPayment,
@@ -210,223 +476,19 @@ pub fn apply_intent(
     cause: &str,
     evidence_id: Option<&str>,
     evidence_at: i64,
-) -> Result<&'static str, &'static str> {
-    if let Some(problem) = intent_problem(intent) {
-        return Err(problem);
-    }
-    let (Some(intent_id), Some(proposed)) =
-        (field_text(intent, "id"), field_text(intent, "status"))
-    else {
-        return Err("the PaymentIntent has no id or status");
+) -> Result<Outcome, &'static str> {
+    let evidence = Evidence::read(payment, intent, cause, evidence_id, evidence_at)?;
+    let recorded_with_transition = match evidence.link(client) {
+        Link::Second => return Ok(Outcome::Flagged),
+        Link::WithTransition => true,
+        Link::Known | Link::Recorded => false,
     };
-    let Ok(current) = payment.status.parse::<PaymentStatus>() else {
-        raise_internal(format!(
-            "payment {} has status {:?}, which the transition rule does not know",
-            payment.id, payment.status
-        ));
-    };
-    // A status from a newer Stripe API is ignored rather than raised: the evidence is kept.
-    let decision = match proposed.parse::<PaymentStatus>() {
-        Ok(to) => decide(current, payment.status_evidence_at, to, evidence_at),
-        Err(_) => Decision::Ignore(IgnoreReason::UnknownStatus),
-    };
-    let client_secret = field_text(intent, "client_secret");
-
-    let mut recorded = false;
-    match payment.intent_id.as_deref() {
-        None => {
-            // The first word about this payment's PaymentIntent. When it also moves the status
-            // (the create answer, usually) one UPDATE and one audit row record both.
-            run(
-                client,
-                &RELEASE_WAITING,
-                &[payment.id.into(), intent_id.as_str().into()],
-            );
-            if decision == Decision::Apply {
-                recorded = true;
-            } else {
-                run(
-                    client,
-                    &RECORD_INTENT,
-                    &[
-                        payment.id.into(),
-                        intent_id.as_str().into(),
-                        client_secret.as_deref().into(),
-                    ],
-                );
-                let why = format!("PaymentIntent {intent_id} recorded ({cause})");
-                audit(
-                    client,
-                    payment.id,
-                    payment.unchanged(&why, evidence_id, None),
-                );
-            }
-        }
-        Some(known) if known != intent_id => {
-            // Never let a second PaymentIntent speak for a payment (invariant 1): keep it for a human.
-            let reason = format!("a second PaymentIntent {intent_id} claims this payment");
-            run(client, &FLAG, &[payment.id.into(), reason.as_str().into()]);
-            let why =
-                format!("flagged: evidence about a second PaymentIntent {intent_id} ({cause})");
-            audit(
-                client,
-                payment.id,
-                payment.unchanged(&why, evidence_id, Some(&proposed)),
-            );
-            return Ok("flagged");
-        }
-        Some(_) => {
-            if payment.client_secret.is_none() && client_secret.is_some() {
-                run(
-                    client,
-                    &SET_CLIENT_SECRET,
-                    &[payment.id.into(), client_secret.as_deref().into()],
-                );
-            }
-        }
-    }
-
-    let received = integer_field(payment, intent, "amount_received").unwrap_or(0);
-    let error = intent
-        .get("last_payment_error")
-        .filter(|e| !e.is_null())
-        .cloned();
-
-    match decision {
-        Decision::Apply => {
-            let mismatch = if proposed == "succeeded" {
-                success_mismatch(intent, payment.amount, &payment.currency).unwrap_or_else(
-                    |NotAnInteger| {
-                        raise_invalid_parameter(format!(
-                            "evidence for payment {}: PaymentIntent amount is not an integer",
-                            payment.id
-                        ))
-                    },
-                )
-            } else {
-                None
-            };
-            let flagged = mismatch
-                .as_ref()
-                .map(|m| format!("success not fulfilled: {m}"));
-            run(
-                client,
-                &TRANSITION,
-                &[
-                    payment.id.into(),
-                    proposed.as_str().into(),
-                    intent_id.as_str().into(),
-                    client_secret.as_deref().into(),
-                    evidence_at.into(),
-                    received.into(),
-                    error.map(JsonB).into(),
-                    flagged.as_deref().into(),
-                ],
-            );
-            let why = if recorded {
-                format!("{cause} (PaymentIntent {intent_id} recorded)")
-            } else {
-                cause.to_owned()
-            };
-            let moved = AuditRow {
-                from: &payment.status,
-                to: &proposed,
-                cause: &why,
-                evidence_id,
-                proposed: None,
-            };
-            audit(client, payment.id, moved);
-            match &mismatch {
-                Some(m) => {
-                    let why = format!("flagged, not fulfilled: {m}");
-                    let flagged = AuditRow {
-                        from: &proposed,
-                        to: &proposed,
-                        cause: &why,
-                        evidence_id,
-                        proposed: None,
-                    };
-                    audit(client, payment.id, flagged);
-                }
-                None if proposed == "succeeded" => {
-                    // Exactly one fulfillment per success, in the transaction of the transition.
-                    run(
-                        client,
-                        &FULFILL,
-                        &[payment.id.into(), payment.order_ref.as_str().into()],
-                    );
-                }
-                None => {}
-            }
-            Ok(if mismatch.is_some() {
-                "flagged"
-            } else {
-                "applied"
-            })
-        }
-        Decision::Unchanged => {
-            if let Some(error) = error {
-                // A failed attempt leaves the status where it was (requires_payment_method): the
-                // decline itself is the news, so it is recorded and audited.
-                let why = format!(
-                    "{cause}: {} {}",
-                    field_text(&error, "code").unwrap_or_else(|| "error".into()),
-                    field_text(&error, "message").unwrap_or_default()
-                );
-                let changed: Option<bool> = first(run(
-                    client,
-                    &RECORD_DECLINE,
-                    &[payment.id.into(), JsonB(error).into(), evidence_at.into()],
-                ));
-                if changed == Some(true) {
-                    audit(
-                        client,
-                        payment.id,
-                        payment.unchanged(&why, evidence_id, None),
-                    );
-                    return Ok("applied");
-                }
-            }
-            run(
-                client,
-                &RECORD_EVIDENCE,
-                &[payment.id.into(), evidence_at.into(), received.into()],
-            );
-            Ok("unchanged")
-        }
-        Decision::SuccessAfterGiveUp => {
-            // Two tabs: an attempt pgpay had superseded was paid anyway. One order, one kept
-            // charge: refund it under a key derived from the payment.
-            run(
-                client,
-                &FLAG_PAID_AFTER_SUPERSEDED,
-                &[payment.id.into(), received.into(), evidence_at.into()],
-            );
-            let why = format!(
-                "flagged: Stripe reports succeeded for a superseded attempt; refund requested ({cause})"
-            );
-            audit(
-                client,
-                payment.id,
-                payment.unchanged(&why, evidence_id, Some(&proposed)),
-            );
-            run(
-                client,
-                &ENQUEUE_DUPLICATE_REFUND,
-                &[payment.id.into(), intent_id.as_str().into()],
-            );
-            Ok("flagged")
-        }
-        Decision::Ignore(reason) => {
-            let why = format!("{cause}: {}", reason.as_str());
-            audit(
-                client,
-                payment.id,
-                payment.unchanged(&why, evidence_id, Some(&proposed)),
-            );
-            Ok("ignored")
-        }
-    }
+    Ok(match evidence.decision {
+        Decision::Apply => evidence.transition(client, recorded_with_transition),
+        Decision::Unchanged => evidence.keep_status(client),
+        Decision::SuccessAfterGiveUp => evidence.refund_superseded(client),
+        Decision::Ignore(reason) => evidence.ignore(client, reason),
+    })
 }
 
 /// `pay._apply_payment_intent(payment_id, intent, cause, evidence_id, evidence_at)`: locks the
@@ -448,12 +510,12 @@ fn apply_payment_intent(
                 format!("no payment {payment_id}")
             );
         };
-        apply_intent(client, &payment, &intent.0, cause, evidence_id, evidence_at).unwrap_or_else(
-            |problem| {
+        apply_intent(client, &payment, &intent.0, cause, evidence_id, evidence_at)
+            .unwrap_or_else(|problem| {
                 raise_invalid_parameter(format!(
                     "evidence for payment {payment_id} cannot be applied: {problem}"
                 ))
-            },
-        )
+            })
+            .as_str()
     })
 }

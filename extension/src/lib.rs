@@ -9,6 +9,7 @@ mod apply_intent;
 mod checkout;
 mod errors;
 mod keys;
+mod lookup;
 mod plans;
 mod secrets;
 mod signature;

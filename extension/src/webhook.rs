@@ -5,6 +5,7 @@
 //! Every webhook runs this, so it is Rust over prepared statements (see `apply_intent` for why).
 
 use pgpay_core::event::{event_created, field_text, read_event};
+use pgpay_core::outcome::Outcome;
 use pgpay_core::signature::{verify_any, Tolerance};
 use pgrx::pg_sys::BuiltinOid::{BOOLOID, INT8OID, TEXTOID, UUIDOID};
 use pgrx::prelude::*;
@@ -12,8 +13,9 @@ use pgrx::spi::SpiClient;
 use pgrx::Uuid;
 use serde_json::Value;
 
-use crate::apply_intent::{apply_intent, locked_payment_columns, LockedPayment};
+use crate::apply_intent::apply_intent;
 use crate::errors::{raise_internal, raise_with_hint};
+use crate::lookup::lock_payment_for;
 use crate::plans::{first, run, Statement};
 use crate::secrets::live_secrets;
 use crate::signature::unix_now;
@@ -26,13 +28,6 @@ static COUNT_REJECTION: Statement = Statement {
     sql: "INSERT INTO pay.webhook_rejections AS r (day, reason, count, last_at) \
           VALUES (current_date, $1, 1, now()) \
           ON CONFLICT (day, reason) DO UPDATE SET count = r.count + 1, last_at = excluded.last_at",
-    args: &[TEXTOID],
-};
-static LOCK_BY_INTENT: Statement = Statement {
-    sql: concat!(
-        locked_payment_columns!(),
-        "WHERE p.stripe_payment_intent_id = $1 FOR NO KEY UPDATE"
-    ),
     args: &[TEXTOID],
 };
 static EVENT_SEEN: Statement = Statement {
@@ -62,7 +57,7 @@ static APPLY_OTHER_EVENT: Statement = Statement {
 
 /// What became of an event: `None` outcome when it had been received before.
 pub struct Stored {
-    pub outcome: Option<String>,
+    pub outcome: Option<Outcome>,
     pub payment_id: Option<Uuid>,
     pub detail: Option<String>,
 }
@@ -73,27 +68,6 @@ impl Stored {
         payment_id: None,
         detail: None,
     };
-}
-
-/// The payment an event's object concerns, locked: by PaymentIntent id, else by our metadata (a
-/// PaymentIntent whose create answer was lost). `None` when it concerns no pgpay payment.
-fn lock_payment_for(client: &mut SpiClient<'_>, object: &Value) -> Option<LockedPayment> {
-    let intent = match object.get("object").and_then(Value::as_str)? {
-        "payment_intent" => field_text(object, "id"),
-        "refund" | "charge" | "dispute" => field_text(object, "payment_intent"),
-        _ => return None,
-    };
-    if let Some(intent) = intent {
-        let found = LockedPayment::read(run(client, &LOCK_BY_INTENT, &[intent.as_str().into()]));
-        if found.is_some() {
-            return found;
-        }
-    }
-    let claimed = object
-        .get("metadata")
-        .and_then(|m| field_text(m, "pgpay_payment_id"))?;
-    let id = pgpay_core::event::parse_uuid(&claimed)?;
-    LockedPayment::lock(client, Uuid::from_bytes(id))
 }
 
 /// Stores an event once and applies it: one write of the event row, with its outcome.
@@ -128,11 +102,11 @@ pub fn store_and_apply(
                 let at = created.unwrap_or_else(unix_now);
                 let cause = format!("webhook {kind}");
                 match apply_intent(client, payment, object, &cause, event_id.as_deref(), at) {
-                    Ok(outcome) => (outcome.to_owned(), Some(format!("{kind} -> {outcome}"))),
+                    Ok(outcome) => (outcome, Some(format!("{kind} -> {outcome}"))),
                     // Signed, so Stripe's own: kept for a human, answered 200 (a 5xx would only
                     // bring the same body back for days).
                     Err(problem) => (
-                        "stored".to_owned(),
+                        Outcome::Stored,
                         Some(format!("{kind} not applied: {problem}")),
                     ),
                 }
@@ -145,13 +119,16 @@ pub fn store_and_apply(
                 .first();
                 let read = (table.get::<String>(1), table.get::<String>(2));
                 match read {
-                    (Ok(Some(outcome)), Ok(detail)) => (outcome, detail),
+                    (Ok(Some(outcome)), Ok(detail)) => match outcome.parse::<Outcome>() {
+                        Ok(outcome) => (outcome, detail),
+                        Err(e) => raise_internal(format!("pay._apply_event: {e}")),
+                    },
                     _ => raise_internal("pay._apply_event returned no outcome"),
                 }
             }
         }
         None => (
-            "stored".to_owned(),
+            Outcome::Stored,
             Some("not about a pgpay payment".to_owned()),
         ),
     };
@@ -200,7 +177,12 @@ type IngestRow = (String, i32, Option<String>, Option<String>);
 
 fn rejected(client: &mut SpiClient<'_>, reason: &str, detail: String) -> IngestRow {
     run(client, &COUNT_REJECTION, &[reason.into()]);
-    ("rejected".to_owned(), 400, None, Some(detail))
+    (
+        Outcome::Rejected.as_str().to_owned(),
+        400,
+        None,
+        Some(detail),
+    )
 }
 
 /// `pay.ingest_webhook(payload, signature_header)`. `applied` / `duplicate` / `stored` answer
@@ -256,19 +238,20 @@ fn ingest_webhook(
         };
         let event_id = field_text(&event, "id");
         let stored = store_and_apply(client, payload, &event, "webhook");
-        let status = match stored.outcome.as_deref() {
-            None => {
-                return (
-                    "duplicate".into(),
-                    200,
-                    event_id,
-                    Some("already received".into()),
-                )
-            }
-            Some("stored") => "stored",
-            Some(_) => "applied",
-        };
-        (status.to_owned(), 200, event_id, stored.detail)
+        match stored.outcome {
+            None => (
+                Outcome::Duplicate.as_str().to_owned(),
+                200,
+                event_id,
+                Some("already received".into()),
+            ),
+            Some(outcome) => (
+                outcome.event_status().as_str().to_owned(),
+                200,
+                event_id,
+                stored.detail,
+            ),
+        }
     });
     TableIterator::once(row)
 }
@@ -291,5 +274,9 @@ fn store_and_apply_event(
         crate::errors::raise_invalid_parameter("_store_and_apply_event: not a Stripe event object");
     };
     let stored = Spi::connect_mut(|client| store_and_apply(client, payload, &event, source));
-    TableIterator::once((stored.outcome, stored.payment_id, stored.detail))
+    TableIterator::once((
+        stored.outcome.map(|o| o.as_str().to_owned()),
+        stored.payment_id,
+        stored.detail,
+    ))
 }

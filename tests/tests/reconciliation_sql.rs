@@ -219,6 +219,22 @@ async fn unknown_payments_are_findings_and_bad_objects_are_22023() {
     );
     assert_eq!(apply(&client, &stranger, None).await.0, "not_ours");
     assert_eq!(findings(&client).await[0].0, "unknown_payment");
+    // Metadata that only looks like a UUID (36 hyphens once passed a loose check and failed the
+    // ::uuid cast with 22P02, stopping the run) claims nothing: not ours, and no finding.
+    for claim in [
+        "-".repeat(36),
+        "0f8fad5bd9cb469fa16570867728950e0000".into(),
+    ] {
+        let fake = fixtures::payment_intent("pi_fake_claim", &claim, 100, "usd", "succeeded");
+        assert_eq!(apply(&client, &fake, None).await, ("not_ours".into(), None));
+        let refund = json!({"object": "refund", "id": "re_fake", "payment_intent": "pi_nobody",
+                            "amount": 100, "status": "succeeded", "metadata": {"pgpay_payment_id": claim}});
+        assert_eq!(
+            apply(&client, &refund, None).await,
+            ("not_ours".into(), None)
+        );
+    }
+    assert_eq!(findings(&client).await.len(), 1);
     let err = client
         .query_one(
             "SELECT * FROM pay.apply_stripe_object('{\"object\":\"customer\"}')",

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
+use pgpay_core::outcome::Outcome;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -124,8 +125,13 @@ async fn stripe_webhook(State(st): State<AppState>, headers: HeaderMap, body: By
     };
     match ingest_webhook(&st.pool, payload, signature).await {
         Ok(r) => {
-            st.metrics.webhook(match r.status.as_str() {
-                s @ ("applied" | "duplicate" | "stored" | "rejected") => s,
+            st.metrics.webhook(match r.status.parse::<Outcome>() {
+                Ok(
+                    o @ (Outcome::Applied
+                    | Outcome::Duplicate
+                    | Outcome::Stored
+                    | Outcome::Rejected),
+                ) => o.as_str(),
                 _ => "other",
             });
             let code = u16::try_from(r.http_status)

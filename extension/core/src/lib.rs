@@ -6,5 +6,7 @@ pub mod canonical_json;
 pub mod checkout;
 pub mod event;
 pub mod idempotency;
+pub mod object;
+pub mod outcome;
 pub mod signature;
 pub mod transition;

@@ -2,6 +2,7 @@
 //! `pay.stuck_payments` and apply it with source `refresh`, through the same transition
 //! rule as webhooks.
 
+use pgpay_core::outcome::Outcome;
 use serde_json::Value;
 use tokio_postgres::Client;
 use tracing::warn;
@@ -82,10 +83,9 @@ pub(crate) async fn refresh_stuck(
         report.applied = rows
             .iter()
             .filter(|r| {
-                matches!(
-                    r.get::<_, Option<String>>(0).as_deref(),
-                    Some("applied" | "flagged" | "adopted")
-                )
+                r.get::<_, Option<String>>(0)
+                    .and_then(|s| s.parse::<Outcome>().ok())
+                    .is_some_and(Outcome::changed_a_payment)
             })
             .count() as u64;
     }

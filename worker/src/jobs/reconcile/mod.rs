@@ -23,6 +23,7 @@ mod run;
 
 use std::time::Duration;
 
+use pgpay_core::outcome::Outcome;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -91,8 +92,8 @@ pub struct Counts {
 pub struct Change {
     /// The PaymentIntent.
     pub stripe_object_id: String,
-    /// `applied`, `flagged` or `adopted`.
-    pub outcome: String,
+    /// Applied, flagged or adopted.
+    pub outcome: Outcome,
     /// The payment, when it is ours.
     pub payment_id: Option<String>,
     /// Stripe's status.

@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use pgpay_core::outcome::Outcome;
 use serde_json::Value;
 use tokio_postgres::Client;
 use tracing::{debug, info, warn};
@@ -215,7 +216,10 @@ impl RunState {
                 .map_err(db_op("apply_stripe_event"))?;
             self.counts.events_replayed += rows
                 .iter()
-                .filter(|r| r.get::<_, Option<String>>(0).as_deref() != Some("duplicate"))
+                .filter(|r| {
+                    r.get::<_, Option<String>>(0).and_then(|s| s.parse().ok())
+                        != Some(Outcome::Duplicate)
+                })
                 .count() as u64;
             self.save_progress(client, &progress_stmt, run_id, options)
                 .await?;
@@ -261,21 +265,23 @@ impl RunState {
             .await
             .map_err(db_op("apply_stripe_objects"))?;
         for r in &rows {
-            let outcome: Option<String> = r.get(1);
-            let outcome = outcome.unwrap_or_default();
+            let text: Option<String> = r.get(1);
+            let text = text.unwrap_or_default();
+            let Ok(outcome) = text.parse::<Outcome>() else {
+                warn!(outcome = text, "unknown outcome from apply_stripe_objects");
+                continue;
+            };
             let c = &mut self.counts;
-            match outcome.as_str() {
-                "applied" => c.applied += 1,
-                "unchanged" => c.unchanged += 1,
-                "ignored" => c.ignored += 1,
-                "flagged" => c.flagged += 1,
-                "adopted" => c.adopted += 1,
-                "not_ours" => c.not_ours += 1,
-                other => warn!(outcome = other, "unknown outcome from apply_stripe_objects"),
+            match outcome {
+                Outcome::Applied => c.applied += 1,
+                Outcome::Unchanged => c.unchanged += 1,
+                Outcome::Ignored => c.ignored += 1,
+                Outcome::Flagged => c.flagged += 1,
+                Outcome::Adopted => c.adopted += 1,
+                Outcome::NotOurs => c.not_ours += 1,
+                other => warn!(outcome = %other, "unexpected outcome from apply_stripe_objects"),
             }
-            if matches!(outcome.as_str(), "applied" | "flagged" | "adopted")
-                && self.changes.len() < MAX_CHANGES_KEPT
-            {
+            if outcome.changed_a_payment() && self.changes.len() < MAX_CHANGES_KEPT {
                 self.changes.push(Change {
                     stripe_object_id: r.get::<_, Option<String>>(0).unwrap_or_default(),
                     outcome,

@@ -1,0 +1,80 @@
+//! The one lookup of "the payment this Stripe object speaks of": by its PaymentIntent id,
+//! else by the payment id our metadata claims (a PaymentIntent whose create answer was lost).
+//! Webhooks use it with a row lock; reconciliation calls it from SQL as `pay._payment_for`.
+//! Which field names the PaymentIntent, per object kind, is `pgpay_core::object`.
+
+use pgpay_core::object::{claimed_payment_id, payment_ref};
+use pgrx::pg_sys::BuiltinOid::{TEXTOID, UUIDOID};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::Uuid;
+use serde_json::Value;
+
+use crate::apply_intent::{locked_payment_columns, LockedPayment};
+use crate::plans::{first, run, Statement};
+
+static LOCK_BY_INTENT: Statement = Statement {
+    sql: concat!(
+        locked_payment_columns!(),
+        "WHERE p.stripe_payment_intent_id = $1 FOR NO KEY UPDATE"
+    ),
+    args: &[TEXTOID],
+};
+static ID_BY_INTENT: Statement = Statement {
+    sql: "SELECT p.id FROM pay.payments p WHERE p.stripe_payment_intent_id = $1",
+    args: &[TEXTOID],
+};
+static ID_BY_ID: Statement = Statement {
+    sql: "SELECT p.id FROM pay.payments p WHERE p.id = $1",
+    args: &[UUIDOID],
+};
+
+/// The lookup itself: `by_intent` first, then `by_id` with the claimed id.
+fn find<T>(
+    client: &mut SpiClient<'_>,
+    intent_id: Option<&str>,
+    claimed: Option<Uuid>,
+    by_intent: impl FnOnce(&mut SpiClient<'_>, &str) -> Option<T>,
+    by_id: impl FnOnce(&mut SpiClient<'_>, Uuid) -> Option<T>,
+) -> Option<T> {
+    if let Some(found) = intent_id.and_then(|intent| by_intent(client, intent)) {
+        return Some(found);
+    }
+    by_id(client, claimed?)
+}
+
+/// The payment `object` speaks of, locked for this transaction; `None` when it is not ours.
+pub fn lock_payment_for(client: &mut SpiClient<'_>, object: &Value) -> Option<LockedPayment> {
+    let r = payment_ref(object)?;
+    find(
+        client,
+        r.intent_id.as_deref(),
+        r.claimed.map(Uuid::from_bytes),
+        |c, intent| LockedPayment::read(run(c, &LOCK_BY_INTENT, &[intent.into()])),
+        LockedPayment::lock,
+    )
+}
+
+/// `pay._payment_for(intent_id, claimed)`: the payment a Stripe object speaks of, given its
+/// PaymentIntent id and our metadata's `pgpay_payment_id` (either may be NULL), without a
+/// lock; NULL when it is not ours.
+#[pg_extern(stable, name = "_payment_for")]
+fn payment_for(intent_id: Option<&str>, claimed: Option<&str>) -> Option<Uuid> {
+    let claimed = claimed.and_then(claimed_payment_id).map(Uuid::from_bytes);
+    Spi::connect_mut(|client| {
+        find(
+            client,
+            intent_id,
+            claimed,
+            |c, intent| first(run(c, &ID_BY_INTENT, &[intent.into()])),
+            |c, id| first(run(c, &ID_BY_ID, &[id.into()])),
+        )
+    })
+}
+
+/// `pay._claimed_payment_id(claimed)`: our metadata's payment id when it is a well-formed
+/// UUID, else NULL (never a cast error).
+#[pg_extern(immutable, strict, parallel_safe, name = "_claimed_payment_id")]
+fn claimed_payment_uuid(claimed: &str) -> Option<Uuid> {
+    claimed_payment_id(claimed).map(Uuid::from_bytes)
+}
