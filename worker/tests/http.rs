@@ -52,8 +52,12 @@ async fn webhook_relay_healthz_and_metrics() {
     let http = reqwest::Client::new();
     let hook = format!("{base}/webhooks/stripe");
 
+    wait_ready(&base).await;
     let health = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
+    assert_eq!(health.text().await.unwrap(), "ready\n");
+    let live = http.get(format!("{base}/livez")).send().await.unwrap();
+    assert_eq!(live.status().as_u16(), 200);
 
     let payload = fixtures::event(
         "evt_relay_1",
@@ -78,6 +82,7 @@ async fn webhook_relay_healthz_and_metrics() {
     )
     .await;
     assert_eq!((status, &body["status"]), (500, &json!("error")));
+    assert_eq!(body["reason"], "no_live_webhook_secret");
 
     client
         .execute("SELECT pay.add_webhook_secret($1, 'primary')", &[&SECRET])
@@ -95,15 +100,19 @@ async fn webhook_relay_healthz_and_metrics() {
     assert_eq!((status, &body["status"]), (200, &json!("duplicate")));
 
     // The body is passed byte for byte: one changed byte breaks the signature.
+    // Every rejection names its reason (never a secret or the expected signature).
     let tampered = payload.replacen("100", "101", 1);
     let (status, body) = post(&http, &hook, tampered.into_bytes(), Some(&signature)).await;
     assert_eq!((status, &body["status"]), (400, &json!("rejected")));
+    assert_eq!(body["reason"], "signature_mismatch", "{body}");
+    assert!(!body.to_string().contains(SECRET), "{body}");
     let (status, body) = post(&http, &hook, payload.clone().into_bytes(), None).await;
     assert_eq!((status, &body["status"]), (400, &json!("rejected")));
-    let (status, _) = post(&http, &hook, vec![0xff, 0xfe, b'{'], Some(&signature)).await;
-    assert_eq!(status, 400);
-    let (status, _) = post(&http, &hook, vec![b' '; 2 << 20], Some(&signature)).await;
-    assert_eq!(status, 413);
+    assert_eq!(body["reason"], "missing_header", "{body}");
+    let (status, body) = post(&http, &hook, vec![0xff, 0xfe, b'{'], Some(&signature)).await;
+    assert_eq!((status, &body["reason"]), (400, &json!("body_not_utf8")));
+    let (status, body) = post(&http, &hook, vec![b' '; 2 << 20], Some(&signature)).await;
+    assert_eq!((status, &body["reason"]), (413, &json!("body_too_large")));
     assert_eq!(
         count(&client, "SELECT count(*) FROM pay.webhook_events").await,
         1
@@ -121,7 +130,7 @@ async fn webhook_relay_healthz_and_metrics() {
         .unwrap();
     for needle in [
         "pgpay_worker_webhooks_total{status=\"duplicate\"} 1",
-        "pgpay_worker_webhooks_total{status=\"rejected\"} 3",
+        "pgpay_worker_webhooks_total{status=\"rejected\"} 4",
         "pgpay_worker_webhooks_total{status=\"error\"} 1",
         "pgpay_worker_queue_depth{status=\"pending\"}",
         "pgpay_worker_polls_total",
@@ -135,12 +144,13 @@ async fn webhook_relay_healthz_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_reports_an_unreachable_database() {
+async fn livez_answers_and_readyz_reports_an_unreachable_database() {
     init_tracing();
-    // A database that does not exist: the worker starts (it tolerates a database that is
-    // not there yet) and says so on /healthz.
+    // A database that does not exist: the worker starts (it waits for a database that is
+    // not there yet, retrying), is alive, and not ready.
+    let port = std::env::var("PGPAY_TEST_PORT").unwrap_or_else(|_| "5432".into());
     let mut cfg = pgpay_worker::WorkerConfig::new(
-        "postgres://postgres@127.0.0.1:5432/pgpay_no_such_database",
+        &format!("postgres://postgres@127.0.0.1:{port}/pgpay_no_such_database"),
         "http://127.0.0.1:9",
         API_KEY,
     )
@@ -150,8 +160,18 @@ async fn healthz_reports_an_unreachable_database() {
         .await
         .unwrap();
     let base = format!("http://{}", worker.http_addr().unwrap());
-    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
-    assert_eq!(health.status().as_u16(), 503);
+    let live = reqwest::get(format!("{base}/livez")).await.unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+    for path in ["readyz", "healthz"] {
+        let ready = reqwest::get(format!("{base}/{path}")).await.unwrap();
+        assert_eq!(ready.status().as_u16(), 503);
+        let text = ready.text().await.unwrap();
+        assert!(
+            text.contains("pgpay_no_such_database") && text.contains("does not exist"),
+            "{text}"
+        );
+        assert!(text.contains("LISTEN connection not up"), "{text}");
+    }
     worker.shutdown();
     worker.wait().await.unwrap();
 }
@@ -189,6 +209,7 @@ async fn the_worker_needs_nothing_but_the_pay_worker_role() {
         .await
         .unwrap();
     let base = format!("http://{}", worker.http_addr().unwrap());
+    wait_ready(&base).await;
 
     // Claim, retry, complete; a declined-style failure path is the same grant.
     let payment = checkout(&admin, "least-privilege", 100).await;
