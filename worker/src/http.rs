@@ -205,9 +205,10 @@ async fn readyz(State(st): State<AppState>) -> Response {
         Ok(Ok(Checked::Unreachable(reason))) => {
             problems.push(format!("database unreachable: {reason}"))
         }
-        Ok(Err(DbError::Pool(deadpool_postgres::PoolError::Backend(e)))) => problems.push(
-            format!("database unreachable: {}", crate::preflight::describe_unreachable(&e)),
-        ),
+        Ok(Err(DbError::Pool(deadpool_postgres::PoolError::Backend(e)))) => problems.push(format!(
+            "database unreachable: {}",
+            crate::preflight::describe_unreachable(&e)
+        )),
         Ok(Err(e)) => problems.push(format!("database unreachable: {}", ErrorChain(&e))),
         Err(_) => problems.push("database timeout".into()),
     }

@@ -263,3 +263,140 @@ async fn the_worker_needs_nothing_but_the_pay_worker_role() {
         .await
         .unwrap();
 }
+
+/// Reads from `sock` until it closes or `limit` passes; returns what arrived.
+async fn read_until_closed(sock: &mut tokio::net::TcpStream, limit: std::time::Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(limit, sock.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_never_starve_readyz() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    init_tracing();
+    let db = TestDb::create().await;
+    let stripe = ScriptedStripe::start(|_, _| Reply::ok()).await;
+    let mut cfg = config(&db, &stripe.base_url());
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.http_limits.header_read_timeout = Duration::from_millis(800);
+    cfg.http_limits.body_timeout = Duration::from_millis(800);
+    cfg.http_limits.max_connections = 240;
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    let addr = worker.http_addr().unwrap();
+    let base = format!("http://{addr}");
+    wait_ready(&base).await;
+
+    // 200 idle connections, one that sends its headers a byte at a time and never ends
+    // them, and one that announces a body it never sends.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut slow_headers = TcpStream::connect(addr).await.unwrap();
+    slow_headers
+        .write_all(b"POST /webhooks/stripe HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..40 {
+            if slow_headers.write_all(b"X").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        read_until_closed(&mut slow_headers, Duration::from_secs(5)).await
+    });
+    let mut slow_body = TcpStream::connect(addr).await.unwrap();
+    slow_body
+        .write_all(
+            b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nStripe-Signature: t=1,v1=00\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+
+    // Meanwhile readiness and liveness answer, each well within a second.
+    let http = reqwest::Client::new();
+    for _ in 0..5 {
+        for path in ["readyz", "livez", "healthz"] {
+            let started = Instant::now();
+            let r = http.get(format!("{base}/{path}")).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 200, "{path}");
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{path}: {:?}",
+                started.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The slow body gets 408, the slow headers are cut off (408 or closed), the idle ones
+    // are closed: none of them is held for longer than the timeouts.
+    let answer = read_until_closed(&mut slow_body, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    let answer = trickle.await.unwrap();
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer:?}"
+    );
+    let started = Instant::now();
+    for sock in &mut idle[..5] {
+        assert_eq!(read_until_closed(sock, Duration::from_secs(5)).await, "");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_new_clients_wait_for_a_slot() {
+    use std::time::Duration;
+    use tokio::net::TcpStream;
+
+    init_tracing();
+    let db = TestDb::create().await;
+    let stripe = ScriptedStripe::start(|_, _| Reply::ok()).await;
+    let mut cfg = config(&db, &stripe.base_url());
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.http_limits.header_read_timeout = Duration::from_millis(1500);
+    cfg.http_limits.max_connections = 4;
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    let addr = worker.http_addr().unwrap();
+    let base = format!("http://{addr}");
+    wait_ready(&base).await;
+    // Let the pooled client's keep-alive connection go.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every slot is taken: a fifth client is not served until the idle ones time out.
+    let http = reqwest::Client::new();
+    let quick = tokio::time::timeout(
+        Duration::from_millis(500),
+        http.get(format!("{base}/livez")).send(),
+    )
+    .await;
+    assert!(quick.is_err(), "served beyond the cap");
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        http.get(format!("{base}/livez")).send(),
+    )
+    .await
+    .expect("served once the idle connections timed out")
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    drop(idle);
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}

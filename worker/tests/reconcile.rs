@@ -559,7 +559,7 @@ async fn cli_reconcile_and_status_exit_codes() {
     let out = cli(&db, &fake, &["status", "--json"]).await;
     assert_eq!(out.code, Some(0));
     let report: Value = serde_json::from_str(&out.stdout).unwrap();
-    assert_eq!(report["live_webhook_secrets"], 1);
+    assert_eq!(report["report"]["live_webhook_secrets"], 1);
 
     let out = cli(&db, &fake, &["reconcile", "--since", "48h", "--dry-run"]).await;
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);

@@ -409,7 +409,10 @@ pub async fn wait_ready(base: &str) {
             Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
             Err(e) => e.to_string(),
         };
-        assert!(Instant::now() < deadline, "the worker never became ready: {last}");
+        assert!(
+            Instant::now() < deadline,
+            "the worker never became ready: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
