@@ -403,6 +403,21 @@ AS $$
         'webhook_rejections_24h', (SELECT coalesce(sum(r.count), 0) FROM pay.webhook_rejections r
                                    WHERE r.last_at > now() - interval '24 hours'),
         'live_webhook_secrets', (SELECT count(*) FROM pay.webhook_secrets s
-                                 WHERE s.revoked_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now()))
+                                 WHERE s.revoked_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now())),
+        -- A wrong endpoint secret: signature mismatches in the last hour and not one signed
+        -- delivery accepted. Rejections are counted by day; last_at says one was this hour.
+        -- The scan of webhook_events (no index on received_at: every index is paid for by
+        -- every delivery) only runs when there was such a rejection.
+        'signature_mismatches_today', (SELECT coalesce(sum(r.count), 0) FROM pay.webhook_rejections r
+                                       WHERE r.reason = 'signature_mismatch' AND r.day = current_date),
+        'last_signature_mismatch_seconds', (SELECT floor(extract(epoch FROM now() - max(r.last_at)))::bigint
+                                            FROM pay.webhook_rejections r
+                                            WHERE r.reason = 'signature_mismatch' AND r.day >= current_date - 1),
+        'webhooks_accepted_1h', CASE WHEN EXISTS (
+                SELECT 1 FROM pay.webhook_rejections r
+                WHERE r.reason = 'signature_mismatch' AND r.day >= current_date - 1
+                  AND r.last_at > now() - interval '1 hour')
+            THEN (SELECT count(*) FROM pay.webhook_events e
+                  WHERE e.source = 'webhook' AND e.received_at > now() - interval '1 hour') END
     );
 $$;

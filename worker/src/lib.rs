@@ -20,8 +20,10 @@ mod db;
 mod error_chain;
 mod http;
 pub mod jobs;
+pub mod logging;
 pub mod metrics;
 pub mod outbox;
+pub mod preflight;
 mod secret;
 mod shared;
 pub mod stripe;
@@ -67,9 +69,15 @@ pub enum WorkerError {
     /// The HTTP server failed.
     #[error("HTTP server failed")]
     Http(#[source] std::io::Error),
-    /// A reconciliation failed.
-    #[error("reconciliation failed")]
+    /// A reconciliation failed (the job's error says which step).
+    #[error(transparent)]
     Reconcile(#[from] JobError),
+    /// The database is set up so the worker cannot work (the message says how to fix it).
+    #[error(transparent)]
+    Setup(#[from] preflight::SetupError),
+    /// Stripe refused the API key: nothing will work until the key is changed.
+    #[error(transparent)]
+    Unauthorized(#[from] stripe::Unauthorized),
     /// A worker task panicked.
     #[error("worker task panicked")]
     Panicked(#[source] tokio::task::JoinError),
@@ -81,8 +89,7 @@ pub struct WorkerHandle {
     http_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
-    dispatcher: JoinHandle<()>,
-    schedule: Option<JoinHandle<()>>,
+    main: JoinHandle<Result<(), WorkerError>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -116,19 +123,16 @@ impl WorkerHandle {
         self.cancel.cancel();
     }
 
-    /// Waits until the worker has stopped (after a shutdown request).
+    /// Waits until the worker has stopped: after a shutdown request, or on its own when the
+    /// setup cannot work ([`WorkerError::Setup`]) or Stripe refuses the key
+    /// ([`WorkerError::Unauthorized`]).
     pub async fn wait(self) -> Result<(), WorkerError> {
-        let d = self.dispatcher.await;
-        let m = match self.schedule {
-            Some(m) => m.await,
-            None => Ok(()),
-        };
+        let d = self.main.await;
         let h = match self.http {
             Some(h) => Some(h.await),
             None => None,
         };
-        d.map_err(WorkerError::Panicked)?;
-        m.map_err(WorkerError::Panicked)?;
+        d.map_err(WorkerError::Panicked)??;
         match h {
             Some(Ok(Ok(()))) | None => Ok(()),
             Some(Ok(Err(e))) => Err(WorkerError::Http(e)),
@@ -139,25 +143,21 @@ impl WorkerHandle {
     /// Stops everything at once without releasing anything — what a crash (SIGKILL) does.
     /// Claimed commands stay `in_flight` until their lease expires. For tests.
     pub async fn abort(self) {
-        self.dispatcher.abort();
+        self.main.abort();
         if let Some(h) = &self.http {
             h.abort();
         }
-        if let Some(m) = &self.schedule {
-            m.abort();
-        }
-        let _ = self.dispatcher.await;
-        if let Some(m) = self.schedule {
-            let _ = m.await;
-        }
+        let _ = self.main.await;
         if let Some(h) = self.http {
             let _ = h.await;
         }
     }
 }
 
-/// Validates `config`, binds the HTTP listener (if any) and starts the dispatcher.
-/// Returns once the worker is running; cancelling `cancel` (or
+/// Validates `config`, binds the HTTP listener (if any) and starts the worker: the startup
+/// checks ([`preflight`]: retried while the database cannot be reached, each attempt logged
+/// at WARN), then the dispatcher and the schedule. Returns once the HTTP endpoint listens
+/// (`/livez` answers while the database is still awaited); cancelling `cancel` (or
 /// [`WorkerHandle::shutdown`]) stops it gracefully.
 pub async fn start(
     config: WorkerConfig,
@@ -203,6 +203,9 @@ pub async fn start(
             let state = http::AppState {
                 pool: pool.clone(),
                 metrics: metrics.clone(),
+                listen_for_notifications: config.listen_for_notifications,
+                rejections: Arc::new(http::RejectionLog::default()),
+                limits: config.http_limits.clone(),
             };
             (
                 Some(tokio::spawn(http::serve(listener, state, cancel.clone()))),
@@ -220,20 +223,53 @@ pub async fn start(
         pool,
         stripe,
         metrics: metrics.clone(),
+        stop: cancel.clone(),
+        unauthorized: std::sync::OnceLock::new(),
     });
-    let schedule = (shared.cfg.reconcile_every.is_some()
-        || shared.cfg.refresh_stuck_every.is_some())
-    .then(|| tokio::spawn(jobs::schedule::run(shared.clone(), cancel.clone())));
-    let dispatcher = tokio::spawn(Dispatcher::new(shared, cancel.clone()).run());
+    let main = tokio::spawn(work(shared, cancel.clone()));
     Ok(WorkerHandle {
         worker_id,
         http_addr,
         metrics,
         cancel,
-        dispatcher,
-        schedule,
+        main,
         http,
     })
+}
+
+/// The startup checks, then the dispatcher and the schedule until shutdown.
+async fn work(shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), WorkerError> {
+    let checked = preflight::wait_until_ready(
+        &shared.cfg.database,
+        "pgpay-worker preflight",
+        None,
+        &cancel,
+    )
+    .await;
+    match checked {
+        Ok(()) => info!("database checks passed"),
+        Err(None) => return Ok(()),
+        Err(Some(e)) => {
+            // Stop the HTTP endpoint too: the process is about to exit.
+            cancel.cancel();
+            return Err(WorkerError::Setup(e));
+        }
+    }
+    let scheduled =
+        shared.cfg.reconcile_every.is_some() || shared.cfg.refresh_stuck_every.is_some();
+    let schedule = async {
+        if scheduled {
+            jobs::schedule::run(shared.clone(), cancel.clone()).await;
+        }
+    };
+    tokio::join!(
+        Dispatcher::new(shared.clone(), cancel.clone()).run(),
+        schedule
+    );
+    match shared.unauthorized.get() {
+        Some(e) => Err(WorkerError::Unauthorized(e.clone())),
+        None => Ok(()),
+    }
 }
 
 /// [`start`], then wait until `cancel` is cancelled and the worker has drained.

@@ -11,12 +11,18 @@ use humantime::Duration as Human;
 use pgpay_worker::config::{parse_duration, ScheduleArgs};
 use pgpay_worker::jobs::reconcile::{Counts, Phase, ReconcileOptions, Report, Started};
 use pgpay_worker::jobs::JobError;
-use pgpay_worker::{CancellationToken, ErrorChain, RunArgs};
-use tracing_subscriber::EnvFilter;
+use pgpay_worker::logging::LogFormat;
+use pgpay_worker::preflight::{self, Checked};
+use pgpay_worker::stripe::ReadError;
+use pgpay_worker::{CancellationToken, ErrorChain, RunArgs, WorkerError};
 
 /// Exit codes beyond 0 (success) and 1 (failure, or something needs a human).
 const EXIT_CONFIG: u8 = 2;
 const EXIT_ALREADY_RUNNING: u8 = 3;
+/// `status`: the status could not be read (database unreachable, no extension, ...).
+const EXIT_STATUS_UNREADABLE: u8 = 3;
+/// How long `reconcile` waits for an unreachable database before giving up.
+const RECONCILE_DB_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +31,9 @@ const EXIT_ALREADY_RUNNING: u8 = 3;
     about = "Drains the pgpay outbox to Stripe, reconciles with Stripe's ledger, reports status"
 )]
 struct Cli {
+    /// Log lines as text (coloured on a terminal only) or one JSON object a line.
+    #[arg(long, global = true, env = "PGPAY_WORKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,8 +46,26 @@ enum Command {
     /// difference. Exit 0 when done, 1 on failure, 2 for bad settings, 3 when another
     /// replica is reconciling.
     Reconcile(Box<ReconcileCmd>),
-    /// Summarise pay.status_report(). Exit 0 when nothing needs a human, 1 otherwise.
+    /// Summarise pay.status_report(). Exit 0 when nothing needs a human, 1 when something
+    /// does, 3 when the status cannot be read (database unreachable, no pgpay, no grant).
     Status(StatusCmd),
+    /// For a container HEALTHCHECK (no curl needed): with PGPAY_WORKER_HTTP_LISTEN set, GET
+    /// the running worker's /readyz; otherwise run the worker's startup checks against
+    /// DATABASE_URL. Exit 0 healthy, 1 not (the reason on stderr).
+    Healthcheck(HealthcheckCmd),
+}
+
+#[derive(clap::Args)]
+struct HealthcheckCmd {
+    /// The running worker's --http-listen address (0.0.0.0 and [::] are asked on loopback).
+    #[arg(long, env = "PGPAY_WORKER_HTTP_LISTEN")]
+    http_listen: Option<std::net::SocketAddr>,
+    /// Without an HTTP address: the database to check.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    timeout: Human,
 }
 
 #[derive(clap::Args)]
@@ -69,7 +96,8 @@ struct StatusCmd {
     /// PostgreSQL connection string.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
-    /// Print the raw report (JSON) instead of the summary; the exit code is the same.
+    /// Print {"ok", "problems", "report"} as JSON instead of the summary; the exit code is
+    /// the same.
     #[arg(long)]
     json: bool,
     /// A last reconciliation that finished longer ago than this needs a human.
@@ -79,12 +107,7 @@ struct StatusCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    pgpay_worker::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -110,6 +133,12 @@ fn main() -> ExitCode {
                 tokio::spawn(stop_on_signal(cancel.clone()));
                 match pgpay_worker::run(config, cancel).await {
                     Ok(()) => ExitCode::SUCCESS,
+                    Err(e @ (WorkerError::Setup(_) | WorkerError::Unauthorized(_))) => {
+                        tracing::error!(error = %ErrorChain(&e), "pgpay-worker cannot work with this setup");
+                        eprintln!("pgpay-worker: {}", ErrorChain(&e));
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                    Err(WorkerError::Config(e)) => config_error(&e),
                     Err(e) => {
                         tracing::error!(error = %ErrorChain(&e), "pgpay-worker stopped");
                         ExitCode::FAILURE
@@ -119,6 +148,7 @@ fn main() -> ExitCode {
         }
         Command::Reconcile(cmd) => runtime.block_on(reconcile(*cmd)),
         Command::Status(cmd) => runtime.block_on(status(cmd)),
+        Command::Healthcheck(cmd) => runtime.block_on(healthcheck(cmd)),
     }
 }
 
@@ -188,6 +218,25 @@ async fn reconcile(cmd: ReconcileCmd) -> ExitCode {
     };
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(cancel.clone()));
+    match preflight::wait_until_ready(
+        &config.database,
+        "pgpay-worker reconcile",
+        Some(RECONCILE_DB_WAIT),
+        &cancel,
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(Some(e)) => return config_error(&e),
+        Err(None) if cancel.is_cancelled() => return ExitCode::FAILURE,
+        Err(None) => {
+            eprintln!(
+                "pgpay-worker: reconciliation not started: the database could not be reached for {} (see the WARN lines above)",
+                humantime::format_duration(RECONCILE_DB_WAIT)
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     let progress = Progress::new();
     let result = pgpay_worker::jobs::reconcile::reconcile_with_config(
         &config,
@@ -208,7 +257,10 @@ async fn reconcile(cmd: ReconcileCmd) -> ExitCode {
             );
             ExitCode::from(EXIT_ALREADY_RUNNING)
         }
-        Err(pgpay_worker::WorkerError::Config(e)) => config_error(&e),
+        Err(WorkerError::Config(e)) => config_error(&e),
+        Err(WorkerError::Reconcile(JobError::Stripe(ReadError::Unauthorized(e)))) => {
+            config_error(&e)
+        }
         Err(e) => {
             eprintln!("pgpay-worker: reconciliation failed: {}", ErrorChain(&e));
             ExitCode::FAILURE
@@ -218,26 +270,19 @@ async fn reconcile(cmd: ReconcileCmd) -> ExitCode {
 
 fn summary(r: &Report) -> String {
     use std::fmt::Write as _;
-    let c = &r.counts;
     let mut s = String::new();
+    // The same counts, in the same words, as the "reconciliation finished" log line.
     let _ = writeln!(
         s,
-        "{} #{} in {:.1}s: {} pages, {} PaymentIntents ({} applied, {} flagged, {} adopted, {} unchanged, {} ignored, {} not ours), {} events seen, {} replayed, {} missing at Stripe, {} new findings",
-        if r.dry_run { "dry run (rolled back; nothing changed)" } else { "reconciliation" },
+        "{} #{} in {:.1}s: {}",
+        if r.dry_run {
+            "dry run (rolled back; nothing changed)"
+        } else {
+            "reconciliation"
+        },
         r.run_id,
         r.elapsed.as_secs_f64(),
-        c.pages + c.event_pages,
-        c.objects,
-        c.applied,
-        c.flagged,
-        c.adopted,
-        c.unchanged,
-        c.ignored,
-        c.not_ours,
-        c.events_seen,
-        c.events_replayed,
-        c.missing_at_stripe,
-        c.findings,
+        r.counts,
     );
     if r.dry_run {
         if !r.changes.is_empty() {
@@ -272,30 +317,34 @@ fn summary(r: &Report) -> String {
 }
 
 async fn status(cmd: StatusCmd) -> ExitCode {
-    let pg: pgpay_worker::tls::DatabaseConfig = match cmd.database_url.parse() {
+    let unreadable = |why: String| {
+        eprintln!("pgpay-worker: cannot read the status: {why}");
+        if cmd.json {
+            println!("{:#}", serde_json::json!({"ok": false, "error": why}));
+        }
+        ExitCode::from(EXIT_STATUS_UNREADABLE)
+    };
+    let pg = match pgpay_worker::config::parse_database_url(&cmd.database_url) {
         Ok(c) => c,
-        Err(e) => return config_error(&pgpay_worker::ConfigError::DatabaseUrl(e)),
+        Err(e) => return unreadable(ErrorChain(&e).to_string()),
     };
     let stale_after: Duration = cmd.reconcile_stale_after.into();
-    let result = async {
-        let client = pgpay_worker::jobs::connect(&pg, "pgpay-worker status").await?;
-        pgpay_worker::jobs::status::read(&client)
-            .await
-            .map_err(|source| JobError::Db {
-                op: "status_report",
-                source,
-            })
+    let client = match pgpay_worker::jobs::connect(&pg, "pgpay-worker status").await {
+        Ok(c) => c,
+        Err(JobError::Connect(e)) => return unreadable(preflight::describe_unreachable(&e)),
+        Err(e) => return unreadable(ErrorChain(&e).to_string()),
+    };
+    match preflight::check_client(&client).await {
+        Checked::Ready => {}
+        Checked::Broken(e) => return unreadable(e.to_string()),
+        Checked::Unreachable(why) => return unreadable(why),
     }
-    .await;
-    let status = match result {
+    let status = match pgpay_worker::jobs::status::read(&client).await {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("pgpay-worker: cannot read the status: {}", ErrorChain(&e));
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return unreadable(ErrorChain(&e).to_string()),
     };
     if cmd.json {
-        println!("{:#}", status.report);
+        println!("{:#}", status.to_json(stale_after));
     } else {
         print!("{}", status.render(stale_after));
     }
@@ -303,6 +352,66 @@ async fn status(cmd: StatusCmd) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `healthcheck`: 0 healthy, 1 not. Never 2 (Docker reserves it).
+async fn healthcheck(cmd: HealthcheckCmd) -> ExitCode {
+    let timeout: Duration = cmd.timeout.into();
+    let verdict = match (cmd.http_listen, cmd.database_url) {
+        (Some(addr), _) => tokio::time::timeout(timeout, readyz(addr))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer from the worker within {}", humantime::format_duration(timeout)))),
+        (None, Some(url)) => match pgpay_worker::config::parse_database_url(&url) {
+            Err(e) => Err(ErrorChain(&e).to_string()),
+            Ok(pg) => match tokio::time::timeout(timeout, preflight::check(&pg, "pgpay-worker healthcheck")).await {
+                Ok(Checked::Ready) => Ok(()),
+                Ok(Checked::Broken(e)) => Err(e.to_string()),
+                Ok(Checked::Unreachable(why)) => Err(format!("database unreachable: {why}")),
+                Err(_) => Err(format!("the database did not answer within {}", humantime::format_duration(timeout))),
+            },
+        },
+        (None, None) => Err("set PGPAY_WORKER_HTTP_LISTEN (ask the running worker) or DATABASE_URL (check the database)".into()),
+    };
+    match verdict {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("pgpay-worker healthcheck: unhealthy: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// GET /readyz on the worker's own address (a wildcard address is asked on loopback).
+async fn readyz(mut addr: std::net::SocketAddr) -> Result<(), String> {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach the worker at {addr}: {}",
+                ErrorChain(&e.without_url())
+            )
+        })?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "/readyz answered {status}: {}",
+            body.trim().replace('\n', "; ")
+        ))
     }
 }
 

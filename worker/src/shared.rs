@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
-use crate::stripe::{RateLimiter, StripeClient};
+use crate::stripe::{RateLimiter, StripeClient, Unauthorized};
 
 pub(crate) struct Shared {
     pub(crate) cfg: WorkerConfig,
@@ -16,4 +17,19 @@ pub(crate) struct Shared {
     pub(crate) stripe: StripeClient,
     pub(crate) limiter: RateLimiter,
     pub(crate) metrics: Arc<Metrics>,
+    /// Stops the whole worker (the token `start` runs under).
+    pub(crate) stop: CancellationToken,
+    /// Set when Stripe answered 401: the worker stops and `wait` returns it.
+    pub(crate) unauthorized: std::sync::OnceLock<Unauthorized>,
+}
+
+impl Shared {
+    /// Stripe refused the key: record it once (with a log line) and stop the worker.
+    pub(crate) fn stop_unauthorized(&self) {
+        let e = self.stripe.unauthorized();
+        if self.unauthorized.set(e.clone()).is_ok() {
+            tracing::error!(error = %e, "stopping: Stripe refused the API key");
+        }
+        self.stop.cancel();
+    }
 }

@@ -52,8 +52,12 @@ async fn webhook_relay_healthz_and_metrics() {
     let http = reqwest::Client::new();
     let hook = format!("{base}/webhooks/stripe");
 
+    wait_ready(&base).await;
     let health = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
+    assert_eq!(health.text().await.unwrap(), "ready\n");
+    let live = http.get(format!("{base}/livez")).send().await.unwrap();
+    assert_eq!(live.status().as_u16(), 200);
 
     let payload = fixtures::event(
         "evt_relay_1",
@@ -78,6 +82,7 @@ async fn webhook_relay_healthz_and_metrics() {
     )
     .await;
     assert_eq!((status, &body["status"]), (500, &json!("error")));
+    assert_eq!(body["reason"], "no_live_webhook_secret");
 
     client
         .execute("SELECT pay.add_webhook_secret($1, 'primary')", &[&SECRET])
@@ -95,15 +100,19 @@ async fn webhook_relay_healthz_and_metrics() {
     assert_eq!((status, &body["status"]), (200, &json!("duplicate")));
 
     // The body is passed byte for byte: one changed byte breaks the signature.
+    // Every rejection names its reason (never a secret or the expected signature).
     let tampered = payload.replacen("100", "101", 1);
     let (status, body) = post(&http, &hook, tampered.into_bytes(), Some(&signature)).await;
     assert_eq!((status, &body["status"]), (400, &json!("rejected")));
+    assert_eq!(body["reason"], "signature_mismatch", "{body}");
+    assert!(!body.to_string().contains(SECRET), "{body}");
     let (status, body) = post(&http, &hook, payload.clone().into_bytes(), None).await;
     assert_eq!((status, &body["status"]), (400, &json!("rejected")));
-    let (status, _) = post(&http, &hook, vec![0xff, 0xfe, b'{'], Some(&signature)).await;
-    assert_eq!(status, 400);
-    let (status, _) = post(&http, &hook, vec![b' '; 2 << 20], Some(&signature)).await;
-    assert_eq!(status, 413);
+    assert_eq!(body["reason"], "missing_header", "{body}");
+    let (status, body) = post(&http, &hook, vec![0xff, 0xfe, b'{'], Some(&signature)).await;
+    assert_eq!((status, &body["reason"]), (400, &json!("body_not_utf8")));
+    let (status, body) = post(&http, &hook, vec![b' '; 2 << 20], Some(&signature)).await;
+    assert_eq!((status, &body["reason"]), (413, &json!("body_too_large")));
     assert_eq!(
         count(&client, "SELECT count(*) FROM pay.webhook_events").await,
         1
@@ -121,7 +130,7 @@ async fn webhook_relay_healthz_and_metrics() {
         .unwrap();
     for needle in [
         "pgpay_worker_webhooks_total{status=\"duplicate\"} 1",
-        "pgpay_worker_webhooks_total{status=\"rejected\"} 3",
+        "pgpay_worker_webhooks_total{status=\"rejected\"} 4",
         "pgpay_worker_webhooks_total{status=\"error\"} 1",
         "pgpay_worker_queue_depth{status=\"pending\"}",
         "pgpay_worker_polls_total",
@@ -135,12 +144,13 @@ async fn webhook_relay_healthz_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_reports_an_unreachable_database() {
+async fn livez_answers_and_readyz_reports_an_unreachable_database() {
     init_tracing();
-    // A database that does not exist: the worker starts (it tolerates a database that is
-    // not there yet) and says so on /healthz.
+    // A database that does not exist: the worker starts (it waits for a database that is
+    // not there yet, retrying), is alive, and not ready.
+    let port = std::env::var("PGPAY_TEST_PORT").unwrap_or_else(|_| "5432".into());
     let mut cfg = pgpay_worker::WorkerConfig::new(
-        "postgres://postgres@127.0.0.1:5432/pgpay_no_such_database",
+        &format!("postgres://postgres@127.0.0.1:{port}/pgpay_no_such_database"),
         "http://127.0.0.1:9",
         API_KEY,
     )
@@ -150,8 +160,18 @@ async fn healthz_reports_an_unreachable_database() {
         .await
         .unwrap();
     let base = format!("http://{}", worker.http_addr().unwrap());
-    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
-    assert_eq!(health.status().as_u16(), 503);
+    let live = reqwest::get(format!("{base}/livez")).await.unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+    for path in ["readyz", "healthz"] {
+        let ready = reqwest::get(format!("{base}/{path}")).await.unwrap();
+        assert_eq!(ready.status().as_u16(), 503);
+        let text = ready.text().await.unwrap();
+        assert!(
+            text.contains("pgpay_no_such_database") && text.contains("does not exist"),
+            "{text}"
+        );
+        assert!(text.contains("LISTEN connection not up"), "{text}");
+    }
     worker.shutdown();
     worker.wait().await.unwrap();
 }
@@ -189,6 +209,7 @@ async fn the_worker_needs_nothing_but_the_pay_worker_role() {
         .await
         .unwrap();
     let base = format!("http://{}", worker.http_addr().unwrap());
+    wait_ready(&base).await;
 
     // Claim, retry, complete; a declined-style failure path is the same grant.
     let payment = checkout(&admin, "least-privilege", 100).await;
@@ -241,4 +262,141 @@ async fn the_worker_needs_nothing_but_the_pay_worker_role() {
         .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
         .await
         .unwrap();
+}
+
+/// Reads from `sock` until it closes or `limit` passes; returns what arrived.
+async fn read_until_closed(sock: &mut tokio::net::TcpStream, limit: std::time::Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(limit, sock.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_never_starve_readyz() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    init_tracing();
+    let db = TestDb::create().await;
+    let stripe = ScriptedStripe::start(|_, _| Reply::ok()).await;
+    let mut cfg = config(&db, &stripe.base_url());
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.http_limits.header_read_timeout = Duration::from_millis(800);
+    cfg.http_limits.body_timeout = Duration::from_millis(800);
+    cfg.http_limits.max_connections = 240;
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    let addr = worker.http_addr().unwrap();
+    let base = format!("http://{addr}");
+    wait_ready(&base).await;
+
+    // 200 idle connections, one that sends its headers a byte at a time and never ends
+    // them, and one that announces a body it never sends.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut slow_headers = TcpStream::connect(addr).await.unwrap();
+    slow_headers
+        .write_all(b"POST /webhooks/stripe HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..40 {
+            if slow_headers.write_all(b"X").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        read_until_closed(&mut slow_headers, Duration::from_secs(5)).await
+    });
+    let mut slow_body = TcpStream::connect(addr).await.unwrap();
+    slow_body
+        .write_all(
+            b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nStripe-Signature: t=1,v1=00\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+
+    // Meanwhile readiness and liveness answer, each well within a second.
+    let http = reqwest::Client::new();
+    for _ in 0..5 {
+        for path in ["readyz", "livez", "healthz"] {
+            let started = Instant::now();
+            let r = http.get(format!("{base}/{path}")).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 200, "{path}");
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{path}: {:?}",
+                started.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The slow body gets 408, the slow headers are cut off (408 or closed), the idle ones
+    // are closed: none of them is held for longer than the timeouts.
+    let answer = read_until_closed(&mut slow_body, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    let answer = trickle.await.unwrap();
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer:?}"
+    );
+    let started = Instant::now();
+    for sock in &mut idle[..5] {
+        assert_eq!(read_until_closed(sock, Duration::from_secs(5)).await, "");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_new_clients_wait_for_a_slot() {
+    use std::time::Duration;
+    use tokio::net::TcpStream;
+
+    init_tracing();
+    let db = TestDb::create().await;
+    let stripe = ScriptedStripe::start(|_, _| Reply::ok()).await;
+    let mut cfg = config(&db, &stripe.base_url());
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.http_limits.header_read_timeout = Duration::from_millis(1500);
+    cfg.http_limits.max_connections = 4;
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    let addr = worker.http_addr().unwrap();
+    let base = format!("http://{addr}");
+    wait_ready(&base).await;
+    // Let the pooled client's keep-alive connection go.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every slot is taken: a fifth client is not served until the idle ones time out.
+    let http = reqwest::Client::new();
+    let quick = tokio::time::timeout(
+        Duration::from_millis(500),
+        http.get(format!("{base}/livez")).send(),
+    )
+    .await;
+    assert!(quick.is_err(), "served beyond the cap");
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        http.get(format!("{base}/livez")).send(),
+    )
+    .await
+    .expect("served once the idle connections timed out")
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    drop(idle);
+    worker.shutdown();
+    worker.wait().await.unwrap();
 }

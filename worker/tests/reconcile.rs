@@ -510,13 +510,17 @@ struct Output {
 }
 
 async fn cli(db: &TestDb, fake: &StripeFake, args: &[&str]) -> Output {
+    cli_logging(db, fake, args, "warn").await
+}
+
+async fn cli_logging(db: &TestDb, fake: &StripeFake, args: &[&str], log: &str) -> Output {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgpay-worker"))
         .args(args)
         .env("DATABASE_URL", db.database_url())
         .env("STRIPE_SECRET_KEY", FAKE_KEY)
         .env("STRIPE_API_BASE", fake.base_url())
         .env("PGPAY_WORKER_RATE_LIMIT", "0")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .kill_on_drop(true)
         .output()
         .await
@@ -559,7 +563,7 @@ async fn cli_reconcile_and_status_exit_codes() {
     let out = cli(&db, &fake, &["status", "--json"]).await;
     assert_eq!(out.code, Some(0));
     let report: Value = serde_json::from_str(&out.stdout).unwrap();
-    assert_eq!(report["live_webhook_secrets"], 1);
+    assert_eq!(report["report"]["live_webhook_secrets"], 1);
 
     let out = cli(&db, &fake, &["reconcile", "--since", "48h", "--dry-run"]).await;
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
@@ -569,9 +573,29 @@ async fn cli_reconcile_and_status_exit_codes() {
         0
     );
 
-    let out = cli(&db, &fake, &["reconcile", "--since", "48h"]).await;
+    let out = cli_logging(&db, &fake, &["reconcile", "--since", "48h"], "info").await;
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("120 PaymentIntents"), "{}", out.stdout);
+    // The summary and the log line say the same, in the same words.
+    let counts = out
+        .stdout
+        .lines()
+        .next()
+        .unwrap()
+        .split_once("s: ")
+        .unwrap()
+        .1;
+    assert!(
+        out.stderr
+            .contains(&format!("reconciliation finished: {counts}")),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains('\x1b'),
+        "no colour codes off a terminal"
+    );
     assert!(out.stdout.contains("120 not ours"), "{}", out.stdout);
     assert_eq!(
         count(&client, "SELECT count(*) FROM pay.reconciliation_runs").await,

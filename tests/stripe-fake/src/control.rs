@@ -15,6 +15,41 @@ use crate::seed::SeedRequest;
 use crate::shared::Shared;
 use crate::webhooks::{DeliveryOptionsPatch, WebhookEndpoint};
 
+/// The control API, one endpoint a line (`METHOD /_fake/path  what it does`): printed by
+/// `stripe-fake --help` and copied into tests/stripe-fake/README.md (a test keeps the three
+/// in step with the router). Bodies are JSON; no API key (the fake is for loopback).
+pub const CONTROL_API: &str = "\
+Control API (JSON bodies, no API key; every customer step emits Stripe's events, signed and delivered):
+  GET    /_fake/ledger                           what really happened (?lists=false: counts only)
+  POST   /_fake/reset                            forget every object, event, key and fault
+  GET    /_fake/clock                            the fake's clock (unix seconds)
+  POST   /_fake/clock                            {\"advance_secs\":90000}: push it forward (key retention, expiry)
+  GET    /_fake/faults                           the fault rules
+  POST   /_fake/faults                           {\"method\":\"POST\",\"path\":\"/v1/payment_intents\",\"action\":\"drop_response_after_commit\",\"times\":1}
+                                                 (or {\"rules\":[...]}); actions: drop_response_after_commit, fail_before_commit,
+                                                 rate_limit (retry_after_secs), latency (latency_ms), reset_connection; probability
+  DELETE /_fake/faults                           remove every rule
+  POST   /_fake/seed                             {\"count\":1000,\"metadata\":{\"pgpay_payment_id\":\"seed-{i}\"}}: PaymentIntents in the past
+  GET    /_fake/rate_limit                       Stripe's rate limit as emulated ({\"per_second\":null}: off)
+  POST   /_fake/rate_limit                       {\"per_second\":25}
+  GET    /_fake/webhook                          the delivery endpoint and its options
+  POST   /_fake/webhook                          {\"url\":\"http://127.0.0.1:8080/webhooks/stripe\",\"secret\":\"whsec_...\"}
+  DELETE /_fake/webhook                          stop delivering
+  POST   /_fake/webhook/options                  {\"duplicate\":1,\"reorder_window\":3,\"delay_ms\":0,\"drop_probability\":0.1,
+                                                 \"drop_next\":1,\"max_attempts\":5,\"retry_backoff_ms\":100}
+  POST   /_fake/webhook/hold                     queue deliveries instead of sending them
+  POST   /_fake/webhook/release                  send what was held
+  POST   /_fake/events/:id/resend                deliver an event again
+  POST   /_fake/idempotency                      {\"retention_secs\":86400}: how long keys are remembered
+  POST   /_fake/payment_intents/:id/confirm      the customer pays: {\"payment_method\":\"pm_card_visa\"} (the default),
+                                                 pm_card_chargeDeclined, pm_card_authenticationRequired, ...
+  POST   /_fake/payment_intents/:id/authenticate {\"succeed\":true}: finish (or fail) 3-D Secure
+  POST   /_fake/checkout/sessions/:id/pay        the customer pays a Checkout Session: {\"payment_method\":\"pm_card_visa\"}
+                                                 or {\"delayed\":true} (bank debit: complete, unpaid until settled)
+  POST   /_fake/checkout/sessions/:id/settle     {\"succeed\":true|false}: a delayed payment settles or fails
+  POST   /_fake/checkout/sessions/:id/abandon    the customer leaves: the session expires now
+";
+
 pub fn handle(shared: &Arc<Shared>, request: &Incoming) -> HttpResponse {
     let reply = match route(shared, request) {
         Ok(value) => Reply::ok(value.into()),

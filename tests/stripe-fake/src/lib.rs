@@ -139,6 +139,7 @@ mod clock;
 mod collection;
 mod config;
 mod control;
+pub use control::CONTROL_API;
 mod error;
 mod fake;
 mod faults;

@@ -12,7 +12,8 @@ use stripe_fake::{Config, StripeFake, WebhookEndpoint, DEFAULT_RETENTION_SECS};
 #[command(
     name = "stripe-fake",
     version,
-    about = "A stateful Stripe stand-in with fault injection (control API under /_fake/)."
+    about = "A stateful Stripe stand-in with fault injection (control API under /_fake/).",
+    after_help = stripe_fake::CONTROL_API
 )]
 struct Args {
     /// Address to listen on.

@@ -21,7 +21,7 @@ pub fn parse_duration(s: &str) -> Result<Human, String> {
 /// `pgpay-worker run` flags.
 #[derive(Clone, clap::Args)]
 #[command(
-    after_help = "The Stripe key comes from STRIPE_SECRET_KEY or --stripe-secret-key-file (never a flag: argv is world-readable).\nLogging: RUST_LOG (default info)."
+    after_help = "The Stripe key comes from STRIPE_SECRET_KEY or --stripe-secret-key-file (never a flag: argv is world-readable).\nLogging: RUST_LOG (default info), --log-format text|json.\nExit codes: 0 stopped by SIGTERM/SIGINT, 1 failure, 2 bad settings or setup (the message says the fix)."
 )]
 pub struct RunArgs {
     /// PostgreSQL connection string of the database with the pgpay extension.
@@ -82,6 +82,16 @@ pub struct RunArgs {
     /// (Stripe forgets Idempotency-Keys after 24h).
     #[arg(long, env = "PGPAY_WORKER_KEY_RETENTION_GUARD", default_value_t = defaults::KEY_RETENTION_GUARD.into(), value_parser = parse_duration)]
     pub key_retention_guard: Human,
+    /// HTTP endpoint: request line and headers must arrive within this (else 408); also the
+    /// idle keep-alive limit.
+    #[arg(long, env = "PGPAY_WORKER_HTTP_HEADER_TIMEOUT", default_value_t = defaults::HTTP_HEADER_TIMEOUT.into(), value_parser = parse_duration)]
+    pub http_header_timeout: Human,
+    /// HTTP endpoint: a request body must arrive within this (else 408).
+    #[arg(long, env = "PGPAY_WORKER_HTTP_BODY_TIMEOUT", default_value_t = defaults::HTTP_BODY_TIMEOUT.into(), value_parser = parse_duration)]
+    pub http_body_timeout: Human,
+    /// HTTP endpoint: connections served at once (more wait to be accepted).
+    #[arg(long, env = "PGPAY_WORKER_HTTP_MAX_CONNECTIONS", default_value_t = defaults::HTTP_MAX_CONNECTIONS)]
+    pub http_max_connections: usize,
 }
 
 /// The schedules of `pgpay-worker run` (reconciliation and stuck-payment refresh).
@@ -146,6 +156,9 @@ impl RunArgs {
         cfg.shutdown_timeout = self.shutdown_timeout.into();
         cfg.db_pool_size = self.db_pool_size;
         cfg.key_retention_guard = self.key_retention_guard.into();
+        cfg.http_limits.header_read_timeout = self.http_header_timeout.into();
+        cfg.http_limits.body_timeout = self.http_body_timeout.into();
+        cfg.http_limits.max_connections = self.http_max_connections;
         cfg.retry = RetryPolicy {
             base: self.retry_base.into(),
             max: self.retry_max.into(),

@@ -42,6 +42,9 @@ mod defaults {
     pub const KEY_RETENTION_GUARD: Duration = Duration::from_secs(23 * 3600);
     pub const RECONCILE_WINDOW: Duration = Duration::from_secs(48 * 3600);
     pub const REFRESH_STUCK_EVERY: Duration = Duration::from_secs(300);
+    pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HTTP_MAX_CONNECTIONS: usize = 256;
 }
 
 /// Everything `run` needs. `Debug` is safe to log: the database password and the Stripe key
@@ -86,11 +89,42 @@ pub struct WorkerConfig {
     pub reconcile_window: Duration,
     /// Refresh stuck payments (GET their PaymentIntent) this often (off: `None`).
     pub refresh_stuck_every: Option<Duration>,
+    /// Timeouts and caps of the HTTP endpoint.
+    pub http_limits: HttpLimits,
+}
+
+/// What the HTTP endpoint allows a client: slow or idle clients are cut off, and only so
+/// many connections are served at once (more wait in the kernel's accept queue).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// The request line and headers must arrive within this (else 408 and close); also
+    /// how long an idle keep-alive connection is kept.
+    pub header_read_timeout: Duration,
+    /// The body must arrive within this once the headers are in (else 408).
+    pub body_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Largest webhook body (else 413). Stripe's events are a few KB.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: defaults::HTTP_HEADER_TIMEOUT,
+            body_timeout: defaults::HTTP_BODY_TIMEOUT,
+            max_connections: defaults::HTTP_MAX_CONNECTIONS,
+            max_body_bytes: 1 << 20,
+        }
+    }
 }
 
 /// A configuration that cannot work. Messages name the setting, never its secret value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `DATABASE_URL` is a URL of another scheme (`postgress://`, `mysql://`, ...).
+    #[error("DATABASE_URL has the unknown scheme {0:?}: a PostgreSQL URL starts with postgres:// or postgresql:// (or use the key=value form, host=... dbname=...)")]
+    DatabaseUrlScheme(String),
     /// `DATABASE_URL` does not parse, or its TLS settings cannot be used.
     #[error("DATABASE_URL is not usable")]
     DatabaseUrl(#[source] crate::tls::DatabaseUrlError),
@@ -107,14 +141,15 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The key is empty or has whitespace or control characters.
-    #[error("STRIPE_SECRET_KEY is empty or contains whitespace or control characters")]
-    BadSecretKey,
-    /// A live key would travel over plain HTTP to another machine.
-    #[error(
-        "refusing to send a live Stripe key over plain http to a non-loopback STRIPE_API_BASE"
-    )]
-    InsecureLiveKey,
+    /// The key is not shaped like a Stripe secret or restricted key.
+    #[error("STRIPE_SECRET_KEY {0}")]
+    BadSecretKey(&'static str),
+    /// A live key would go somewhere other than Stripe.
+    #[error("STRIPE_SECRET_KEY is a live key, and a live key is only ever sent to {LIVE_API_BASE}, but STRIPE_API_BASE is {api_base}: use a test key (sk_test_... or rk_test_...) with stripe-fake, or unset STRIPE_API_BASE")]
+    LiveKeyElsewhere {
+        /// The configured base (never carries credentials).
+        api_base: String,
+    },
     /// `STRIPE_API_BASE` is not a usable base URL.
     #[error("STRIPE_API_BASE {value:?} is not usable: {reason}")]
     ApiBase {
@@ -153,6 +188,55 @@ fn default_worker_id() -> String {
         .map(|_| rng.alphanumeric().to_ascii_lowercase())
         .collect();
     format!("{host}-{}-{suffix}", std::process::id())
+}
+
+/// Where a live key may go.
+pub const LIVE_API_BASE: &str = "https://api.stripe.com";
+
+/// Parses `DATABASE_URL`: a `postgres://` / `postgresql://` URL or libpq's key=value form.
+/// Another scheme is named as such (tokio-postgres would read `postgress://...` as key=value
+/// text and say "unexpected EOF").
+pub fn parse_database_url(value: &str) -> Result<crate::tls::DatabaseConfig, ConfigError> {
+    if let Some((scheme, _)) = value.split_once("://") {
+        let looks_like_scheme = !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if looks_like_scheme && !matches!(scheme, "postgres" | "postgresql") {
+            return Err(ConfigError::DatabaseUrlScheme(
+                scheme.chars().take(32).collect(),
+            ));
+        }
+    }
+    value.parse().map_err(ConfigError::DatabaseUrl)
+}
+
+/// What is wrong with a Stripe API key's shape, if anything. Never includes the key.
+pub fn key_problem(key: &str) -> Option<&'static str> {
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some("is empty or contains whitespace or control characters");
+    }
+    if key.starts_with("pk_") {
+        return Some("is a publishable key (pk_...): the worker needs a secret key (sk_...) or a restricted key (rk_...)");
+    }
+    if key.starts_with("whsec_") {
+        return Some("is a webhook signing secret (whsec_...): that one goes to pay.add_webhook_secret; STRIPE_SECRET_KEY takes the API key (sk_... or rk_...)");
+    }
+    let Some(rest) = ["sk_test_", "sk_live_", "rk_test_", "rk_live_"]
+        .iter()
+        .find_map(|p| key.strip_prefix(p))
+    else {
+        return Some("is not a Stripe secret key: it must start with sk_test_, sk_live_, rk_test_ or rk_live_");
+    };
+    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Some("has characters after its sk_/rk_ prefix that a Stripe key never has (letters, digits and _ only)");
+    }
+    None
+}
+
+/// Whether the key is a live-mode key.
+pub fn is_live_key(key: &str) -> bool {
+    key.starts_with("sk_live_") || key.starts_with("rk_live_")
 }
 
 fn parse_api_base(value: &str) -> Result<Url, ConfigError> {
@@ -196,9 +280,7 @@ impl WorkerConfig {
         stripe_api_base: &str,
         stripe_secret_key: impl Into<SecretString>,
     ) -> Result<Self, ConfigError> {
-        let database = database_url
-            .parse::<crate::tls::DatabaseConfig>()
-            .map_err(ConfigError::DatabaseUrl)?;
+        let database = parse_database_url(database_url)?;
         let cfg = Self {
             database,
             stripe: StripeConfig {
@@ -223,6 +305,7 @@ impl WorkerConfig {
             reconcile_every: None,
             reconcile_window: defaults::RECONCILE_WINDOW,
             refresh_stuck_every: Some(defaults::REFRESH_STUCK_EVERY),
+            http_limits: HttpLimits::default(),
         };
         Ok(cfg)
     }
@@ -230,15 +313,14 @@ impl WorkerConfig {
     /// Checks every rule; `run` calls this before doing anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let key = self.stripe.secret_key.expose();
-        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ConfigError::BadSecretKey);
+        if let Some(problem) = key_problem(key) {
+            return Err(ConfigError::BadSecretKey(problem));
         }
-        let base = &self.stripe.api_base;
-        if base.scheme() == "http"
-            && !is_loopback(base)
-            && (key.starts_with("sk_live_") || key.starts_with("rk_live_"))
-        {
-            return Err(ConfigError::InsecureLiveKey);
+        let base = self.stripe.api_base.as_str().trim_end_matches('/');
+        if is_live_key(key) && base != LIVE_API_BASE {
+            return Err(ConfigError::LiveKeyElsewhere {
+                api_base: base.to_owned(),
+            });
         }
         let v = &self.stripe.api_version;
         if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_graphic()) {
@@ -345,6 +427,21 @@ impl WorkerConfig {
                 "must be at least 100ms (or 0 to turn it off)",
             ));
         }
+        let h = &self.http_limits;
+        for (name, d) in [
+            ("--http-header-timeout", h.header_read_timeout),
+            ("--http-body-timeout", h.body_timeout),
+        ] {
+            if !(ms(100)..=Duration::from_secs(600)).contains(&d) {
+                return Err(out_of_range(name, "must be between 100ms and 10m"));
+            }
+        }
+        if !(1..=65_536).contains(&h.max_connections) {
+            return Err(out_of_range(
+                "--http-max-connections",
+                "must be between 1 and 65536",
+            ));
+        }
         Ok(())
     }
 }
@@ -383,8 +480,46 @@ mod tests {
         let mut c = base();
         c.stripe.secret_key = SecretString::new("sk_live_abc def");
         let e = c.validate().unwrap_err();
-        assert!(matches!(e, ConfigError::BadSecretKey));
+        assert!(matches!(e, ConfigError::BadSecretKey(_)));
         assert!(!format!("{e} {e:?}").contains("abc"));
+        // Every shape rule and the live-key rule: the message names the rule, never the key.
+        for (key, api_base, needle) in [
+            ("pk_test_canary123", "http://127.0.0.1:1", "publishable key"),
+            ("whsec_canary123", "http://127.0.0.1:1", "pay.add_webhook_secret"),
+            ("canary123", "http://127.0.0.1:1", "must start with sk_test_"),
+            ("sk_canary123", "http://127.0.0.1:1", "must start with sk_test_"),
+            ("sk_test_", "http://127.0.0.1:1", "after its sk_/rk_ prefix"),
+            ("sk_test_canary-123", "http://127.0.0.1:1", "after its sk_/rk_ prefix"),
+            ("sk_live_canary123", "http://127.0.0.1:1", "only ever sent to https://api.stripe.com, but STRIPE_API_BASE is http://127.0.0.1:1"),
+            ("rk_live_canary123", "https://stripe-proxy.example", "live key"),
+        ] {
+            let mut c = base();
+            c.stripe.api_base = Url::parse(api_base).unwrap();
+            c.stripe.secret_key = SecretString::new(key);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{key}: {e}");
+            assert!(!e.contains("canary"), "{key}: {e}");
+        }
+        for (key, api_base) in [
+            ("sk_test_51Habc", "https://api.stripe.com"),
+            ("rk_test_51Habc", "https://api.stripe.com"),
+            ("sk_test_fake", "http://stripe-fake:12111"),
+            ("sk_live_51Habc", "https://api.stripe.com/"),
+            ("rk_live_51Habc", "https://api.stripe.com"),
+        ] {
+            let mut c = base();
+            c.stripe.api_base = Url::parse(api_base).unwrap();
+            c.stripe.secret_key = SecretString::new(key);
+            c.validate()
+                .unwrap_or_else(|e| panic!("{key} at {api_base}: {e}"));
+        }
+        let e = WorkerConfig::new("postgress://u:hunter2@h/db", defaults::API_BASE, KEY)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown scheme \"postgress\""), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        WorkerConfig::new("postgresql://u@h/db", defaults::API_BASE, KEY).unwrap();
+        WorkerConfig::new("host=h dbname=db user=u", defaults::API_BASE, KEY).unwrap();
 
         let e = WorkerConfig::new(DB, "http://user:pw@127.0.0.1", KEY).unwrap_err();
         assert!(!format!("{e} {e:?}").contains("pw@"), "{e}");
@@ -420,6 +555,9 @@ mod tests {
                 c.stripe.api_base = Url::parse("http://stripe-fake:12111").unwrap();
                 c.stripe.secret_key = SecretString::new("sk_live_x");
             }),
+            ("live key to loopback", |c| {
+                c.stripe.secret_key = SecretString::new("sk_live_x")
+            }),
         ];
         for (name, tweak) in bad {
             let mut c = base();
@@ -434,9 +572,6 @@ mod tests {
             ("live key over https", |c| {
                 c.stripe.api_base = Url::parse("https://api.stripe.com").unwrap();
                 c.stripe.secret_key = SecretString::new("sk_live_x");
-            }),
-            ("live key over http to loopback", |c| {
-                c.stripe.secret_key = SecretString::new("sk_live_x")
             }),
             ("short lease with short timeout", |c| {
                 c.stripe.request_timeout = Duration::from_secs(1);

@@ -15,7 +15,7 @@ use super::refresh::refresh_stuck;
 use super::{connect, JobError};
 use crate::error_chain::ErrorChain;
 use crate::shared::Shared;
-use crate::stripe::StripeReader;
+use crate::stripe::{ReadError, StripeReader};
 
 /// Stuck payments refreshed per round (each is one GET).
 const REFRESH_BATCH: i64 = 100;
@@ -75,6 +75,7 @@ async fn scheduled_reconcile(shared: &Shared, cancel: &CancellationToken) {
             debug!("another replica is reconciling; skipping this turn")
         }
         Err(JobError::Canceled) => info!("reconciliation canceled at shutdown"),
+        Err(JobError::Stripe(ReadError::Unauthorized(_))) => shared.stop_unauthorized(),
         Err(e) => {
             shared.metrics.db_error("reconcile");
             warn!(error = %ErrorChain(&e), "scheduled reconciliation failed");
@@ -97,6 +98,7 @@ async fn refresh(shared: &Shared, cancel: &CancellationToken) {
         ),
         Ok(_) => {}
         Err(JobError::Canceled) => {}
+        Err(JobError::Stripe(ReadError::Unauthorized(_))) => shared.stop_unauthorized(),
         Err(e) => {
             shared.metrics.db_error("refresh_stuck");
             warn!(error = %ErrorChain(&e), "refreshing stuck payments failed");

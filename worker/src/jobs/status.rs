@@ -79,7 +79,32 @@ impl Status {
         if n(r, "live_webhook_secrets") == 0 {
             p.push("no live webhook secret: every webhook is rejected".into());
         }
+        if let Some(ago) = r
+            .get("last_signature_mismatch_seconds")
+            .and_then(Value::as_i64)
+            .filter(|&s| s < 3600)
+        {
+            if n(r, "webhooks_accepted_1h") == 0 {
+                p.push(format!(
+                    "every webhook in the last hour was rejected: is the endpoint secret the one Stripe shows? \
+                     ({} signature mismatches today, the last {} ago; no signed delivery accepted in the last hour)",
+                    n(r, "signature_mismatches_today"),
+                    age(ago)
+                ));
+            }
+        }
         p
+    }
+
+    /// The report with the verdict, for `status --json`: `{"ok", "problems", "report"}`.
+    pub fn to_json(&self, stale_after: Duration) -> Value {
+        let problems = self.problems(stale_after);
+        serde_json::json!({
+            "ok": problems.is_empty(),
+            "problems": problems,
+            "last_reconciliation_age_seconds": self.last_reconciliation_age,
+            "report": self.report,
+        })
     }
 
     /// The summary `status` prints.
@@ -190,6 +215,22 @@ mod tests {
             (json!({"last_reconciliation": last_ok}), Some(2 * 86_400), 1),
             (json!({"last_reconciliation": last_failed}), Some(60), 1),
             (json!({"dead_commands": 1, "open_findings": 1}), None, 2),
+            // A wrong endpoint secret: mismatches this hour and nothing accepted.
+            (
+                json!({"last_signature_mismatch_seconds": 60, "webhooks_accepted_1h": 0}),
+                None,
+                1,
+            ),
+            (
+                json!({"last_signature_mismatch_seconds": 60, "webhooks_accepted_1h": 3}),
+                None,
+                0,
+            ),
+            (
+                json!({"last_signature_mismatch_seconds": 7200, "webhooks_accepted_1h": null}),
+                None,
+                0,
+            ),
         ];
         for (patch, age, want) in table {
             let mut report = clean();

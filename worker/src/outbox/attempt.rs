@@ -68,6 +68,13 @@ pub(super) async fn process(
     }
 
     let result = send_timed(&shared, &row.kind, &req, url, timeout).await;
+    if matches!(&result, Ok(resp) if resp.status == 401) {
+        // The key is wrong, not the command: hand it back untouched and stop the worker
+        // (failing it would turn every queued payment into create_failed).
+        release(&shared, &row, "Stripe refused the API key (HTTP 401)").await;
+        shared.stop_unauthorized();
+        return None;
+    }
     let decision = decide(
         result,
         row.attempt,

@@ -104,6 +104,16 @@ pub enum ClientError {
     Build(#[source] reqwest::Error),
 }
 
+/// Stripe answered 401: the key is not one this API knows. Nothing works until it is
+/// changed, so this is never retried. The message names the API base, never the key (and
+/// not Stripe's message either, which echoes part of the key).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Stripe refused the API key (HTTP 401 from {api_base}): STRIPE_SECRET_KEY is not a valid key for this API. A stripe-fake key needs STRIPE_API_BASE set to the fake's URL; a real key must be an active secret or restricted key of the account (Stripe dashboard, Developers, API keys)")]
+pub struct Unauthorized {
+    /// The configured API base (no credentials: `parse_api_base` refuses them).
+    pub api_base: String,
+}
+
 /// Why a path could not be joined to the API base.
 #[derive(Debug, thiserror::Error)]
 #[error("path does not form a URL on the configured API base")]
@@ -149,6 +159,13 @@ impl StripeClient {
             base: config.api_base.clone(),
             request_timeout: config.request_timeout,
         })
+    }
+
+    /// The error for a 401 from this client's API base.
+    pub fn unauthorized(&self) -> Unauthorized {
+        Unauthorized {
+            api_base: self.base.as_str().trim_end_matches('/').to_owned(),
+        }
     }
 
     /// The configured request timeout.

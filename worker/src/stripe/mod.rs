@@ -10,7 +10,7 @@ mod request;
 
 pub use backoff::RetryPolicy;
 pub(crate) use classify::{decide, Decision, RetryReason};
-pub use client::{ClientError, StripeConfig};
+pub use client::{ClientError, StripeConfig, Unauthorized};
 pub(crate) use client::{SendError, StripeClient, StripeResponse};
 pub(crate) use ratelimit::RateLimiter;
 pub use reader::ReadError;

@@ -30,6 +30,9 @@ pub enum ReadError {
         /// Stripe's error message.
         message: String,
     },
+    /// Stripe refused the API key (401): never retried.
+    #[error(transparent)]
+    Unauthorized(#[from] super::client::Unauthorized),
     /// A retryable failure outlasted [`MAX_ATTEMPTS`].
     #[error("gave up on {what} after {MAX_ATTEMPTS} attempts: {last_error}")]
     RetriesExhausted {
@@ -117,6 +120,9 @@ impl<'a> StripeReader<'a> {
                 _ = self.cancel.cancelled() => return Err(ReadError::Canceled),
                 r = self.stripe.send(&req, url.clone(), self.stripe.request_timeout()) => r,
             };
+            if matches!(&result, Ok(resp) if resp.status == 401) {
+                return Err(ReadError::Unauthorized(self.stripe.unauthorized()));
+            }
             match decide(result, attempt, self.retry, &mut rng) {
                 Decision::Complete { response, .. } => return Ok(Got::Found(response)),
                 Decision::Fail {

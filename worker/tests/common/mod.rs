@@ -397,3 +397,22 @@ pub async fn wait_for_status(client: &Client, id: i64, status: &str, timeout: Du
     })
     .await
 }
+
+/// Waits until the worker's `/readyz` answers 200 (the startup checks passed and LISTEN is
+/// up); panics with the last answer otherwise.
+pub async fn wait_ready(base: &str) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let last = match http.get(format!("{base}/readyz")).send().await {
+            Ok(r) if r.status().as_u16() == 200 => return,
+            Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "the worker never became ready: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -63,3 +63,69 @@ async fn refuses_half_a_webhook_configuration() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("webhook-secret"));
 }
+
+/// `METHOD /_fake/...` of every endpoint line of the control API text.
+fn documented_endpoints() -> Vec<(String, String)> {
+    stripe_fake::CONTROL_API
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let method = words.next()?;
+            let path = words.next()?;
+            (["GET", "POST", "DELETE"].contains(&method) && path.starts_with("/_fake/"))
+                .then(|| (method.to_owned(), path.to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_control_api_is_documented_in_help_and_readme_as_routed() {
+    let endpoints = documented_endpoints();
+    // The router (src/control.rs) has 23 arms; a new one must be documented here too.
+    assert_eq!(endpoints.len(), 23, "{endpoints:?}");
+    let help = Command::new(env!("CARGO_BIN_EXE_stripe-fake"))
+        .arg("--help")
+        .output()
+        .await
+        .expect("--help runs");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let readme = include_str!("../../README.md");
+    for (method, path) in &endpoints {
+        let line = format!("{method:<6} {path}");
+        assert!(help.contains(&line), "--help lacks {line}");
+        assert!(readme.contains(&line), "README lacks {line}");
+    }
+    // Every documented endpoint is routed (an unknown id is fine; an unknown URL is not).
+    let fake = stripe_fake::StripeFake::start(stripe_fake::Config::default())
+        .await
+        .expect("start");
+    let http = reqwest::Client::new();
+    let ask = |method: &str, path: &str| {
+        let url = format!("{}{}", fake.base_url(), path.replace(":id", "x"));
+        let req = match method {
+            "GET" => http.get(url),
+            "POST" => http.post(url),
+            _ => http.delete(url),
+        };
+        req.body("{}").send()
+    };
+    for (method, path) in &endpoints {
+        let body = ask(method, path)
+            .await
+            .expect("answer")
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            !body.contains("Unrecognized request URL"),
+            "{method} {path}: {body}"
+        );
+    }
+    let body = ask("POST", "/_fake/not_an_endpoint")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains("Unrecognized request URL"), "{body}");
+}

@@ -87,6 +87,29 @@ pub struct Counts {
     pub findings: u64,
 }
 
+/// The one wording of a run's counts: `reconcile`'s summary and the "reconciliation
+/// finished" log line both print this, so they cannot disagree.
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} pages, {} PaymentIntents ({} applied, {} flagged, {} adopted, {} unchanged, {} ignored, {} not ours), {} events seen, {} replayed, {} missing at Stripe, {} new findings",
+            self.pages + self.event_pages,
+            self.objects,
+            self.applied,
+            self.flagged,
+            self.adopted,
+            self.unchanged,
+            self.ignored,
+            self.not_ours,
+            self.events_seen,
+            self.events_replayed,
+            self.missing_at_stripe,
+            self.findings,
+        )
+    }
+}
+
 /// One object a dry run would change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {

@@ -89,21 +89,12 @@ pub(super) async fn run(
         changes: state.changes,
         findings,
     };
-    let c = &report.counts;
     info!(
         run_id,
         dry_run = report.dry_run,
-        pages = c.pages,
-        objects = c.objects,
-        applied = c.applied,
-        flagged = c.flagged,
-        adopted = c.adopted,
-        not_ours = c.not_ours,
-        events_replayed = c.events_replayed,
-        missing_at_stripe = c.missing_at_stripe,
-        findings = c.findings,
         elapsed = ?report.elapsed,
-        "reconciliation finished"
+        "reconciliation finished: {}",
+        report.counts
     );
     Ok(Started::Ran(report))
 }
