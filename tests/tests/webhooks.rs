@@ -567,7 +567,19 @@ async fn remembered_secrets_follow_every_change_at_once() {
         deliver_new_event(&ingest_session, short_lived).await,
         "stored"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // Wait on the database's clock, with a deadline, until the secret has expired.
+    let expired = pgpay_tests::wait_until(std::time::Duration::from_secs(10), || async {
+        admin_session
+            .query_one(
+                "SELECT clock_timestamp() > expires_at FROM pay.webhook_secrets WHERE label = 'short'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    assert!(expired, "the 2-second secret never expired");
     assert_eq!(
         deliver_new_event(&ingest_session, short_lived).await,
         "rejected"

@@ -32,7 +32,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use pgpay_tests::tokio_postgres::Client;
-use pgpay_tests::TestDb;
+use pgpay_tests::{count, TestDb};
 use pgpay_worker::{CancellationToken, Outcome, WorkerConfig, WorkerHandle};
 use stripe_fake::StripeFake;
 use tokio::sync::mpsc;
@@ -216,10 +216,6 @@ async fn start_worker(
 async fn stop_worker(w: WorkerHandle) {
     w.shutdown();
     w.wait().await.expect("worker stops cleanly");
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+pub use pgpay_tests::count;
 use pgpay_tests::tokio_postgres::Client;
 use pgpay_tests::{wait_until, TestDb};
 use pgpay_worker::{CancellationToken, WorkerConfig};
@@ -379,10 +380,6 @@ pub async fn payment_status(client: &Client, payment: &str) -> (String, Option<S
         .await
         .unwrap();
     (r.get(0), r.get(1))
-}
-
-pub async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 /// Waits until `sql` (a count) returns `want`.
