@@ -30,7 +30,12 @@ CREATE DOMAIN pay.currency_code AS text
 CREATE DOMAIN pay.json_object AS jsonb
     CONSTRAINT json_object_is_object CHECK (jsonb_typeof(VALUE) = 'object');
 CREATE DOMAIN pay.outbox_kind AS text
-    CONSTRAINT outbox_kind_known CHECK (VALUE IN ('create_payment_intent', 'cancel_payment_intent', 'refund'));
+    CONSTRAINT outbox_kind_known CHECK (VALUE IN ('create_payment_intent', 'cancel_payment_intent', 'refund',
+                                                  'create_checkout_session', 'expire_checkout_session'));
+-- payment_intent: the app confirms a PaymentIntent on its own page (client_secret); session: the
+-- customer is sent to a hosted Stripe Checkout Session (checkout_url).
+CREATE DOMAIN pay.checkout_mode AS text
+    CONSTRAINT checkout_mode_known CHECK (VALUE IN ('payment_intent', 'session'));
 CREATE DOMAIN pay.idempotency_key_text AS text
     CONSTRAINT idempotency_key_shape CHECK (length(VALUE) BETWEEN 1 AND 255);
 CREATE DOMAIN pay.stripe_request AS jsonb
@@ -70,10 +75,18 @@ CREATE TABLE pay.payments (
     superseded_by             uuid REFERENCES pay.payments (id) DEFERRABLE INITIALLY DEFERRED,
     created_at                timestamptz NOT NULL DEFAULT now(),
     updated_at                timestamptz NOT NULL DEFAULT now(),
+    -- Session mode: the hosted Checkout Session, the URL to send the customer to and when it
+    -- expires. Its PaymentIntent, once Stripe makes one, is stripe_payment_intent_id.
+    mode                      pay.checkout_mode NOT NULL DEFAULT 'payment_intent',
+    stripe_checkout_session_id text,
+    checkout_url              text,
+    checkout_expires_at       timestamptz,
     CONSTRAINT payments_attempt_unique UNIQUE (order_ref, attempt),
     CONSTRAINT payments_payment_intent_unique UNIQUE (stripe_payment_intent_id),
+    CONSTRAINT payments_checkout_session_unique UNIQUE (stripe_checkout_session_id),
     CONSTRAINT payments_refund_within_amount CHECK (amount_refunded >= 0 AND amount_refunded <= greatest(amount, amount_received)),
-    CONSTRAINT payments_intent_once_known CHECK (status IN ('creating', 'create_failed', 'superseded', 'canceled') OR stripe_payment_intent_id IS NOT NULL),
+    CONSTRAINT payments_intent_once_known CHECK (status IN ('creating', 'create_failed', 'superseded', 'canceled')
+        OR stripe_payment_intent_id IS NOT NULL OR stripe_checkout_session_id IS NOT NULL),
     CONSTRAINT payments_superseded_has_successor CHECK ((status = 'superseded') = (superseded_by IS NOT NULL))
 );
 
@@ -93,7 +106,8 @@ CREATE TABLE pay.outbox (
     kind              pay.outbox_kind NOT NULL,
     idempotency_key   pay.idempotency_key_text NOT NULL,
     request           pay.stripe_request NOT NULL,
-    -- waiting: needs the PaymentIntent id, which the create command has not brought back yet.
+    -- waiting: needs the PaymentIntent (or Checkout Session) id, which the create command has not
+    -- brought back yet.
     status            text NOT NULL DEFAULT 'pending',
     attempts          int NOT NULL DEFAULT 0,
     run_after         timestamptz NOT NULL DEFAULT now(),
@@ -118,6 +132,9 @@ CREATE TABLE pay.outbox (
 -- One create command per payment: a payment's PaymentIntent is asked for exactly once.
 CREATE UNIQUE INDEX outbox_one_create_per_payment ON pay.outbox (payment_id)
     WHERE kind = 'create_payment_intent';
+-- Likewise its Checkout Session.
+CREATE UNIQUE INDEX outbox_one_session_create_per_payment ON pay.outbox (payment_id)
+    WHERE kind = 'create_checkout_session';
 CREATE INDEX outbox_due ON pay.outbox (run_after, id) WHERE status = 'pending';
 CREATE INDEX outbox_leases ON pay.outbox (lease_expires) WHERE status = 'in_flight';
 -- Open commands by payment (waiting commands to release, stuck payments' open work). Finished

@@ -2,9 +2,10 @@
 -- Contract: docs/outbox-contract.md. The worker never decides a state transition: it hands every
 -- answer back through complete/retry/fail, fenced by the attempt number it claimed.
 
--- Writes one command and rings the doorbell. A command whose path needs the PaymentIntent id waits
--- until the create command brings it back. Returns NULL when the key exists already (the same
--- command was written before: nothing to do).
+-- Writes one command and rings the doorbell. A command whose path needs the PaymentIntent id
+-- ({payment_intent}) or the Checkout Session id ({checkout_session}) waits until the create command
+-- brings it back. Returns NULL when the key exists already (the same command was written before:
+-- nothing to do).
 CREATE FUNCTION pay._enqueue(
     p_payment_id uuid,
     p_kind text,
@@ -16,17 +17,24 @@ CREATE FUNCTION pay._enqueue(
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_intent text;
+    v_known text;
     v_status text := 'pending';
     v_path text := p_path;
     v_id bigint;
 BEGIN
     IF position('{payment_intent}' IN p_path) > 0 THEN
-        SELECT p.stripe_payment_intent_id INTO v_intent FROM pay.payments p WHERE p.id = p_payment_id;
-        IF v_intent IS NULL THEN
+        SELECT p.stripe_payment_intent_id INTO v_known FROM pay.payments p WHERE p.id = p_payment_id;
+        IF v_known IS NULL THEN
             v_status := 'waiting';
         ELSE
-            v_path := replace(p_path, '{payment_intent}', v_intent);
+            v_path := replace(p_path, '{payment_intent}', v_known);
+        END IF;
+    ELSIF position('{checkout_session}' IN p_path) > 0 THEN
+        SELECT p.stripe_checkout_session_id INTO v_known FROM pay.payments p WHERE p.id = p_payment_id;
+        IF v_known IS NULL THEN
+            v_status := 'waiting';
+        ELSE
+            v_path := replace(p_path, '{checkout_session}', v_known);
         END IF;
     END IF;
     INSERT INTO pay.outbox (payment_id, kind, idempotency_key, request, status)
@@ -42,22 +50,29 @@ BEGIN
 END;
 $$;
 
--- Called once the PaymentIntent id is known: commands that waited for it become sendable.
-CREATE FUNCTION pay._release_waiting_commands(p_payment_id uuid, p_intent text) RETURNS void
+-- Called once an id a path waits for is known (p_placeholder '{payment_intent}' or
+-- '{checkout_session}'): the commands that waited for it become sendable.
+CREATE FUNCTION pay._release_waiting(p_payment_id uuid, p_placeholder text, p_value text) RETURNS void
 LANGUAGE plpgsql
 AS $$
 BEGIN
     UPDATE pay.outbox o
     SET status = 'pending',
-        request = jsonb_set(o.request, '{path}', to_jsonb(replace(o.request ->> 'path', '{payment_intent}', p_intent))),
+        request = jsonb_set(o.request, '{path}', to_jsonb(replace(o.request ->> 'path', p_placeholder, p_value))),
         run_after = now(),
         updated_at = now()
-    WHERE o.payment_id = p_payment_id AND o.status = 'waiting';
+    WHERE o.payment_id = p_payment_id AND o.status = 'waiting'
+      AND position(p_placeholder IN o.request ->> 'path') > 0;
     IF FOUND THEN
         PERFORM pg_notify('pay_outbox', '');
     END IF;
 END;
 $$;
+
+-- The PaymentIntent id is known (extension/src/apply_intent.rs calls this).
+CREATE FUNCTION pay._release_waiting_commands(p_payment_id uuid, p_intent text) RETURNS void
+LANGUAGE sql
+AS $$ SELECT pay._release_waiting(p_payment_id, '{payment_intent}', p_intent) $$;
 
 -- Called when the PaymentIntent will never exist: what waited for it has nothing to act on.
 CREATE FUNCTION pay._skip_waiting_commands(p_payment_id uuid, p_why text) RETURNS void
@@ -173,6 +188,11 @@ BEGIN
                 v_command.payment_id, response, 'api answer to ' || v_command.kind,
                 'outbox:' || v_command.id || '#' || v_command.attempts,
                 floor(extract(epoch FROM now()))::bigint);
+        WHEN 'create_checkout_session', 'expire_checkout_session' THEN
+            PERFORM pay._apply_checkout_session(
+                v_command.payment_id, response, 'api answer to ' || v_command.kind,
+                'outbox:' || v_command.id || '#' || v_command.attempts,
+                floor(extract(epoch FROM now()))::bigint, NULL);
         WHEN 'refund' THEN
             PERFORM pay._apply_refund_answer(v_command.payment_id, response,
                 'outbox:' || v_command.id || '#' || v_command.attempts);
@@ -221,15 +241,18 @@ BEGIN
     END IF;
     SELECT * INTO v_payment FROM pay.payments p WHERE p.id = v_command.payment_id FOR NO KEY UPDATE;
     UPDATE pay.payments p SET last_error = error, updated_at = now() WHERE p.id = v_payment.id;
-    IF v_command.kind = 'create_payment_intent' THEN
-        -- Stripe refused the create: there will never be a PaymentIntent for this attempt.
+    IF v_command.kind IN ('create_payment_intent', 'create_checkout_session') THEN
+        -- Stripe refused the create: there will never be a PaymentIntent (or Checkout Session)
+        -- for this attempt.
         IF v_payment.status = 'creating' THEN
             UPDATE pay.payments p SET status = 'create_failed', updated_at = now() WHERE p.id = v_payment.id;
             PERFORM pay._audit(v_payment.id, v_payment.status, 'create_failed',
                 'Stripe refused the create (HTTP ' || coalesce(http_status::text, '?') || '): ' || left(v_message, 500),
                 'outbox:' || v_command.id || '#' || v_command.attempts);
         END IF;
-        PERFORM pay._skip_waiting_commands(v_payment.id, 'the PaymentIntent was never created');
+        PERFORM pay._skip_waiting_commands(v_payment.id, CASE v_command.kind
+            WHEN 'create_payment_intent' THEN 'the PaymentIntent was never created'
+            ELSE 'the Checkout Session was never created' END);
     ELSE
         PERFORM pay._audit(v_payment.id, v_payment.status, v_payment.status,
             v_command.kind || ' refused by Stripe (HTTP ' || coalesce(http_status::text, '?') || '): ' || left(v_message, 500),

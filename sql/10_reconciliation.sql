@@ -183,8 +183,9 @@ BEGIN
 END;
 $$;
 
--- Applies one object read from Stripe's API. Outcomes: applied, unchanged, ignored, flagged,
--- adopted (a PaymentIntent carrying our metadata that the payment did not know), not_ours.
+-- Applies one object read from Stripe's API (a PaymentIntent, a Checkout Session or a Refund).
+-- Outcomes: applied, unchanged, ignored, flagged, adopted (a PaymentIntent or Checkout Session
+-- carrying our metadata that the payment did not know: its create answer was lost), not_ours.
 -- Drift is recorded as findings of run p_run_id.
 CREATE FUNCTION pay._apply_stripe_object(p_object jsonb, p_source text, p_run_id bigint,
     OUT outcome text, OUT payment_id uuid, OUT detail text)
@@ -210,8 +211,46 @@ BEGIN
         outcome := pay._apply_refund_answer(payment_id, p_object, p_source);
         RETURN;
     END IF;
+    IF p_object ->> 'object' = 'checkout.session' AND v_id IS NOT NULL AND v_status IS NOT NULL THEN
+        payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
+        IF payment_id IS NULL THEN
+            outcome := 'not_ours';
+            detail := 'no pgpay metadata';
+            RETURN;
+        END IF;
+        detail := v_status || '/' || coalesce(p_object ->> 'payment_status', '');
+        SELECT * INTO v FROM pay.payments p WHERE p.id = payment_id;
+        -- An open session the payment already knows, still open: nothing to write.
+        IF v.stripe_checkout_session_id = v_id AND v_status = 'open' AND v.status = 'requires_payment_method' THEN
+            outcome := 'unchanged';
+            RETURN;
+        END IF;
+        v := pay._lock_payment(v.id);
+        v_before := v.status;
+        IF v.stripe_checkout_session_id IS NULL THEN
+            -- A crash between Stripe's create and our commit: adopt the session, and close the
+            -- create command so it is never sent again.
+            v_adopted := true;
+            UPDATE pay.outbox o
+            SET status = 'done', response = p_object, last_http_status = 200, lease_owner = NULL, lease_expires = NULL,
+                last_error = 'adopted by ' || p_source, completed_at = now(), updated_at = now(),
+                attempts = greatest(o.attempts, 1), first_attempt_at = coalesce(o.first_attempt_at, now())
+            WHERE o.payment_id = v.id AND o.kind = 'create_checkout_session' AND o.status IN ('pending', 'in_flight');
+            PERFORM pay._record_finding(p_run_id, 'orphan_adopted', v.id, v_id, NULL, v_id,
+                'Checkout Session created at Stripe but never recorded; adopted');
+        END IF;
+        v_result := pay._apply_checkout_session(v.id, p_object, p_source, p_source || ':' || v_id,
+                                                floor(extract(epoch FROM now()))::bigint, NULL);
+        SELECT * INTO v FROM pay.payments p WHERE p.id = v.id;
+        IF v_result IN ('applied', 'flagged') AND v.status <> v_before AND NOT v_adopted THEN
+            PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v.status::text,
+                'missed by webhooks; fixed from the API');
+        END IF;
+        outcome := CASE WHEN v_adopted THEN 'adopted' ELSE v_result END;
+        RETURN;
+    END IF;
     IF p_object ->> 'object' IS DISTINCT FROM 'payment_intent' OR v_id IS NULL OR v_status IS NULL THEN
-        RAISE EXCEPTION 'apply_stripe_object: expected a PaymentIntent or Refund object'
+        RAISE EXCEPTION 'apply_stripe_object: expected a PaymentIntent, Checkout Session or Refund object'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_amount := CASE WHEN p_object ->> 'amount' ~ '^[0-9]{1,18}$' THEN (p_object ->> 'amount')::bigint END;
@@ -242,7 +281,8 @@ BEGIN
     IF v.stripe_payment_intent_id IS NOT NULL AND v.stripe_payment_intent_id <> v_id THEN
         PERFORM pay._record_finding(p_run_id, 'second_payment_intent', v.id, v_id, v.stripe_payment_intent_id, v_id,
             'a second PaymentIntent carries this payment''s id');
-    ELSIF v.stripe_payment_intent_id IS NULL THEN
+    ELSIF v.stripe_payment_intent_id IS NULL AND v.mode = 'payment_intent' THEN
+        -- (In session mode the PaymentIntent is the session's, made by Stripe: not an orphan.)
         -- A crash between Stripe's create and our commit: adopt it, and close the create command so
         -- it is never sent again (past Stripe's key retention it would create a second one).
         v_adopted := true;
@@ -350,8 +390,9 @@ END;
 $$;
 
 -- Past Stripe's idempotency key retention a create is never blindly re-sent with its old key (a
--- forgotten key creates a second PaymentIntent): after the worker found no PaymentIntent with this
--- payment's id, the command gets a new derived key, and the audit log says why. Fenced by attempt.
+-- forgotten key creates a second PaymentIntent or Checkout Session): after the worker found none
+-- with this payment's id, the command gets a new derived key, and the audit log says why. Fenced
+-- by attempt.
 CREATE FUNCTION pay.rekey_create_command(id bigint, attempt int, reason text) RETURNS text
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -364,16 +405,18 @@ DECLARE
 BEGIN
     SELECT * INTO v_command FROM pay.outbox o
     WHERE o.id = rekey_create_command.id AND o.attempts = attempt AND o.status = 'in_flight'
-      AND o.kind = 'create_payment_intent'
+      AND o.kind IN ('create_payment_intent', 'create_checkout_session')
     FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
     v_payment := pay._lock_payment(v_command.payment_id);
-    IF v_payment.stripe_payment_intent_id IS NOT NULL THEN
+    IF (v_command.kind = 'create_payment_intent' AND v_payment.stripe_payment_intent_id IS NOT NULL)
+       OR (v_command.kind = 'create_checkout_session' AND v_payment.stripe_checkout_session_id IS NOT NULL) THEN
         RETURN NULL;  -- it was adopted meanwhile: nothing to re-key
     END IF;
-    v_key := pay.idempotency_key('pgpay.pi_create.rekeyed',
+    v_key := pay.idempotency_key(CASE v_command.kind WHEN 'create_checkout_session' THEN 'pgpay.cs_create.rekeyed'
+                                                     ELSE 'pgpay.pi_create.rekeyed' END,
         jsonb_build_object('previous', v_command.idempotency_key, 'attempt', attempt));
     UPDATE pay.outbox o SET idempotency_key = v_key, updated_at = now() WHERE o.id = v_command.id;
     PERFORM pay._audit(v_payment.id, v_payment.status, v_payment.status,

@@ -27,9 +27,10 @@ GRANT USAGE ON SCHEMA pay TO pay_app, pay_webhook, pay_worker, pay_auditor;
 GRANT EXECUTE ON FUNCTION pay.idempotency_key(text, jsonb) TO pay_app, pay_worker, pay_auditor;
 GRANT EXECUTE ON FUNCTION pay.verify_stripe_signature(text, text, text, int, bigint) TO pay_app, pay_worker, pay_auditor;
 
-GRANT EXECUTE ON FUNCTION pay.begin_checkout(text, bigint, text, text, jsonb, text) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.begin_checkout(text, bigint, text, text, jsonb, text, text, text, text) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.cancel_checkout(uuid) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.wait_for_intent(uuid, int) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.wait_for_checkout(uuid, int) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.payment_timeline(uuid) TO pay_app, pay_auditor;
 GRANT SELECT ON pay.payments, pay.fulfillments TO pay_app;
 

@@ -609,3 +609,679 @@ AS $$
                   WHERE e.source = 'webhook' AND e.received_at > now() - interval '1 hour') END
     );
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Issue 12: Checkout Sessions (session mode). pay.begin_checkout gains mode, success_url and
+-- cancel_url; payments gain mode, stripe_checkout_session_id, checkout_url, checkout_expires_at;
+-- outbox kinds create_checkout_session and expire_checkout_session; pay.wait_for_checkout;
+-- sessions applied through the one transition rule (pay._apply_checkout_session, Rust) by
+-- webhooks, outbox answers and reconciliation; the re-key past Stripe's key retention covers
+-- session creates.
+-- ---------------------------------------------------------------------------------------------
+ALTER DOMAIN pay.outbox_kind DROP CONSTRAINT IF EXISTS outbox_kind_known;
+ALTER DOMAIN pay.outbox_kind ADD CONSTRAINT outbox_kind_known
+    CHECK (VALUE IN ('create_payment_intent', 'cancel_payment_intent', 'refund',
+                     'create_checkout_session', 'expire_checkout_session'));
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+                   WHERE n.nspname = 'pay' AND t.typname = 'checkout_mode') THEN
+        CREATE DOMAIN pay.checkout_mode AS text
+            CONSTRAINT checkout_mode_known CHECK (VALUE IN ('payment_intent', 'session'));
+    END IF;
+END
+$$;
+ALTER TABLE pay.payments ADD COLUMN IF NOT EXISTS mode pay.checkout_mode NOT NULL DEFAULT 'payment_intent';
+ALTER TABLE pay.payments ADD COLUMN IF NOT EXISTS stripe_checkout_session_id text;
+ALTER TABLE pay.payments ADD COLUMN IF NOT EXISTS checkout_url text;
+ALTER TABLE pay.payments ADD COLUMN IF NOT EXISTS checkout_expires_at timestamptz;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                   WHERE conrelid = 'pay.payments'::regclass AND conname = 'payments_checkout_session_unique') THEN
+        ALTER TABLE pay.payments ADD CONSTRAINT payments_checkout_session_unique UNIQUE (stripe_checkout_session_id);
+    END IF;
+END
+$$;
+ALTER TABLE pay.payments DROP CONSTRAINT IF EXISTS payments_intent_once_known;
+ALTER TABLE pay.payments ADD CONSTRAINT payments_intent_once_known CHECK (status IN ('creating', 'create_failed', 'superseded', 'canceled')
+    OR stripe_payment_intent_id IS NOT NULL OR stripe_checkout_session_id IS NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_one_session_create_per_payment ON pay.outbox (payment_id)
+    WHERE kind = 'create_checkout_session';
+
+CREATE OR REPLACE FUNCTION pay."_checkout_validate_mode"(
+	"mode" TEXT, /* Option < & str > */
+	"success_url" TEXT, /* Option < & str > */
+	"cancel_url" TEXT /* Option < & str > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'checkout_validate_mode_wrapper';
+
+CREATE OR REPLACE FUNCTION pay."_apply_checkout_session"(
+	"payment_id" uuid, /* Uuid */
+	"session" jsonb, /* JsonB */
+	"cause" TEXT, /* & str */
+	"evidence_id" TEXT, /* Option < & str > */
+	"evidence_at" bigint, /* i64 */
+	"event_type" TEXT /* Option < & str > */
+) RETURNS TEXT /* & 'static str */
+VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'apply_checkout_session_wrapper';
+
+-- Writes one command and rings the doorbell. A command whose path needs the PaymentIntent id
+-- ({payment_intent}) or the Checkout Session id ({checkout_session}) waits until the create command
+-- brings it back. Returns NULL when the key exists already (the same command was written before:
+-- nothing to do).
+CREATE OR REPLACE FUNCTION pay._enqueue(
+    p_payment_id uuid,
+    p_kind text,
+    p_idempotency_key text,
+    p_method text,
+    p_path text,
+    p_params jsonb
+) RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_known text;
+    v_status text := 'pending';
+    v_path text := p_path;
+    v_id bigint;
+BEGIN
+    IF position('{payment_intent}' IN p_path) > 0 THEN
+        SELECT p.stripe_payment_intent_id INTO v_known FROM pay.payments p WHERE p.id = p_payment_id;
+        IF v_known IS NULL THEN
+            v_status := 'waiting';
+        ELSE
+            v_path := replace(p_path, '{payment_intent}', v_known);
+        END IF;
+    ELSIF position('{checkout_session}' IN p_path) > 0 THEN
+        SELECT p.stripe_checkout_session_id INTO v_known FROM pay.payments p WHERE p.id = p_payment_id;
+        IF v_known IS NULL THEN
+            v_status := 'waiting';
+        ELSE
+            v_path := replace(p_path, '{checkout_session}', v_known);
+        END IF;
+    END IF;
+    INSERT INTO pay.outbox (payment_id, kind, idempotency_key, request, status)
+    VALUES (p_payment_id, p_kind, p_idempotency_key,
+            jsonb_build_object('method', p_method, 'path', v_path, 'params', p_params), v_status)
+    ON CONFLICT ON CONSTRAINT outbox_idempotency_key_unique DO NOTHING
+    RETURNING id INTO v_id;
+    IF v_id IS NOT NULL AND v_status = 'pending' THEN
+        -- A doorbell without data: identical payloads fold into one NOTIFY per transaction.
+        PERFORM pg_notify('pay_outbox', '');
+    END IF;
+    RETURN v_id;
+END;
+$$;
+
+-- Called once an id a path waits for is known (p_placeholder '{payment_intent}' or
+-- '{checkout_session}'): the commands that waited for it become sendable.
+CREATE OR REPLACE FUNCTION pay._release_waiting(p_payment_id uuid, p_placeholder text, p_value text) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    UPDATE pay.outbox o
+    SET status = 'pending',
+        request = jsonb_set(o.request, '{path}', to_jsonb(replace(o.request ->> 'path', p_placeholder, p_value))),
+        run_after = now(),
+        updated_at = now()
+    WHERE o.payment_id = p_payment_id AND o.status = 'waiting'
+      AND position(p_placeholder IN o.request ->> 'path') > 0;
+    IF FOUND THEN
+        PERFORM pg_notify('pay_outbox', '');
+    END IF;
+END;
+$$;
+
+-- The PaymentIntent id is known (extension/src/apply_intent.rs calls this).
+CREATE OR REPLACE FUNCTION pay._release_waiting_commands(p_payment_id uuid, p_intent text) RETURNS void
+LANGUAGE sql
+AS $$ SELECT pay._release_waiting(p_payment_id, '{payment_intent}', p_intent) $$;
+
+CREATE OR REPLACE FUNCTION pay.complete_outbox(id bigint, attempt int, http_status int, response jsonb)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_command pay.outbox;
+BEGIN
+    IF http_status IS NULL OR http_status < 200 OR http_status > 299 THEN
+        RAISE EXCEPTION 'complete_outbox: http_status must be 2xx, got %', http_status
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use pay.retry_outbox or pay.fail_outbox for other answers.';
+    END IF;
+    IF response IS NULL OR jsonb_typeof(response) <> 'object' THEN
+        RAISE EXCEPTION 'complete_outbox: response must be the JSON object Stripe answered'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_command := pay._finish_outbox_if_current_attempt(id, attempt, 'done', http_status, NULL, response, NULL);
+    IF v_command.id IS NULL THEN
+        RETURN false;
+    END IF;
+    CASE v_command.kind
+        WHEN 'create_payment_intent', 'cancel_payment_intent' THEN
+            PERFORM pay._apply_payment_intent(
+                v_command.payment_id, response, 'api answer to ' || v_command.kind,
+                'outbox:' || v_command.id || '#' || v_command.attempts,
+                floor(extract(epoch FROM now()))::bigint);
+        WHEN 'create_checkout_session', 'expire_checkout_session' THEN
+            PERFORM pay._apply_checkout_session(
+                v_command.payment_id, response, 'api answer to ' || v_command.kind,
+                'outbox:' || v_command.id || '#' || v_command.attempts,
+                floor(extract(epoch FROM now()))::bigint, NULL);
+        WHEN 'refund' THEN
+            PERFORM pay._apply_refund_answer(v_command.payment_id, response,
+                'outbox:' || v_command.id || '#' || v_command.attempts);
+        ELSE
+            -- The domain pay.outbox_kind makes this unreachable; say so loudly if the two ever disagree.
+            RAISE EXCEPTION 'complete_outbox: no handler for command kind %', v_command.kind
+                USING ERRCODE = 'internal_error';
+    END CASE;
+    RETURN true;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay.fail_outbox(id bigint, attempt int, http_status int, error jsonb)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_command pay.outbox;
+    v_payment pay.payments;
+    v_message text := coalesce(error #>> '{error,message}', error ->> 'message', error::text, 'permanent failure');
+BEGIN
+    v_command := pay._finish_outbox_if_current_attempt(
+        id, attempt, 'dead', http_status, left(v_message, 2000), error, NULL);
+    IF v_command.id IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO v_payment FROM pay.payments p WHERE p.id = v_command.payment_id FOR NO KEY UPDATE;
+    UPDATE pay.payments p SET last_error = error, updated_at = now() WHERE p.id = v_payment.id;
+    IF v_command.kind IN ('create_payment_intent', 'create_checkout_session') THEN
+        -- Stripe refused the create: there will never be a PaymentIntent (or Checkout Session)
+        -- for this attempt.
+        IF v_payment.status = 'creating' THEN
+            UPDATE pay.payments p SET status = 'create_failed', updated_at = now() WHERE p.id = v_payment.id;
+            PERFORM pay._audit(v_payment.id, v_payment.status, 'create_failed',
+                'Stripe refused the create (HTTP ' || coalesce(http_status::text, '?') || '): ' || left(v_message, 500),
+                'outbox:' || v_command.id || '#' || v_command.attempts);
+        END IF;
+        PERFORM pay._skip_waiting_commands(v_payment.id, CASE v_command.kind
+            WHEN 'create_payment_intent' THEN 'the PaymentIntent was never created'
+            ELSE 'the Checkout Session was never created' END);
+    ELSE
+        PERFORM pay._audit(v_payment.id, v_payment.status, v_payment.status,
+            v_command.kind || ' refused by Stripe (HTTP ' || coalesce(http_status::text, '?') || '): ' || left(v_message, 500),
+            'outbox:' || v_command.id || '#' || v_command.attempts);
+    END IF;
+    RETURN true;
+END;
+$$;
+
+-- Withdraws an attempt's request to Stripe. A create that was never sent is skipped: nothing
+-- exists at Stripe. Otherwise the PaymentIntent is canceled, or the Checkout Session expired,
+-- through the outbox (the command waits for the id if the create is still on its way). Returns
+-- true when nothing was ever sent.
+CREATE OR REPLACE FUNCTION pay._withdraw_attempt(p_payment_id uuid, p_why text, p_cancellation_reason text)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_create pay.outbox;
+BEGIN
+    SELECT * INTO v_create FROM pay.outbox o
+    WHERE o.payment_id = p_payment_id AND o.kind IN ('create_payment_intent', 'create_checkout_session')
+    FOR UPDATE;
+    IF v_create.status = 'pending' AND v_create.attempts = 0 THEN
+        UPDATE pay.outbox o SET status = 'skipped', last_error = p_why, completed_at = now(), updated_at = now()
+        WHERE o.id = v_create.id;
+        RETURN true;
+    END IF;
+    IF v_create.status IS DISTINCT FROM 'dead' THEN
+        IF v_create.kind = 'create_checkout_session' THEN
+            -- A Checkout Session takes no reason: expiring it is how it is withdrawn.
+            PERFORM pay._enqueue(p_payment_id, 'expire_checkout_session',
+                pay.idempotency_key('pgpay.cs_expire', jsonb_build_object('payment_id', p_payment_id)),
+                'POST', '/v1/checkout/sessions/{checkout_session}/expire', '{}');
+        ELSE
+            PERFORM pay._enqueue(p_payment_id, 'cancel_payment_intent',
+                pay.idempotency_key('pgpay.pi_cancel', jsonb_build_object('payment_id', p_payment_id)),
+                'POST', '/v1/payment_intents/{payment_intent}/cancel',
+                jsonb_build_object('cancellation_reason', p_cancellation_reason));
+        END IF;
+    END IF;
+    RETURN false;
+END;
+$$;
+
+-- begin_checkout gained mode, success_url and cancel_url: the six-argument form goes.
+DROP FUNCTION IF EXISTS pay.begin_checkout(text, bigint, text, text, jsonb, text);
+
+CREATE OR REPLACE FUNCTION pay.begin_checkout(
+    order_ref text,
+    amount bigint,
+    currency text,
+    customer_ref text DEFAULT NULL,
+    metadata jsonb DEFAULT '{}',
+    description text DEFAULT NULL,
+    mode text DEFAULT 'payment_intent',
+    success_url text DEFAULT NULL,
+    cancel_url text DEFAULT NULL
+) RETURNS pay.payments
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_metadata jsonb := coalesce(metadata, '{}');
+    v_currency text;
+    v_fingerprint text;
+    v_latest pay.payments;
+    v_paid pay.payments;
+    v_new pay.payments;
+    v_attempt int;
+    v_params jsonb;
+    v_mode text := coalesce(begin_checkout.mode, 'payment_intent');
+BEGIN
+    v_currency := pay._checkout_validate(order_ref, amount, currency, customer_ref, v_metadata, description);
+    PERFORM pay._checkout_validate_mode(v_mode, success_url, cancel_url);
+    -- Session mode's own arguments join the fingerprint; a payment_intent checkout keeps the
+    -- fingerprint it always had, so an upgrade does not make a repeated call look changed.
+    v_fingerprint := pay.idempotency_key('pgpay.checkout', jsonb_build_object(
+        'order_ref', order_ref, 'amount', amount, 'currency', v_currency,
+        'customer_ref', customer_ref, 'metadata', v_metadata, 'description', description)
+        || CASE WHEN v_mode = 'session' THEN jsonb_build_object(
+               'mode', v_mode, 'success_url', success_url, 'cancel_url', cancel_url) ELSE '{}' END);
+
+    -- The same call again returns the same row and writes nothing, not even a lock. An attempt
+    -- that ended without payment (canceled, expired, refused by Stripe) is not returned: the same
+    -- call then starts a new attempt, as a customer retrying the same cart expects.
+    SELECT * INTO v_latest FROM pay.payments p
+    WHERE p.order_ref = begin_checkout.order_ref ORDER BY p.attempt DESC LIMIT 1;
+    IF FOUND AND v_latest.params_fingerprint = v_fingerprint
+       AND v_latest.status NOT IN ('canceled', 'create_failed') THEN
+        RETURN v_latest;
+    END IF;
+
+    -- Serialise every call for this order on the order's row (created by the first call).
+    INSERT INTO pay.orders (order_ref) VALUES (begin_checkout.order_ref) ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM pay.orders o WHERE o.order_ref = begin_checkout.order_ref FOR UPDATE;
+
+    -- Read again under the lock: a concurrent caller may have just created the same attempt.
+    SELECT * INTO v_latest FROM pay.payments p
+    WHERE p.order_ref = begin_checkout.order_ref ORDER BY p.attempt DESC LIMIT 1;
+    IF FOUND AND v_latest.params_fingerprint = v_fingerprint
+       AND v_latest.status NOT IN ('canceled', 'create_failed') THEN
+        RETURN v_latest;
+    END IF;
+
+    SELECT * INTO v_paid FROM pay.payments p
+    WHERE p.order_ref = begin_checkout.order_ref AND p.status = 'succeeded';
+    IF FOUND THEN
+        RAISE EXCEPTION 'order % is already paid (payment %)', order_ref, v_paid.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'A paid order cannot start a new checkout; use pay.refund to give money back.';
+    END IF;
+    IF v_latest.status = 'processing' THEN
+        RAISE EXCEPTION 'order % has a payment in progress (payment %, processing); its parameters cannot change now',
+            order_ref, v_latest.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Wait for the payment to succeed or fail, then call pay.begin_checkout again.';
+    END IF;
+
+    v_attempt := coalesce(v_latest.attempt, 0) + 1;
+    v_new.id := gen_random_uuid();
+
+    IF v_latest.id IS NOT NULL AND v_latest.status NOT IN ('canceled', 'create_failed', 'superseded') THEN
+        -- Changed parameters before payment: supersede the old attempt and cancel its PaymentIntent.
+        UPDATE pay.payments p SET status = 'superseded', superseded_by = v_new.id, updated_at = now()
+        WHERE p.id = v_latest.id;
+        PERFORM pay._audit(v_latest.id, v_latest.status, 'superseded',
+            'parameters changed: superseded by attempt ' || v_attempt, v_new.id::text);
+        PERFORM pay._withdraw_attempt(v_latest.id, 'payment superseded before it was sent', 'abandoned');
+    END IF;
+
+    INSERT INTO pay.payments (id, order_ref, attempt, amount, currency, customer_ref, metadata, description,
+                              params_fingerprint, mode)
+    VALUES (v_new.id, begin_checkout.order_ref, v_attempt, begin_checkout.amount, v_currency,
+            begin_checkout.customer_ref, v_metadata, begin_checkout.description, v_fingerprint, v_mode)
+    RETURNING * INTO v_new;
+    PERFORM pay._audit(v_new.id, NULL, 'creating',
+        'checkout begun (attempt ' || v_attempt || CASE WHEN v_mode = 'session' THEN ', session mode' ELSE '' END || ')');
+
+    IF v_mode = 'session' THEN
+        -- One hosted Checkout Session in payment mode with one line item. Our ids travel in the
+        -- session's metadata and in its PaymentIntent's (payment_intent_data), so every event about
+        -- either finds this payment, and a session whose create answer was lost can be found by
+        -- listing sessions.
+        v_params := jsonb_build_object(
+                'mode', 'payment',
+                'success_url', success_url,
+                'client_reference_id', v_new.order_ref,
+                'line_items[0][quantity]', '1',
+                'line_items[0][price_data][currency]', v_new.currency,
+                'line_items[0][price_data][unit_amount]', v_new.amount::text,
+                'line_items[0][price_data][product_data][name]', coalesce(v_new.description, 'Order ' || v_new.order_ref),
+                'metadata[pgpay_payment_id]', v_new.id::text,
+                'metadata[order_ref]', v_new.order_ref,
+                'payment_intent_data[metadata][pgpay_payment_id]', v_new.id::text,
+                'payment_intent_data[metadata][order_ref]', v_new.order_ref)
+            || coalesce((SELECT jsonb_object_agg(k.prefix || '[' || m.key || ']', m.value)
+                         FROM jsonb_each_text(v_metadata) m,
+                              unnest(ARRAY['metadata', 'payment_intent_data[metadata]']) k(prefix)), '{}')
+            || jsonb_strip_nulls(jsonb_build_object(
+                'cancel_url', cancel_url,
+                'payment_intent_data[description]', v_new.description,
+                'metadata[customer_ref]', v_new.customer_ref,
+                'payment_intent_data[metadata][customer_ref]', v_new.customer_ref));
+        PERFORM pay._enqueue(v_new.id, 'create_checkout_session',
+            pay.idempotency_key('pgpay.cs_create', jsonb_build_object(
+                'order_ref', v_new.order_ref, 'attempt', v_attempt, 'params', v_fingerprint)),
+            'POST', '/v1/checkout/sessions', v_params);
+        RETURN v_new;
+    END IF;
+
+    -- The exact Stripe request, form parameters in bracket notation. Our own metadata lets
+    -- reconciliation find a PaymentIntent whose create answer was lost.
+    v_params := jsonb_build_object(
+            'amount', v_new.amount::text,
+            'currency', v_new.currency,
+            'metadata[pgpay_payment_id]', v_new.id::text,
+            'metadata[order_ref]', v_new.order_ref)
+        || coalesce((SELECT jsonb_object_agg('metadata[' || m.key || ']', m.value)
+                     FROM jsonb_each_text(v_metadata) m), '{}')
+        || jsonb_strip_nulls(jsonb_build_object(
+            'description', v_new.description,
+            'metadata[customer_ref]', v_new.customer_ref));
+    PERFORM pay._enqueue(v_new.id, 'create_payment_intent',
+        pay.idempotency_key('pgpay.pi_create', jsonb_build_object(
+            'order_ref', v_new.order_ref, 'attempt', v_attempt, 'params', v_fingerprint)),
+        'POST', '/v1/payment_intents', v_params);
+    RETURN v_new;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay.cancel_checkout(payment_id uuid) RETURNS pay.payments
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v pay.payments;
+BEGIN
+    SELECT * INTO v FROM pay.payments p WHERE p.id = cancel_checkout.payment_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cancel_checkout: no payment %', payment_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v.status = 'succeeded' THEN
+        RAISE EXCEPTION 'cancel_checkout: payment % already succeeded', payment_id
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Use pay.refund to give the money back.';
+    END IF;
+    IF v.status IN ('canceled', 'create_failed', 'superseded') THEN
+        RETURN v;  -- nothing left to cancel
+    END IF;
+    IF pay._withdraw_attempt(v.id, 'checkout canceled before it was sent', 'requested_by_customer') THEN
+        UPDATE pay.payments p SET status = 'canceled', updated_at = now() WHERE p.id = v.id RETURNING * INTO v;
+        PERFORM pay._audit(v.id, 'creating', 'canceled', CASE v.mode
+            WHEN 'session' THEN 'checkout canceled before the Checkout Session was requested'
+            ELSE 'checkout canceled before the PaymentIntent was requested' END);
+    END IF;
+    -- Otherwise Stripe decides: the status changes when the cancel's (or expire's) answer, or its
+    -- webhook, arrives.
+    RETURN v;
+END;
+$$;
+
+-- Waits (polling, since LISTEN cannot be used inside a function) until the worker has stored what
+-- the app needs to send the customer on: the PaymentIntent's client_secret (payment_intent mode,
+-- or p_caller = 'wait_for_intent'), or the Checkout Session's URL (session mode). p_caller names
+-- the SQL function in messages.
+CREATE OR REPLACE FUNCTION pay._wait_until_ready(p_payment_id uuid, p_timeout_ms int, p_caller text) RETURNS pay.payments
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v pay.payments;
+    v_deadline timestamptz := clock_timestamp() + make_interval(secs => p_timeout_ms / 1000.0);
+    v_pause float8 := 0.005;
+    v_what text;
+BEGIN
+    IF p_timeout_ms IS NULL OR p_timeout_ms < 0 OR p_timeout_ms > 600000 THEN
+        RAISE EXCEPTION '%: timeout_ms must be between 0 and 600000, got %', p_caller, p_timeout_ms
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    LOOP
+        SELECT * INTO v FROM pay.payments p WHERE p.id = p_payment_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION '%: no payment %', p_caller, p_payment_id USING ERRCODE = 'no_data_found';
+        END IF;
+        IF v.mode = 'session' AND p_caller = 'wait_for_intent' THEN
+            RAISE EXCEPTION 'wait_for_intent: payment % is in session mode and gets a checkout_url, not a client_secret', p_payment_id
+                USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Use pay.wait_for_checkout.';
+        END IF;
+        v_what := CASE v.mode WHEN 'session' THEN 'Checkout Session' ELSE 'PaymentIntent' END;
+        IF (v.mode = 'session' AND v.checkout_url IS NOT NULL)
+           OR (v.mode = 'payment_intent' AND v.client_secret IS NOT NULL) THEN
+            RETURN v;
+        END IF;
+        IF v.status IN ('create_failed', 'superseded', 'canceled') THEN
+            RAISE EXCEPTION '%: payment % is % and will get no %', p_caller, p_payment_id, v.status, v_what
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = coalesce(v.last_error #>> '{error,message}', v.last_error::text, '');
+        END IF;
+        IF EXISTS (SELECT 1 FROM pay.payments p
+                   WHERE p.id = v.id AND p.xmin::text::bigint = txid_current_if_assigned() % 4294967296) THEN
+            RAISE EXCEPTION '%: payment % was created in this same transaction', p_caller, p_payment_id
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Commit the transaction that called pay.begin_checkout first: the worker cannot see it before.';
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RAISE EXCEPTION '%: no % for payment % after % ms', p_caller, v_what, p_payment_id, p_timeout_ms
+                USING ERRCODE = 'query_canceled',
+                      HINT = 'Is pgpay-worker running? See pay.outbox_health.';
+        END IF;
+        PERFORM pg_sleep(least(v_pause, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0)));
+        v_pause := least(v_pause * 2, 0.05);
+    END LOOP;
+END;
+$$;
+
+-- Returns once the PaymentIntent exists (client_secret set); payment_intent mode only.
+CREATE OR REPLACE FUNCTION pay.wait_for_intent(payment_id uuid, timeout_ms int DEFAULT 10000) RETURNS pay.payments
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$ SELECT * FROM pay._wait_until_ready(payment_id, timeout_ms, 'wait_for_intent') $$;
+
+-- Returns once the app can send the customer on: client_secret in payment_intent mode,
+-- checkout_url in session mode.
+CREATE OR REPLACE FUNCTION pay.wait_for_checkout(payment_id uuid, timeout_ms int DEFAULT 10000) RETURNS pay.payments
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$ SELECT * FROM pay._wait_until_ready(payment_id, timeout_ms, 'wait_for_checkout') $$;
+
+-- Applies one object read from Stripe's API (a PaymentIntent, a Checkout Session or a Refund).
+-- Outcomes: applied, unchanged, ignored, flagged, adopted (a PaymentIntent or Checkout Session
+-- carrying our metadata that the payment did not know: its create answer was lost), not_ours.
+-- Drift is recorded as findings of run p_run_id.
+CREATE OR REPLACE FUNCTION pay._apply_stripe_object(p_object jsonb, p_source text, p_run_id bigint,
+    OUT outcome text, OUT payment_id uuid, OUT detail text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v pay.payments;
+    v_id text := p_object ->> 'id';
+    v_claimed text := p_object #>> '{metadata,pgpay_payment_id}';
+    v_status text := p_object ->> 'status';
+    v_amount bigint;
+    v_currency text := lower(p_object ->> 'currency');
+    v_adopted boolean := false;
+    v_before pay.payment_status;
+    v_result text;
+BEGIN
+    IF p_object ->> 'object' = 'refund' THEN
+        payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
+        IF payment_id IS NULL THEN
+            outcome := 'not_ours';
+            RETURN;
+        END IF;
+        outcome := pay._apply_refund_answer(payment_id, p_object, p_source);
+        RETURN;
+    END IF;
+    IF p_object ->> 'object' = 'checkout.session' AND v_id IS NOT NULL AND v_status IS NOT NULL THEN
+        payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
+        IF payment_id IS NULL THEN
+            outcome := 'not_ours';
+            detail := 'no pgpay metadata';
+            RETURN;
+        END IF;
+        detail := v_status || '/' || coalesce(p_object ->> 'payment_status', '');
+        SELECT * INTO v FROM pay.payments p WHERE p.id = payment_id;
+        -- An open session the payment already knows, still open: nothing to write.
+        IF v.stripe_checkout_session_id = v_id AND v_status = 'open' AND v.status = 'requires_payment_method' THEN
+            outcome := 'unchanged';
+            RETURN;
+        END IF;
+        v := pay._lock_payment(v.id);
+        v_before := v.status;
+        IF v.stripe_checkout_session_id IS NULL THEN
+            -- A crash between Stripe's create and our commit: adopt the session, and close the
+            -- create command so it is never sent again.
+            v_adopted := true;
+            UPDATE pay.outbox o
+            SET status = 'done', response = p_object, last_http_status = 200, lease_owner = NULL, lease_expires = NULL,
+                last_error = 'adopted by ' || p_source, completed_at = now(), updated_at = now(),
+                attempts = greatest(o.attempts, 1), first_attempt_at = coalesce(o.first_attempt_at, now())
+            WHERE o.payment_id = v.id AND o.kind = 'create_checkout_session' AND o.status IN ('pending', 'in_flight');
+            PERFORM pay._record_finding(p_run_id, 'orphan_adopted', v.id, v_id, NULL, v_id,
+                'Checkout Session created at Stripe but never recorded; adopted');
+        END IF;
+        v_result := pay._apply_checkout_session(v.id, p_object, p_source, p_source || ':' || v_id,
+                                                floor(extract(epoch FROM now()))::bigint, NULL);
+        SELECT * INTO v FROM pay.payments p WHERE p.id = v.id;
+        IF v_result IN ('applied', 'flagged') AND v.status <> v_before AND NOT v_adopted THEN
+            PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v.status::text,
+                'missed by webhooks; fixed from the API');
+        END IF;
+        outcome := CASE WHEN v_adopted THEN 'adopted' ELSE v_result END;
+        RETURN;
+    END IF;
+    IF p_object ->> 'object' IS DISTINCT FROM 'payment_intent' OR v_id IS NULL OR v_status IS NULL THEN
+        RAISE EXCEPTION 'apply_stripe_object: expected a PaymentIntent, Checkout Session or Refund object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_amount := CASE WHEN p_object ->> 'amount' ~ '^[0-9]{1,18}$' THEN (p_object ->> 'amount')::bigint END;
+
+    -- Read first without a lock: an unchanged payment (the common case) writes nothing.
+    payment_id := pay._payment_for(v_id, v_claimed);
+    IF payment_id IS NULL THEN
+        IF pay._claimed_payment_id(v_claimed) IS NULL THEN
+            outcome := 'not_ours';
+            detail := 'no pgpay metadata';
+            RETURN;
+        END IF;
+        PERFORM pay._record_finding(p_run_id, 'unknown_payment', NULL, v_id, v_claimed, NULL,
+            'the PaymentIntent names a pgpay payment this database does not have');
+        outcome := 'not_ours';
+        detail := 'names an unknown payment';
+        RETURN;
+    END IF;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = payment_id;
+    IF v.stripe_payment_intent_id = v_id AND v.status::text = v_status AND v.amount = v_amount
+       AND v.currency = v_currency AND v.client_secret IS NOT NULL THEN
+        outcome := 'unchanged';
+        RETURN;
+    END IF;
+
+    v := pay._lock_payment(v.id);
+    v_before := v.status;
+    IF v.stripe_payment_intent_id IS NOT NULL AND v.stripe_payment_intent_id <> v_id THEN
+        PERFORM pay._record_finding(p_run_id, 'second_payment_intent', v.id, v_id, v.stripe_payment_intent_id, v_id,
+            'a second PaymentIntent carries this payment''s id');
+    ELSIF v.stripe_payment_intent_id IS NULL AND v.mode = 'payment_intent' THEN
+        -- (In session mode the PaymentIntent is the session's, made by Stripe: not an orphan.)
+        -- A crash between Stripe's create and our commit: adopt it, and close the create command so
+        -- it is never sent again (past Stripe's key retention it would create a second one).
+        v_adopted := true;
+        UPDATE pay.outbox o
+        SET status = 'done', response = p_object, last_http_status = 200, lease_owner = NULL, lease_expires = NULL,
+            last_error = 'adopted by ' || p_source, completed_at = now(), updated_at = now(),
+            attempts = greatest(o.attempts, 1), first_attempt_at = coalesce(o.first_attempt_at, now())
+        WHERE o.payment_id = v.id AND o.kind = 'create_payment_intent' AND o.status IN ('pending', 'in_flight');
+        PERFORM pay._record_finding(p_run_id, 'orphan_adopted', v.id, v_id, NULL, v_id,
+            'PaymentIntent created at Stripe but never recorded; adopted');
+    END IF;
+    IF v_amount IS DISTINCT FROM v.amount THEN
+        PERFORM pay._record_finding(p_run_id, 'amount_drift', v.id, v_id, v.amount::text, v_amount::text, NULL);
+    END IF;
+    IF v_currency IS DISTINCT FROM v.currency THEN
+        PERFORM pay._record_finding(p_run_id, 'currency_drift', v.id, v_id, v.currency, v_currency, NULL);
+    END IF;
+    v_result := pay._apply_payment_intent(v.id, p_object, p_source, p_source || ':' || v_id,
+                                          floor(extract(epoch FROM now()))::bigint);
+    IF v_result IN ('applied', 'flagged') AND v_status IS DISTINCT FROM v_before::text AND NOT v_adopted THEN
+        PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v_status,
+            'missed by webhooks; fixed from the API');
+    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text THEN
+        -- A terminal status here that Stripe contradicts: only a human can say which is right.
+        PERFORM pay._record_finding(p_run_id, 'status_mismatch', v.id, v_id, v_before::text, v_status,
+            'the payment is terminal here but Stripe reports another status');
+    END IF;
+    outcome := CASE WHEN v_adopted THEN 'adopted' ELSE v_result END;
+    detail := v_status;
+END;
+$$;
+
+-- Past Stripe's idempotency key retention a create is never blindly re-sent with its old key (a
+-- forgotten key creates a second PaymentIntent or Checkout Session): after the worker found none
+-- with this payment's id, the command gets a new derived key, and the audit log says why. Fenced
+-- by attempt.
+CREATE OR REPLACE FUNCTION pay.rekey_create_command(id bigint, attempt int, reason text) RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_command pay.outbox;
+    v_payment pay.payments;
+    v_key text;
+BEGIN
+    SELECT * INTO v_command FROM pay.outbox o
+    WHERE o.id = rekey_create_command.id AND o.attempts = attempt AND o.status = 'in_flight'
+      AND o.kind IN ('create_payment_intent', 'create_checkout_session')
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    v_payment := pay._lock_payment(v_command.payment_id);
+    IF (v_command.kind = 'create_payment_intent' AND v_payment.stripe_payment_intent_id IS NOT NULL)
+       OR (v_command.kind = 'create_checkout_session' AND v_payment.stripe_checkout_session_id IS NOT NULL) THEN
+        RETURN NULL;  -- it was adopted meanwhile: nothing to re-key
+    END IF;
+    v_key := pay.idempotency_key(CASE v_command.kind WHEN 'create_checkout_session' THEN 'pgpay.cs_create.rekeyed'
+                                                     ELSE 'pgpay.pi_create.rekeyed' END,
+        jsonb_build_object('previous', v_command.idempotency_key, 'attempt', attempt));
+    UPDATE pay.outbox o SET idempotency_key = v_key, updated_at = now() WHERE o.id = v_command.id;
+    PERFORM pay._audit(v_payment.id, v_payment.status, v_payment.status,
+        'create re-keyed past Stripe''s key retention: ' || left(coalesce(reason, 'no reason given'), 500),
+        'outbox:' || v_command.id || '#' || attempt);
+    RETURN v_key;
+END;
+$$;
+
+DROP FUNCTION IF EXISTS pay._withdraw_payment_intent(uuid, text, text);
+REVOKE EXECUTE ON FUNCTION pay._checkout_validate_mode(text, text, text),
+    pay._apply_checkout_session(uuid, jsonb, text, text, bigint, text),
+    pay._release_waiting(uuid, text, text), pay._withdraw_attempt(uuid, text, text),
+    pay._wait_until_ready(uuid, int, text),
+    pay.begin_checkout(text, bigint, text, text, jsonb, text, text, text, text),
+    pay.wait_for_checkout(uuid, int) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pay.begin_checkout(text, bigint, text, text, jsonb, text, text, text, text) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.wait_for_checkout(uuid, int) TO pay_app;

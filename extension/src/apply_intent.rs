@@ -1,5 +1,7 @@
 //! Applying a PaymentIntent object to a locked payment: the writes of the one transition rule
 //! (`pgpay_core::transition::decide`), for webhooks, outbox answers and reconciliation alike.
+//! Checkout Sessions are read by `apply_session.rs` and applied through the same writes
+//! ([`Evidence`]).
 //!
 //! Written in Rust rather than plpgsql because it runs inside every webhook: plpgsql spent more
 //! on evaluating the rule's forty-odd small expressions, afresh in every transaction, than on the
@@ -7,6 +9,7 @@
 
 use pgpay_core::event::{field_i64, field_text, intent_problem, success_mismatch, NotAnInteger};
 use pgpay_core::outcome::Outcome;
+use pgpay_core::session::session_mismatch;
 use pgpay_core::transition::{decide, Decision, IgnoreReason, PaymentStatus};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::BuiltinOid::{INT8OID, JSONBOID, TEXTOID, UUIDOID};
@@ -73,7 +76,7 @@ impl LockedPayment {
     }
 
     /// An audit row that leaves the status where it is.
-    fn unchanged<'a>(
+    pub(crate) fn unchanged<'a>(
         &'a self,
         cause: &'a str,
         evidence_id: Option<&'a str>,
@@ -113,7 +116,7 @@ static SET_CLIENT_SECRET: Statement = Statement {
 };
 static TRANSITION: Statement = Statement {
     sql: "UPDATE pay.payments p \
-          SET status = $2::pay.payment_status, stripe_payment_intent_id = $3, \
+          SET status = $2::pay.payment_status, stripe_payment_intent_id = coalesce($3, p.stripe_payment_intent_id), \
               client_secret = coalesce(p.client_secret, $4), status_evidence_at = $5, \
               amount_received = greatest(p.amount_received, $6), last_error = coalesce($7, p.last_error), \
               flagged_reason = coalesce($8, p.flagged_reason), updated_at = now() \
@@ -162,15 +165,15 @@ static ENQUEUE_DUPLICATE_REFUND: Statement = Statement {
 
 /// One audit row, from `from` to `to`; `proposed` is what the evidence asked for when it was not
 /// applied.
-struct AuditRow<'a> {
-    from: &'a str,
-    to: &'a str,
-    cause: &'a str,
-    evidence_id: Option<&'a str>,
-    proposed: Option<&'a str>,
+pub(crate) struct AuditRow<'a> {
+    pub(crate) from: &'a str,
+    pub(crate) to: &'a str,
+    pub(crate) cause: &'a str,
+    pub(crate) evidence_id: Option<&'a str>,
+    pub(crate) proposed: Option<&'a str>,
 }
 
-fn audit(client: &mut SpiClient<'_>, payment_id: Uuid, row: AuditRow<'_>) {
+pub(crate) fn audit(client: &mut SpiClient<'_>, payment_id: Uuid, row: AuditRow<'_>) {
     let AuditRow {
         from,
         to,
@@ -192,11 +195,21 @@ fn audit(client: &mut SpiClient<'_>, payment_id: Uuid, row: AuditRow<'_>) {
     );
 }
 
-/// A PaymentIntent object read as evidence about one payment, with the rule's decision.
-struct Evidence<'a> {
+/// Which Stripe object the evidence is: what a success is checked against.
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// A PaymentIntent: `amount`, `amount_received`, `currency`.
+    Intent(&'a Value),
+    /// A Checkout Session: `amount_total`, `currency`.
+    Session(&'a Value),
+}
+
+/// A Stripe object read as evidence about one payment, with the rule's decision.
+pub(crate) struct Evidence<'a> {
     payment: &'a LockedPayment,
-    intent: &'a Value,
-    intent_id: String,
+    source: Source<'a>,
+    /// The PaymentIntent the object speaks of (a Checkout Session may not have one yet).
+    intent_id: Option<String>,
     proposed: String,
     decision: Decision,
     client_secret: Option<String>,
@@ -237,17 +250,8 @@ impl<'a> Evidence<'a> {
         else {
             return Err("the PaymentIntent has no id or status");
         };
-        let Ok(current) = payment.status.parse::<PaymentStatus>() else {
-            raise_internal(format!(
-                "payment {} has status {:?}, which the transition rule does not know",
-                payment.id, payment.status
-            ));
-        };
         // A status from a newer Stripe API is ignored rather than raised: the evidence is kept.
-        let decision = match proposed.parse::<PaymentStatus>() {
-            Ok(to) => decide(current, payment.status_evidence_at, to, evidence_at),
-            Err(_) => Decision::Ignore(IgnoreReason::UnknownStatus),
-        };
+        let decision = decide_for(payment, proposed.parse::<PaymentStatus>().ok(), evidence_at);
         // intent_problem has checked that the amounts are integers.
         let received = field_i64(intent, "amount_received")
             .ok()
@@ -255,13 +259,13 @@ impl<'a> Evidence<'a> {
             .unwrap_or(0);
         Ok(Evidence {
             payment,
-            intent,
+            source: Source::Intent(intent),
             client_secret: field_text(intent, "client_secret"),
             error: intent
                 .get("last_payment_error")
                 .filter(|e| !e.is_null())
                 .cloned(),
-            intent_id,
+            intent_id: Some(intent_id),
             proposed,
             decision,
             received,
@@ -288,7 +292,9 @@ impl<'a> Evidence<'a> {
     /// Records the PaymentIntent id (and client secret) the payment did not know yet, or
     /// flags a second one (invariant 1: never let a second PaymentIntent speak for a payment).
     fn link(&self, client: &mut SpiClient<'_>) -> Link {
-        let intent_id = self.intent_id.as_str();
+        let Some(intent_id) = self.intent_id.as_deref() else {
+            return Link::Known;
+        };
         match self.payment.intent_id.as_deref() {
             None => {
                 run(client, &RELEASE_WAITING, &[self.id(), intent_id.into()]);
@@ -336,13 +342,17 @@ impl<'a> Evidence<'a> {
     fn transition(self, client: &mut SpiClient<'_>, recorded_with_it: bool) -> Outcome {
         let succeeded = self.proposed == "succeeded";
         let mismatch = if succeeded {
-            success_mismatch(self.intent, self.payment.amount, &self.payment.currency)
-                .unwrap_or_else(|NotAnInteger| {
-                    raise_invalid_parameter(format!(
-                        "evidence for payment {}: PaymentIntent amount is not an integer",
-                        self.payment.id
-                    ))
-                })
+            let (amount, currency) = (self.payment.amount, &self.payment.currency);
+            match self.source {
+                Source::Intent(intent) => success_mismatch(intent, amount, currency),
+                Source::Session(session) => session_mismatch(session, amount, currency),
+            }
+            .unwrap_or_else(|NotAnInteger| {
+                raise_invalid_parameter(format!(
+                    "evidence for payment {}: the amount is not an integer",
+                    self.payment.id
+                ))
+            })
         } else {
             None
         };
@@ -355,7 +365,7 @@ impl<'a> Evidence<'a> {
             &[
                 self.id(),
                 self.proposed.as_str().into(),
-                self.intent_id.as_str().into(),
+                self.intent_id.as_deref().into(),
                 self.client_secret.as_deref().into(),
                 self.evidence_at.into(),
                 self.received.into(),
@@ -363,10 +373,11 @@ impl<'a> Evidence<'a> {
                 flagged.as_deref().into(),
             ],
         );
-        let why = if recorded_with_it {
-            format!("{} (PaymentIntent {} recorded)", self.cause, self.intent_id)
-        } else {
-            self.cause.to_owned()
+        let why = match (&self.intent_id, recorded_with_it) {
+            (Some(intent_id), true) => {
+                format!("{} (PaymentIntent {intent_id} recorded)", self.cause)
+            }
+            _ => self.cause.to_owned(),
         };
         let moved = AuditRow {
             from: &self.payment.status,
@@ -449,11 +460,14 @@ impl<'a> Evidence<'a> {
             self.cause
         );
         self.audit_unchanged(client, &why, true);
-        run(
-            client,
-            &ENQUEUE_DUPLICATE_REFUND,
-            &[self.id(), self.intent_id.as_str().into()],
-        );
+        // Money moved only through a PaymentIntent; without one there is nothing to refund.
+        if let Some(intent_id) = self.intent_id.as_deref() {
+            run(
+                client,
+                &ENQUEUE_DUPLICATE_REFUND,
+                &[self.id(), intent_id.into()],
+            );
+        }
         Outcome::Flagged
     }
 
@@ -478,17 +492,79 @@ pub fn apply_intent(
     evidence_at: i64,
 ) -> Result<Outcome, &'static str> {
     let evidence = Evidence::read(payment, intent, cause, evidence_id, evidence_at)?;
-    let recorded_with_transition = match evidence.link(client) {
-        Link::Second => return Ok(Outcome::Flagged),
-        Link::WithTransition => true,
-        Link::Known | Link::Recorded => false,
+    Ok(evidence.apply(client))
+}
+
+/// The rule's decision for evidence proposing `proposed` (`None`: a status this version does not
+/// know, kept and ignored).
+fn decide_for(
+    payment: &LockedPayment,
+    proposed: Option<PaymentStatus>,
+    evidence_at: i64,
+) -> Decision {
+    let Ok(current) = payment.status.parse::<PaymentStatus>() else {
+        raise_internal(format!(
+            "payment {} has status {:?}, which the transition rule does not know",
+            payment.id, payment.status
+        ));
     };
-    Ok(match evidence.decision {
-        Decision::Apply => evidence.transition(client, recorded_with_transition),
-        Decision::Unchanged => evidence.keep_status(client),
-        Decision::SuccessAfterGiveUp => evidence.refund_superseded(client),
-        Decision::Ignore(reason) => evidence.ignore(client, reason),
-    })
+    match proposed {
+        Some(to) => decide(current, payment.status_evidence_at, to, evidence_at),
+        None => Decision::Ignore(IgnoreReason::UnknownStatus),
+    }
+}
+
+/// What a Checkout Session says, read by `apply_session.rs`.
+pub(crate) struct SessionFacts<'a> {
+    pub session: &'a Value,
+    pub intent_id: Option<String>,
+    /// The status it proposes; `None` for one this version does not know.
+    pub proposed: Option<PaymentStatus>,
+    /// Stripe's text of that status, for the audit log when it is not known.
+    pub proposed_text: String,
+    pub received: i64,
+}
+
+impl<'a> Evidence<'a> {
+    /// A Checkout Session as evidence: the same rule and writes as a PaymentIntent.
+    pub(crate) fn of_session(
+        payment: &'a LockedPayment,
+        facts: SessionFacts<'a>,
+        cause: &'a str,
+        evidence_id: Option<&'a str>,
+        evidence_at: i64,
+    ) -> Self {
+        Evidence {
+            payment,
+            source: Source::Session(facts.session),
+            intent_id: facts.intent_id,
+            proposed: facts
+                .proposed
+                .map_or(facts.proposed_text, |p| p.as_str().to_owned()),
+            decision: decide_for(payment, facts.proposed, evidence_at),
+            client_secret: None,
+            received: facts.received,
+            error: None,
+            cause,
+            evidence_id,
+            evidence_at,
+        }
+    }
+
+    /// Links the PaymentIntent, then applies the rule's decision.
+    pub(crate) fn apply(self, client: &mut SpiClient<'_>) -> Outcome {
+        let recorded_with_transition = match self.link(client) {
+            Link::Second => return Outcome::Flagged,
+            Link::WithTransition => true,
+            Link::Known | Link::Recorded => false,
+        };
+        match self.decision {
+            Decision::Apply => self.transition(client, recorded_with_transition),
+            Decision::Unchanged => self.keep_status(client),
+            Decision::SuccessAfterGiveUp => self.refund_superseded(client),
+            Decision::Ignore(reason) => self.ignore(client, reason),
+        }
+    }
 }
 
 /// `pay._apply_payment_intent(payment_id, intent, cause, evidence_id, evidence_at)`: locks the

@@ -33,3 +33,14 @@ fn checkout_validate(
     })();
     result.unwrap_or_else(|e| raise_invalid_parameter(e))
 }
+
+/// Validates a checkout's mode and its redirect URLs (`pgpay_core::checkout::validate_mode`).
+/// Raises 22023 naming the field.
+#[pg_extern(immutable, parallel_safe, name = "_checkout_validate_mode")]
+fn checkout_validate_mode(mode: Option<&str>, success_url: Option<&str>, cancel_url: Option<&str>) {
+    if let Err(e) =
+        checkout::validate_mode(mode.unwrap_or("payment_intent"), success_url, cancel_url)
+    {
+        raise_invalid_parameter(e)
+    }
+}

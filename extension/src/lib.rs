@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 
 mod apply_intent;
+mod apply_session;
 mod checkout;
 mod errors;
 mod keys;
@@ -40,7 +41,8 @@ extension_sql_file!(
     requires = [
         "evidence",
         keys::idempotency_key_of_text,
-        checkout::checkout_validate
+        checkout::checkout_validate,
+        checkout::checkout_validate_mode
     ]
 );
 extension_sql_file!(

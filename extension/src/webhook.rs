@@ -14,6 +14,7 @@ use pgrx::Uuid;
 use serde_json::Value;
 
 use crate::apply_intent::apply_intent;
+use crate::apply_session::apply_session;
 use crate::errors::{raise_internal, raise_with_hint};
 use crate::lookup::lock_payment_for;
 use crate::plans::{first, run, Statement};
@@ -95,13 +96,21 @@ pub fn store_and_apply(
                 return Stored::DUPLICATE;
             }
             let kind = event_type.as_deref().unwrap_or("");
-            if object.get("object").and_then(Value::as_str) == Some("payment_intent")
-                && kind.starts_with("payment_intent.")
-            {
-                // An event without a usable time counts as now.
-                let at = created.unwrap_or_else(unix_now);
-                let cause = format!("webhook {kind}");
-                match apply_intent(client, payment, object, &cause, event_id.as_deref(), at) {
+            // An event without a usable time counts as now.
+            let at = created.unwrap_or_else(unix_now);
+            let cause = format!("webhook {kind}");
+            let evidence = event_id.as_deref();
+            let applied = match object.get("object").and_then(Value::as_str) {
+                Some("payment_intent") if kind.starts_with("payment_intent.") => {
+                    Some(apply_intent(client, payment, object, &cause, evidence, at))
+                }
+                Some("checkout.session") if kind.starts_with("checkout.session.") => Some(
+                    apply_session(client, payment, object, Some(kind), &cause, evidence, at),
+                ),
+                _ => None,
+            };
+            if let Some(applied) = applied {
+                match applied {
                     Ok(outcome) => (outcome, Some(format!("{kind} -> {outcome}"))),
                     // Signed, so Stripe's own: kept for a human, answered 200 (a 5xx would only
                     // bring the same body back for days).

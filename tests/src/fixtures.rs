@@ -40,6 +40,45 @@ pub fn event(id: &str, event_type: &str, created: i64, object: Value) -> String 
     .expect("json")
 }
 
+/// A Checkout Session in payment mode, built on the object the Stripe API reference publishes
+/// (tests/fixtures/stripe/checkout_session.json) with this payment's values: our metadata,
+/// `status` (open, complete, expired), `payment_status` (paid, unpaid) and the PaymentIntent
+/// Stripe made for it, if any. `url` is set only while the session is open, as Stripe does.
+#[allow(clippy::too_many_arguments)]
+pub fn checkout_session(
+    id: &str,
+    payment_id: &str,
+    order_ref: &str,
+    amount: i64,
+    currency: &str,
+    status: &str,
+    payment_status: &str,
+    payment_intent: Option<&str>,
+) -> Value {
+    let mut session: Value =
+        serde_json::from_str(include_str!("../fixtures/stripe/checkout_session.json"))
+            .expect("the published Checkout Session fixture is JSON");
+    let url = (status == "open").then(|| format!("https://checkout.stripe.com/c/pay/{id}"));
+    for (key, value) in [
+        ("id", json!(id)),
+        ("amount_subtotal", json!(amount)),
+        ("amount_total", json!(amount)),
+        ("currency", json!(currency)),
+        ("client_reference_id", json!(order_ref)),
+        (
+            "metadata",
+            json!({"pgpay_payment_id": payment_id, "order_ref": order_ref}),
+        ),
+        ("status", json!(status)),
+        ("payment_status", json!(payment_status)),
+        ("payment_intent", json!(payment_intent)),
+        ("url", json!(url)),
+    ] {
+        session[key] = value;
+    }
+    session
+}
+
 /// Plays the worker for one payment's create command: takes exactly that command in flight and
 /// records Stripe's answer, a PaymentIntent `intent_id` in `status` for the payment's own amount
 /// and currency. Returns what `pay.complete_outbox` answered.
@@ -49,22 +88,42 @@ pub async fn answer_create(
     intent_id: &str,
     status: &str,
 ) -> bool {
+    answer_command(
+        client,
+        payment,
+        "create_payment_intent",
+        |amount, currency| {
+            payment_intent(intent_id, &payment.to_string(), amount, currency, status)
+        },
+    )
+    .await
+}
+
+/// Plays the worker for one payment's open command of `kind`: takes it in flight and records
+/// `answer(amount, currency)` (the payment's own) as Stripe's 200 answer. Returns what
+/// `pay.complete_outbox` answered.
+pub async fn answer_command(
+    client: &tokio_postgres::Client,
+    payment: uuid::Uuid,
+    kind: &str,
+    answer: impl FnOnce(i64, &str) -> Value,
+) -> bool {
     let row = client
         .query_one(
             "UPDATE pay.outbox o
              SET status = 'in_flight', lease_owner = 'test-worker', lease_expires = now() + interval '1 minute',
                  attempts = o.attempts + 1, first_attempt_at = coalesce(o.first_attempt_at, now())
              FROM pay.payments p
-             WHERE o.payment_id = $1 AND o.kind = 'create_payment_intent' AND p.id = o.payment_id
+             WHERE o.payment_id = $1 AND o.kind::text = $2 AND p.id = o.payment_id
                AND o.status IN ('pending', 'in_flight')
              RETURNING o.id, o.attempts, p.amount, p.currency",
-            &[&payment],
+            &[&payment, &kind],
         )
         .await
-        .expect("the payment has a create command to answer");
+        .expect("the payment has a command of this kind to answer");
     let (command, attempt, amount, currency): (i64, i32, i64, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
-    let answer = payment_intent(intent_id, &payment.to_string(), amount, &currency, status);
+    let answer = answer(amount, &currency);
     client
         .query_one(
             "SELECT pay.complete_outbox($1, $2, 200, $3)",

@@ -178,8 +178,8 @@ impl Progress {
 
     fn update(&self, phase: Phase, c: &Counts) {
         let line = match phase {
-            Phase::PaymentIntents => format!(
-                "PaymentIntents: {} pages, {} objects ({} applied, {} adopted, {} flagged, {} not ours)",
+            Phase::PaymentIntents | Phase::CheckoutSessions => format!(
+                "PaymentIntents and Checkout Sessions: {} pages, {} objects ({} applied, {} adopted, {} flagged, {} not ours)",
                 c.pages, c.objects, c.applied, c.adopted, c.flagged, c.not_ours
             ),
             Phase::Events => format!(

@@ -75,7 +75,13 @@ struct OpLabels {
 
 /// The outbox kinds (`pay.outbox_kind` in sql/01_schema.sql); anything else is counted as
 /// `other` to bound cardinality.
-const OUTBOX_KINDS: [&str; 3] = ["create_payment_intent", "cancel_payment_intent", "refund"];
+const OUTBOX_KINDS: [&str; 5] = [
+    "create_payment_intent",
+    "cancel_payment_intent",
+    "refund",
+    "create_checkout_session",
+    "expire_checkout_session",
+];
 
 fn kind_label(kind: &str) -> &str {
     if OUTBOX_KINDS.contains(&kind) {

@@ -1,6 +1,7 @@
 //! The worker against `stripe-fake` (Stripe's idempotency semantics, fault injection, a
 //! ledger of what really happened) and a real PostgreSQL with the extension. Counting at
-//! the fake's ledger is what proves exactly-once: N orders, N PaymentIntents.
+//! the fake's ledger is what proves exactly-once: N orders, N PaymentIntents (or, in session
+//! mode, N Checkout Sessions).
 
 mod common;
 
@@ -31,13 +32,15 @@ fn worker_config(db: &TestDb, fake: &StripeFake) -> pgpay_worker::WorkerConfig {
     cfg
 }
 
-/// order_ref → payment_intent id, as the database recorded them.
+/// order_ref → payment_intent id (session mode: checkout session id), as the database
+/// recorded them.
 async fn recorded_intents(
     client: &pgpay_tests::tokio_postgres::Client,
 ) -> BTreeMap<String, Option<String>> {
     client
         .query(
-            "SELECT order_ref, stripe_payment_intent_id FROM pay.payments",
+            "SELECT order_ref, CASE mode WHEN 'session' THEN stripe_checkout_session_id
+                                         ELSE stripe_payment_intent_id END FROM pay.payments",
             &[],
         )
         .await
@@ -48,39 +51,50 @@ async fn recorded_intents(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_answers_and_faults_never_yield_a_second_payment_intent() {
+async fn lost_answers_and_faults_never_yield_a_second_payment_intent_or_session() {
     init_tracing();
     let db = TestDb::create().await;
     let client = db.connect().await;
     let fake = fake(None).await;
-    // Every kind of trouble, on the creates: answers lost after Stripe committed, failures
-    // before it did, 429s, reset connections.
-    for rule in [
-        FaultRule::new(
-            "POST",
-            "/v1/payment_intents",
-            FaultAction::DropResponseAfterCommit,
-        )
-        .times(12),
-        FaultRule::new("POST", "/v1/payment_intents", FaultAction::FailBeforeCommit).times(4),
-        FaultRule::new("POST", "/v1/payment_intents", FaultAction::RateLimit)
-            .times(3)
-            .retry_after_secs(1),
-        FaultRule::new("POST", "/v1/payment_intents", FaultAction::ResetConnection).times(3),
-    ] {
-        fake.add_fault(rule).unwrap();
+    // Every kind of trouble, on the creates of both modes: answers lost after Stripe
+    // committed, failures before it did, 429s, reset connections.
+    for path in ["/v1/payment_intents", "/v1/checkout/sessions"] {
+        for rule in [
+            FaultRule::new("POST", path, FaultAction::DropResponseAfterCommit).times(6),
+            FaultRule::new("POST", path, FaultAction::FailBeforeCommit).times(2),
+            FaultRule::new("POST", path, FaultAction::RateLimit)
+                .times(2)
+                .retry_after_secs(1),
+            FaultRule::new("POST", path, FaultAction::ResetConnection).times(2),
+        ] {
+            fake.add_fault(rule).unwrap();
+        }
     }
     let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
         .await
         .unwrap();
+    // Half the orders pay through a PaymentIntent, half through a hosted Checkout Session.
     const N: i64 = 20;
     for i in 0..N {
-        checkout(&client, &format!("exactly-once-{i}"), 1000 + i).await;
+        let order = format!("exactly-once-{i}");
+        if i % 2 == 0 {
+            checkout(&client, &order, 1000 + i).await;
+        } else {
+            client
+                .query_one(
+                    "SELECT pay.begin_checkout($1, $2, 'usd', mode => 'session',
+                                               success_url => 'https://shop.example/thanks')",
+                    &[&order, &(1000 + i)],
+                )
+                .await
+                .unwrap();
+        }
     }
     assert!(
         wait_for_count(
             &client,
-            "SELECT count(*) FROM pay.outbox WHERE kind = 'create_payment_intent' AND status = 'done'",
+            "SELECT count(*) FROM pay.outbox
+             WHERE kind IN ('create_payment_intent', 'create_checkout_session') AND status = 'done'",
             N,
             WAIT * 2
         )
@@ -89,8 +103,14 @@ async fn lost_answers_and_faults_never_yield_a_second_payment_intent() {
     );
     let ledger = fake.ledger();
     assert_eq!(
-        ledger.payment_intents.created, N as u64,
-        "N orders, N PaymentIntents"
+        ledger.payment_intents.created,
+        N as u64 / 2,
+        "N/2 orders, N/2 PaymentIntents"
+    );
+    assert_eq!(
+        ledger.checkout_sessions.created,
+        N as u64 / 2,
+        "N/2 session-mode orders, N/2 Checkout Sessions"
     );
     assert_eq!(ledger.fault_count("drop_response_after_commit"), 12);
     assert_eq!(
@@ -109,10 +129,19 @@ async fn lost_answers_and_faults_never_yield_a_second_payment_intent() {
     // The database and the fake agree, order by order.
     let recorded = recorded_intents(&client).await;
     assert_eq!(recorded.len(), N as usize);
-    for (order, intent) in &recorded {
-        let at_fake = ledger.payment_intents_with("order_ref", order);
-        assert_eq!(at_fake.len(), 1, "one PaymentIntent for {order}");
-        assert_eq!(intent.as_deref(), Some(at_fake[0].id.as_str()));
+    for (order, recorded_id) in &recorded {
+        let intents = ledger.payment_intents_with("order_ref", order);
+        let sessions = ledger.checkout_sessions_with("order_ref", order);
+        assert_eq!(
+            intents.len() + sessions.len(),
+            1,
+            "one PaymentIntent or one Checkout Session for {order}"
+        );
+        let at_fake = intents
+            .first()
+            .map(|pi| pi.id.as_str())
+            .or(sessions.first().map(|s| s.id.as_str()));
+        assert_eq!(recorded_id.as_deref(), at_fake);
     }
     let distinct: BTreeSet<_> = recorded.values().collect();
     assert_eq!(distinct.len(), N as usize);

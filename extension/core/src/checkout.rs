@@ -13,6 +13,8 @@ pub const RESERVED_METADATA_KEYS: [&str; 3] = ["pgpay_payment_id", "order_ref", 
 pub const MAX_METADATA_KEYS: usize = 50 - RESERVED_METADATA_KEYS.len();
 pub const MAX_METADATA_KEY_CHARS: usize = 40;
 pub const MAX_METADATA_VALUE_CHARS: usize = 500;
+/// Stripe's limit on a Checkout Session's `success_url` and `cancel_url`.
+pub const MAX_URL_CHARS: usize = 5000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CheckoutError {
@@ -40,6 +42,90 @@ pub enum CheckoutError {
     Description(&'static str),
     #[error("metadata {0}")]
     Metadata(String),
+    #[error("mode must be 'payment_intent' or 'session', got {0:?}")]
+    Mode(String),
+    #[error("{field} {why}")]
+    Url {
+        field: &'static str,
+        why: &'static str,
+    },
+}
+
+/// How a checkout is paid: a PaymentIntent the app confirms itself (Stripe Elements), or a hosted
+/// Checkout Session the customer is sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckoutMode {
+    PaymentIntent,
+    Session,
+}
+
+impl CheckoutMode {
+    pub fn parse(mode: &str) -> Result<Self, CheckoutError> {
+        match mode {
+            "payment_intent" => Ok(CheckoutMode::PaymentIntent),
+            "session" => Ok(CheckoutMode::Session),
+            other => Err(CheckoutError::Mode(other.chars().take(40).collect())),
+        }
+    }
+}
+
+/// The mode's own arguments: session mode needs `success_url` and may take `cancel_url`;
+/// payment_intent mode takes neither (the app confirms the PaymentIntent on its own page).
+pub fn validate_mode(
+    mode: &str,
+    success_url: Option<&str>,
+    cancel_url: Option<&str>,
+) -> Result<CheckoutMode, CheckoutError> {
+    let mode = CheckoutMode::parse(mode)?;
+    match mode {
+        CheckoutMode::Session => {
+            let Some(success_url) = success_url else {
+                return Err(CheckoutError::Url {
+                    field: "success_url",
+                    why: "is required in session mode",
+                });
+            };
+            validate_redirect_url("success_url", success_url)?;
+            if let Some(cancel_url) = cancel_url {
+                validate_redirect_url("cancel_url", cancel_url)?;
+            }
+        }
+        CheckoutMode::PaymentIntent => {
+            for (field, url) in [("success_url", success_url), ("cancel_url", cancel_url)] {
+                if url.is_some() {
+                    return Err(CheckoutError::Url {
+                        field,
+                        why: "is only taken in session mode",
+                    });
+                }
+            }
+        }
+    }
+    Ok(mode)
+}
+
+/// Stripe's rule for `success_url` and `cancel_url`: an absolute http or https URL with a host,
+/// no whitespace, at most 5,000 characters. stripe-fake applies the same rule.
+pub fn validate_redirect_url(field: &'static str, url: &str) -> Result<(), CheckoutError> {
+    let bad = |why| Err(CheckoutError::Url { field, why });
+    if url.chars().count() > MAX_URL_CHARS {
+        return bad("is longer than 5000 characters");
+    }
+    let lower = url.to_ascii_lowercase();
+    let Some(rest) = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+    else {
+        return bad("must be an absolute http or https URL");
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() {
+        return bad("must name a host");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("must not contain whitespace or control characters");
+    }
+    Ok(())
 }
 
 pub fn validate_order_ref(order_ref: &str) -> Result<(), CheckoutError> {
@@ -322,5 +408,70 @@ mod tests {
             .map(|i| (format!("k{i}"), json!("v")))
             .collect();
         assert!(validate_metadata(&Value::Object(too_many)).is_err());
+    }
+
+    #[test]
+    fn redirect_urls_follow_stripes_rule() {
+        for (url, ok) in [
+            (
+                "https://example.com/success?session_id={CHECKOUT_SESSION_ID}",
+                true,
+            ),
+            ("http://127.0.0.1:8080/done", true),
+            ("HTTPS://EXAMPLE.COM", true),
+            ("example.com/success", false),
+            ("ftp://example.com", false),
+            ("https://", false),
+            ("https:///path", false),
+            ("https://exa mple.com", false),
+            ("https://example.com/a\u{7}b", false),
+            ("javascript:alert(1)", false),
+        ] {
+            assert_eq!(
+                validate_redirect_url("success_url", url).is_ok(),
+                ok,
+                "{url:?}"
+            );
+        }
+        let long = format!("https://example.com/{}", "a".repeat(MAX_URL_CHARS));
+        assert_eq!(
+            validate_redirect_url("cancel_url", &long)
+                .unwrap_err()
+                .to_string(),
+            "cancel_url is longer than 5000 characters"
+        );
+    }
+
+    #[test]
+    fn each_mode_takes_its_own_arguments() {
+        let ok = "https://shop.example/ok";
+        assert_eq!(
+            validate_mode("payment_intent", None, None),
+            Ok(CheckoutMode::PaymentIntent)
+        );
+        assert_eq!(
+            validate_mode("session", Some(ok), None),
+            Ok(CheckoutMode::Session)
+        );
+        assert_eq!(
+            validate_mode("session", Some(ok), Some(ok)),
+            Ok(CheckoutMode::Session)
+        );
+        for (mode, success, cancel, starts) in [
+            ("sessions", Some(ok), None, "mode"),
+            ("session", None, None, "success_url"),
+            ("session", Some("/ok"), None, "success_url"),
+            ("session", Some(ok), Some("nope"), "cancel_url"),
+            ("payment_intent", Some(ok), None, "success_url"),
+            ("payment_intent", None, Some(ok), "cancel_url"),
+        ] {
+            let message = validate_mode(mode, success, cancel)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.starts_with(starts),
+                "{mode} {success:?} {cancel:?}: {message}"
+            );
+        }
     }
 }

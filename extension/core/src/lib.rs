@@ -8,5 +8,6 @@ pub mod event;
 pub mod idempotency;
 pub mod object;
 pub mod outcome;
+pub mod session;
 pub mod signature;
 pub mod transition;

@@ -22,7 +22,7 @@ pub struct PaymentRef {
 pub fn intent_field(object_kind: &str) -> Option<&'static str> {
     match object_kind {
         "payment_intent" => Some("id"),
-        "refund" | "charge" | "dispute" => Some("payment_intent"),
+        "refund" | "charge" | "dispute" | "checkout.session" => Some("payment_intent"),
         _ => None,
     }
 }
@@ -71,6 +71,14 @@ mod tests {
             (
                 json!({"object": "dispute", "id": "dp_1", "payment_intent": "pi_4"}),
                 Some("pi_4"),
+            ),
+            (
+                json!({"object": "checkout.session", "id": "cs_1", "payment_intent": "pi_5"}),
+                Some("pi_5"),
+            ),
+            (
+                json!({"object": "checkout.session", "id": "cs_2", "payment_intent": null}),
+                None,
             ),
             (json!({"object": "refund", "id": "re_2"}), None),
         ];

@@ -23,8 +23,15 @@ use crate::stripe::{
 /// Do not start a request with less time than this before `lease - LEASE_MARGIN`.
 const MIN_SEND_WINDOW: Duration = Duration::from_millis(500);
 
-/// The kind whose re-send past Stripe's key retention could create a second PaymentIntent.
-const CREATE: &str = "create_payment_intent";
+/// The kinds whose re-send past Stripe's key retention could create a second object.
+const CREATE_INTENT: &str = "create_payment_intent";
+const CREATE_SESSION: &str = "create_checkout_session";
+
+/// Pages of Checkout Sessions a key-retention lookup reads before giving up for this attempt
+/// (Stripe has no search for sessions: they are listed by `created` and matched on metadata).
+const MAX_SESSION_PAGES: usize = 10;
+/// Seconds before the first attempt from which sessions are listed (clock skew with Stripe).
+const SESSION_LIST_SLACK_SECS: i64 = 300;
 
 /// One command, from parse to write-back. Never returns an error: every failure ends in
 /// a write-back (or, if the database is unreachable, in the lease running out). Returns the
@@ -55,7 +62,8 @@ pub(super) async fn process(
     };
 
     let mut timeout = send_slot(&shared, &row, lease_deadline, &cancel).await?;
-    if row.past_key_retention && row.kind == CREATE && req.method == Method::Post {
+    let is_create = row.kind == CREATE_INTENT || row.kind == CREATE_SESSION;
+    if row.past_key_retention && is_create && req.method == Method::Post {
         match key_retention_lookup(&shared, &row, timeout).await {
             Lookup::Rekeyed(key) => req.idempotency_key = Some(key),
             Lookup::Done(decision) => return finish(&shared, &row, decision).await,
@@ -147,8 +155,10 @@ enum Lookup {
 
 /// Invariant 2 past Stripe's 24-hour key retention: a create whose first attempt is older
 /// than the guard is never re-sent with its old key (Stripe may have forgotten it and would
-/// create a second PaymentIntent). Search by our metadata instead: found, it is adopted as
-/// the create's answer; not found, the extension re-keys the command and it is sent anew.
+/// create a second PaymentIntent or Checkout Session). Look for it by our metadata instead
+/// (PaymentIntents: search; Checkout Sessions: list by `created` and match): found, it is
+/// adopted as the create's answer; not found, the extension re-keys the command and it is sent
+/// anew.
 async fn key_retention_lookup(shared: &Shared, row: &ClaimedRow, timeout: Duration) -> Lookup {
     let retry = |error: String| {
         shared.metrics.key_lookup("failed");
@@ -165,6 +175,60 @@ async fn key_retention_lookup(shared: &Shared, row: &ClaimedRow, timeout: Durati
     let Some(payment_id) = row.payment_id.as_deref() else {
         return retry("key-retention lookup: the command has no payment id".into());
     };
+    info!("create is past Stripe's key retention; looking for what it created before re-sending");
+    let found = if row.kind == CREATE_SESSION {
+        find_session(shared, row, payment_id, timeout).await
+    } else {
+        find_intent(shared, row, payment_id, timeout).await
+    };
+    let (status, found) = match found {
+        Ok(found) => found,
+        Err(error) => return retry(format!("key-retention lookup failed: {error}")),
+    };
+    if let Some(object) = found {
+        shared.metrics.key_lookup("adopted");
+        info!("found the object at Stripe; adopting it instead of creating another");
+        return Lookup::Done(Decision::Complete {
+            http_status: status,
+            response: object,
+            replayed: false,
+        });
+    }
+    let reason = format!(
+        "no {} with metadata pgpay_payment_id={payment_id} at Stripe after the key's retention",
+        if row.kind == CREATE_SESSION {
+            "Checkout Session"
+        } else {
+            "PaymentIntent"
+        }
+    );
+    match sql::rekey_create(&shared.pool, row.id, row.attempt, &reason).await {
+        Ok(Some(key)) => {
+            shared.metrics.key_lookup("rekeyed");
+            info!("nothing at Stripe; the create was re-keyed and is sent anew");
+            Lookup::Rekeyed(key)
+        }
+        Ok(None) => Lookup::Release("re-key declined: adopted meanwhile or taken over"),
+        Err(e) => {
+            shared.metrics.db_error("rekey");
+            retry(format!(
+                "key-retention lookup: re-key failed: {}",
+                e.last_error_text()
+            ))
+        }
+    }
+}
+
+/// What a lookup read: the HTTP status of the answer, and the object when one was ours.
+type Found = (u16, Option<serde_json::Value>);
+
+/// The PaymentIntent carrying this payment's id, by Stripe's search.
+async fn find_intent(
+    shared: &Shared,
+    row: &ClaimedRow,
+    payment_id: &str,
+    timeout: Duration,
+) -> Result<Found, String> {
     let search = StripeRequest::get(
         "/v1/payment_intents/search",
         vec![
@@ -175,14 +239,69 @@ async fn key_retention_lookup(shared: &Shared, row: &ClaimedRow, timeout: Durati
             ),
         ],
     );
-    let Ok(url) = shared.stripe.url_for(&search) else {
-        return retry("key-retention lookup: cannot build the search URL".into());
+    let (status, data, _) = get_list(shared, row, search, timeout).await?;
+    if data.len() > 1 {
+        warn!(
+            found = data.len(),
+            "more than one PaymentIntent carries this payment's id; adopting the first"
+        );
+    }
+    Ok((
+        status,
+        data.into_iter().find(|pi| pi["object"] == "payment_intent"),
+    ))
+}
+
+/// The Checkout Session carrying this payment's id: sessions created since the first attempt,
+/// newest first, matched on our metadata.
+async fn find_session(
+    shared: &Shared,
+    row: &ClaimedRow,
+    payment_id: &str,
+    timeout: Duration,
+) -> Result<Found, String> {
+    let since = (row.first_attempt_unix - SESSION_LIST_SLACK_SECS).max(0);
+    let mut after: Option<String> = None;
+    for _ in 0..MAX_SESSION_PAGES {
+        let mut params = vec![
+            ("limit".to_owned(), "100".to_owned()),
+            ("created[gte]".to_owned(), since.to_string()),
+        ];
+        if let Some(after) = &after {
+            params.push(("starting_after".to_owned(), after.clone()));
+        }
+        let list = StripeRequest::get("/v1/checkout/sessions", params);
+        let (status, data, has_more) = get_list(shared, row, list, timeout).await?;
+        after = data
+            .last()
+            .and_then(|s| s["id"].as_str())
+            .map(str::to_owned);
+        let ours = data.into_iter().find(|s| {
+            s["object"] == "checkout.session" && s["metadata"]["pgpay_payment_id"] == payment_id
+        });
+        if ours.is_some() || !has_more || after.is_none() {
+            return Ok((status, ours));
+        }
+    }
+    Err(format!(
+        "more than {MAX_SESSION_PAGES} pages of Checkout Sessions since the first attempt"
+    ))
+}
+
+/// One GET of a list answer: its status, `data` and `has_more`. A failed read never fails the
+/// create: the caller retries.
+async fn get_list(
+    shared: &Shared,
+    row: &ClaimedRow,
+    req: StripeRequest,
+    timeout: Duration,
+) -> Result<(u16, Vec<serde_json::Value>, bool), String> {
+    let Ok(url) = shared.stripe.url_for(&req) else {
+        return Err("cannot build the lookup URL".into());
     };
-    info!("create is past Stripe's key retention; looking for its PaymentIntent before re-sending");
-    let resp = match send_timed(shared, &row.kind, &search, url, timeout).await {
+    let resp = match send_timed(shared, &row.kind, &req, url, timeout).await {
         Ok(resp) if (200..300).contains(&resp.status) => resp,
         result => {
-            // Whatever the search says, a failed lookup never fails the create: try again.
             let error = match decide(
                 result,
                 row.attempt,
@@ -197,49 +316,15 @@ async fn key_retention_lookup(shared: &Shared, row: &ClaimedRow, timeout: Durati
                 ),
                 Decision::Complete { .. } => String::new(),
             };
-            return retry(format!("key-retention lookup failed: {error}"));
+            return Err(error);
         }
     };
-    let data = match serde_json::from_slice::<serde_json::Value>(&resp.body)
-        .ok()
-        .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
-    {
-        Some(serde_json::Value::Array(data)) => data,
-        _ => return retry("key-retention lookup: the search answer has no data list".into()),
-    };
-    if data.len() > 1 {
-        warn!(
-            found = data.len(),
-            "more than one PaymentIntent carries this payment's id; adopting the first"
-        );
-    }
-    let found = data.into_iter().find(|pi| pi["object"] == "payment_intent");
-    if let Some(pi) = found {
-        shared.metrics.key_lookup("adopted");
-        info!("found the PaymentIntent at Stripe; adopting it instead of creating another");
-        return Lookup::Done(Decision::Complete {
-            http_status: resp.status,
-            response: pi,
-            replayed: false,
-        });
-    }
-    let reason = format!(
-        "no PaymentIntent with metadata pgpay_payment_id={payment_id} at Stripe after the key's retention"
-    );
-    match sql::rekey_create(&shared.pool, row.id, row.attempt, &reason).await {
-        Ok(Some(key)) => {
-            shared.metrics.key_lookup("rekeyed");
-            info!("no PaymentIntent at Stripe; the create was re-keyed and is sent anew");
-            Lookup::Rekeyed(key)
-        }
-        Ok(None) => Lookup::Release("re-key declined: adopted meanwhile or taken over"),
-        Err(e) => {
-            shared.metrics.db_error("rekey");
-            retry(format!(
-                "key-retention lookup: re-key failed: {}",
-                e.last_error_text()
-            ))
-        }
+    let mut body = serde_json::from_slice::<serde_json::Value>(&resp.body)
+        .map_err(|_| "the lookup answer is not JSON".to_owned())?;
+    let has_more = body["has_more"].as_bool().unwrap_or(false);
+    match body.get_mut("data").map(serde_json::Value::take) {
+        Some(serde_json::Value::Array(data)) => Ok((resp.status, data, has_more)),
+        _ => Err("the lookup answer has no data list".into()),
     }
 }
 

@@ -30,6 +30,9 @@ pub(super) struct ClaimedRow {
     /// The command was first attempted longer ago than the key-retention guard: Stripe
     /// may have forgotten its Idempotency-Key (computed with the database's clock).
     pub(super) past_key_retention: bool,
+    /// When the command was first attempted (unix seconds; 0 before its first attempt):
+    /// whatever it created at Stripe was created at or after this.
+    pub(super) first_attempt_unix: i64,
 }
 
 // The key and the params stay out of logs.
@@ -45,7 +48,8 @@ impl std::fmt::Debug for ClaimedRow {
 }
 
 const CLAIM: &str = "SELECT id, payment_id::text, kind::text, idempotency_key::text, request::jsonb, attempts::int, \
-     coalesce(first_attempt_at < now() - make_interval(secs => $4::float8), false) \
+     coalesce(first_attempt_at < now() - make_interval(secs => $4::float8), false), \
+     coalesce(floor(extract(epoch FROM first_attempt_at))::bigint, 0) \
      FROM pay.claim_outbox($1::text, $2::int, make_interval(secs => $3::float8))";
 const REKEY: &str = "SELECT pay.rekey_create_command($1::bigint, $2::int, $3::text)";
 const COMPLETE: &str = "SELECT pay.complete_outbox($1::bigint, $2::int, $3::int, $4::jsonb)";
@@ -84,6 +88,7 @@ pub(super) async fn claim(
                 request: r.try_get::<_, Option<Value>>(4)?.unwrap_or(Value::Null),
                 attempt: r.try_get(5)?,
                 past_key_retention: r.try_get(6)?,
+                first_attempt_unix: r.try_get(7)?,
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()

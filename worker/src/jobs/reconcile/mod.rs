@@ -9,6 +9,8 @@
 //!    to `pay.apply_stripe_objects(page, 'reconcile', run)` in one round trip, then
 //!    `pay.progress_reconciliation` (lease renewal; `false` = the run was taken from us: stop).
 //!    The next page is fetched while the current one is applied;
+//!    Then `GET /v1/checkout/sessions?…` the same way (their `created`: a session lives at most
+//!    24 hours, so the window's sessions are the ones that can still change);
 //! 3. `GET /v1/events?…` pages through `pay.apply_stripe_event` (one statement per page);
 //! 4. `pay.record_missing_at_stripe(run, every PaymentIntent id seen)` once the listing is complete;
 //! 5. `pay.finish_reconciliation(run, error)`.
@@ -56,7 +58,8 @@ impl ReconcileOptions {
     }
 }
 
-/// Counts of one run. Outcomes are those of `pay.apply_stripe_objects`.
+/// Counts of one run. Outcomes are those of `pay.apply_stripe_objects`; PaymentIntents and
+/// Checkout Sessions count together as objects.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
     /// PaymentIntent list pages.
@@ -166,6 +169,8 @@ pub enum Started {
 pub enum Phase {
     /// Listing PaymentIntents.
     PaymentIntents,
+    /// Listing Checkout Sessions.
+    CheckoutSessions,
     /// Replaying events.
     Events,
 }

@@ -150,7 +150,6 @@ impl RunState {
         options: &ReconcileOptions,
         progress: &(dyn Fn(Phase, &Counts) + Send + Sync),
     ) -> Result<(), JobError> {
-        const PI: &str = "the PaymentIntent list";
         const EV: &str = "the event list";
         let apply = client
             .prepare(APPLY_OBJECTS)
@@ -162,34 +161,31 @@ impl RunState {
             .map_err(db_op("prepare"))?;
         let progress_stmt = client.prepare(PROGRESS).await.map_err(db_op("prepare"))?;
 
-        // PaymentIntents: the next page is fetched while this one is applied.
-        let mut page = reader
-            .list_page(PI, "/v1/payment_intents", window_start, None)
+        // PaymentIntents, then Checkout Sessions (adopting sessions whose create answer was lost).
+        for (what, path, phase) in [
+            (
+                "the PaymentIntent list",
+                "/v1/payment_intents",
+                Phase::PaymentIntents,
+            ),
+            (
+                "the Checkout Session list",
+                "/v1/checkout/sessions",
+                Phase::CheckoutSessions,
+            ),
+        ] {
+            self.object_pages(
+                client,
+                reader,
+                &apply,
+                &progress_stmt,
+                run_id,
+                window_start,
+                options,
+                progress,
+                (what, path, phase),
+            )
             .await?;
-        loop {
-            let Page { data, next: cursor } = page;
-            let fetch = async {
-                match &cursor {
-                    Some(after) => reader
-                        .list_page(PI, "/v1/payment_intents", window_start, Some(after))
-                        .await
-                        .map(Some),
-                    None => Ok(None),
-                }
-            };
-            let (applied, next) =
-                tokio::join!(self.apply_objects(client, &apply, run_id, data), fetch);
-            applied?;
-            self.save_progress(client, &progress_stmt, run_id, options)
-                .await?;
-            progress(Phase::PaymentIntents, &self.counts);
-            match next? {
-                Some(p) => page = p,
-                None => break,
-            }
-            if reader.is_cancelled() {
-                return Err(JobError::Canceled);
-            }
         }
 
         // Events the webhooks may have missed, through the same dedup and transition path.
@@ -232,6 +228,48 @@ impl RunState {
             .get(0);
         self.counts.missing_at_stripe = missing.unwrap_or(0).max(0) as u64;
         Ok(())
+    }
+
+    /// Every page of one object list, each applied while the next is fetched.
+    #[allow(clippy::too_many_arguments)]
+    async fn object_pages(
+        &mut self,
+        client: &Client,
+        reader: &StripeReader<'_>,
+        apply: &tokio_postgres::Statement,
+        progress_stmt: &tokio_postgres::Statement,
+        run_id: i64,
+        window_start: i64,
+        options: &ReconcileOptions,
+        progress: &(dyn Fn(Phase, &Counts) + Send + Sync),
+        (what, path, phase): (&'static str, &str, Phase),
+    ) -> Result<(), JobError> {
+        let mut page = reader.list_page(what, path, window_start, None).await?;
+        loop {
+            let Page { data, next: cursor } = page;
+            let fetch = async {
+                match &cursor {
+                    Some(after) => reader
+                        .list_page(what, path, window_start, Some(after))
+                        .await
+                        .map(Some),
+                    None => Ok(None),
+                }
+            };
+            let (applied, next) =
+                tokio::join!(self.apply_objects(client, apply, run_id, data), fetch);
+            applied?;
+            self.save_progress(client, progress_stmt, run_id, options)
+                .await?;
+            progress(phase, &self.counts);
+            match next? {
+                Some(p) => page = p,
+                None => return Ok(()),
+            }
+            if reader.is_cancelled() {
+                return Err(JobError::Canceled);
+            }
+        }
     }
 
     async fn apply_objects(
