@@ -1,9 +1,16 @@
 -- Checkout: what an application calls in its own transaction.
 
+-- SECURITY DEFINER: the roles it is granted to may not call the internal helper themselves.
 CREATE FUNCTION pay.idempotency_key(scope text, parts jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
--- jsonb's text form keeps every digit of a number; pgpay-core canonicalises it (RFC 8785 style).
-AS $$ SELECT pay._idempotency_key_of_text(scope, parts::text) $$;
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+BEGIN
+    -- jsonb's text form keeps every digit of a number; pgpay-core canonicalises it (RFC 8785 style).
+    RETURN pay._idempotency_key_of_text(scope, pay._bounded_json_text(parts, 'parts', 65536));
+END;
+$$;
 
 -- Withdraws a payment's request for a PaymentIntent. A create that was never sent is skipped:
 -- nothing exists at Stripe. Otherwise a cancel is queued (it waits for the PaymentIntent id if the
@@ -54,6 +61,8 @@ DECLARE
     v_attempt int;
     v_params jsonb;
 BEGIN
+    -- Bounded before Rust reads it (pay._bounded_json_text); the structure is checked in Rust.
+    PERFORM pay._bounded_json_text(v_metadata, 'metadata', 131072);
     v_currency := pay._checkout_validate(order_ref, amount, currency, customer_ref, v_metadata, description);
     v_fingerprint := pay.idempotency_key('pgpay.checkout', jsonb_build_object(
         'order_ref', order_ref, 'amount', amount, 'currency', v_currency,

@@ -58,7 +58,11 @@ $$;
 
 -- Asks Stripe to refund part or all of a succeeded payment. Returns the outbox command id.
 -- Amounts already refunded or being refunded count, so refunds never exceed what was received.
-CREATE FUNCTION pay.refund(payment_id uuid, amount bigint DEFAULT NULL, reason text DEFAULT NULL)
+-- refund_ref is the application's own reference for the refund (a return id, say): the same
+-- (payment, refund_ref) again returns the same command and queues nothing, so an application may
+-- retry its own request; the same ref with another amount or reason raises 22023.
+CREATE FUNCTION pay.refund(payment_id uuid, amount bigint DEFAULT NULL, reason text DEFAULT NULL,
+                           refund_ref text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -71,18 +75,39 @@ DECLARE
     v_amount bigint;
     v_ordinal int;
     v_params jsonb;
+    v_key text;
+    v_earlier pay.outbox;
 BEGIN
-    SELECT * INTO v FROM pay.payments p WHERE p.id = refund.payment_id FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'refund: no payment %', payment_id USING ERRCODE = 'no_data_found';
-    END IF;
-    IF v.status <> 'succeeded' THEN
-        RAISE EXCEPTION 'refund: payment % is %, only a succeeded payment can be refunded', payment_id, v.status
-            USING ERRCODE = 'object_not_in_prerequisite_state';
+    IF refund_ref IS NOT NULL AND (length(refund_ref) NOT BETWEEN 1 AND 200 OR refund_ref ~ '[[:cntrl:]]') THEN
+        RAISE EXCEPTION 'refund: refund_ref must be 1 to 200 characters without control characters'
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF reason IS NOT NULL AND reason NOT IN ('duplicate', 'fraudulent', 'requested_by_customer') THEN
         RAISE EXCEPTION 'reason must be duplicate, fraudulent or requested_by_customer, got %', reason
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = refund.payment_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'refund: no payment %', payment_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF refund_ref IS NOT NULL THEN
+        -- Under the payment's lock: a retry racing the first call finds its command here.
+        v_key := pay.idempotency_key('pgpay.refund.ref', jsonb_build_object('payment_id', v.id, 'refund_ref', refund_ref));
+        SELECT * INTO v_earlier FROM pay.outbox o WHERE o.idempotency_key = v_key;
+        IF FOUND THEN
+            IF (amount IS NOT NULL AND amount IS DISTINCT FROM (v_earlier.request #>> '{params,amount}')::bigint)
+               OR reason IS DISTINCT FROM v_earlier.request #>> '{params,reason}' THEN
+                RAISE EXCEPTION 'refund: refund_ref % of payment % was already used for a refund of % (reason %)',
+                    refund_ref, v.id, v_earlier.request #>> '{params,amount}', coalesce(v_earlier.request #>> '{params,reason}', 'none')
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'The same refund_ref must repeat the same amount and reason; use another refund_ref for another refund.';
+            END IF;
+            RETURN v_earlier.id;
+        END IF;
+    END IF;
+    IF v.status <> 'succeeded' THEN
+        RAISE EXCEPTION 'refund: payment % is %, only a succeeded payment can be refunded', payment_id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     SELECT coalesce(sum((o.request #>> '{params,amount}')::bigint), 0) INTO v_in_flight
     FROM pay.outbox o WHERE o.payment_id = v.id AND o.kind = 'refund' AND o.status IN ('waiting', 'pending', 'in_flight');
@@ -95,10 +120,10 @@ BEGIN
     END IF;
     v_params := jsonb_build_object('payment_intent', v.stripe_payment_intent_id, 'amount', v_amount::text,
                                    'metadata[pgpay_payment_id]', v.id::text)
-        || jsonb_strip_nulls(jsonb_build_object('reason', reason));
+        || jsonb_strip_nulls(jsonb_build_object('reason', reason, 'metadata[pgpay_refund_ref]', refund_ref));
     RETURN pay._enqueue(v.id, 'refund',
-        pay.idempotency_key('pgpay.refund', jsonb_build_object('payment_id', v.id, 'ordinal', v_ordinal + 1,
-                                                               'amount', v_amount)),
+        coalesce(v_key, pay.idempotency_key('pgpay.refund', jsonb_build_object('payment_id', v.id, 'ordinal', v_ordinal + 1,
+                                                                               'amount', v_amount))),
         'POST', '/v1/refunds', v_params);
 END;
 $$;

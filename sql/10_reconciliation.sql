@@ -154,6 +154,7 @@ DECLARE
     v_before pay.payment_status;
     v_result text;
 BEGIN
+    PERFORM pay._bounded_json_text(p_object, 'object', 1048576);
     IF p_object ->> 'object' = 'refund' THEN
         payment_id := pay._payment_for_intent(p_object ->> 'payment_intent', p_object -> 'metadata');
         IF payment_id IS NULL THEN
@@ -172,7 +173,8 @@ BEGIN
     -- Read first without a lock: an unchanged payment (the common case) writes nothing.
     SELECT * INTO v FROM pay.payments p WHERE p.stripe_payment_intent_id = v_id;
     IF NOT FOUND THEN
-        IF v_claimed IS NULL OR v_claimed !~ '^[0-9a-fA-F-]{36}$' THEN
+        IF v_claimed IS NULL
+           OR v_claimed !~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
             outcome := 'not_ours';
             detail := 'no pgpay metadata';
             RETURN;
@@ -269,7 +271,7 @@ BEGIN
        OR event ->> 'id' IS NULL OR event ->> 'type' IS NULL THEN
         RAISE EXCEPTION 'apply_stripe_event: not a Stripe event object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO v FROM pay._store_and_apply_event(event::text, 'api');
+    SELECT * INTO v FROM pay._store_and_apply_event(pay._bounded_json_text(event, 'event', 1048576), 'api');
     RETURN QUERY SELECT CASE WHEN v.outcome IS NULL THEN 'duplicate' WHEN v.outcome = 'stored' THEN 'stored' ELSE 'applied' END,
                         event ->> 'id', v.detail;
 END;

@@ -49,7 +49,7 @@ GRANT INSERT ON pay.webhook_inbox TO pay_webhook;
 
 GRANT EXECUTE ON FUNCTION pay.claim_fulfillments(text, int, interval) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.complete_fulfillment(uuid) TO pay_app;
-GRANT EXECUTE ON FUNCTION pay.refund(uuid, bigint, text) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.refund(uuid, bigint, text, text) TO pay_app;
 GRANT SELECT ON pay.flagged_payments TO pay_app;
 
 GRANT SELECT ON pay.webhook_events, pay.webhook_rejections, pay.webhook_secret_labels,

@@ -3,3 +3,375 @@
 -- edited: once 0.2.0 ships, changes go into pgpay--0.2.0--<next>.sql.
 \echo Use "ALTER EXTENSION pgpay UPDATE TO '0.2.0'" to load this file. \quit
 
+
+-- ---------------------------------------------------------------------------------------------
+-- Issue #9, defects 2, 5 and 11: sizes checked in SQL before Rust parses anything (a failed Rust
+-- allocation aborts the backend); pay.idempotency_key works for the roles it is granted to;
+-- reconciliation reads a payment id only in the canonical UUID form.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION pay._bounded_json_text(p_value jsonb, p_field text, p_max_bytes int) RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+    v_text text;
+BEGIN
+    IF p_value IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF pg_column_size(p_value) > p_max_bytes THEN
+        RAISE EXCEPTION '% is larger than % bytes', p_field, p_max_bytes
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_path_exists(p_value,
+        'strict $.** ? (@.type() == "number" && (@ >= 1e30 || @ <= -1e30 || (@ != 0 && @ < 1e-30 && @ > -1e-30)))') THEN
+        RAISE EXCEPTION '% holds a number beyond 1e30 in magnitude or nonzero below 1e-30', p_field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A stored (compressed) value can be far larger once expanded: check the text too.
+    v_text := p_value::text;
+    IF octet_length(v_text) > p_max_bytes THEN
+        RAISE EXCEPTION '% is larger than % bytes as text', p_field, p_max_bytes
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN v_text;
+END;
+$$;
+
+REVOKE EXECUTE ON FUNCTION pay._bounded_json_text(jsonb, text, int) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION pay.idempotency_key(scope text, parts jsonb) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+BEGIN
+    -- jsonb's text form keeps every digit of a number; pgpay-core canonicalises it (RFC 8785 style).
+    RETURN pay._idempotency_key_of_text(scope, pay._bounded_json_text(parts, 'parts', 65536));
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay.begin_checkout(
+    order_ref text,
+    amount bigint,
+    currency text,
+    customer_ref text DEFAULT NULL,
+    metadata jsonb DEFAULT '{}',
+    description text DEFAULT NULL
+) RETURNS pay.payments
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_metadata jsonb := coalesce(metadata, '{}');
+    v_currency text;
+    v_fingerprint text;
+    v_latest pay.payments;
+    v_paid pay.payments;
+    v_new pay.payments;
+    v_attempt int;
+    v_params jsonb;
+BEGIN
+    -- Bounded before Rust reads it (pay._bounded_json_text); the structure is checked in Rust.
+    PERFORM pay._bounded_json_text(v_metadata, 'metadata', 131072);
+    v_currency := pay._checkout_validate(order_ref, amount, currency, customer_ref, v_metadata, description);
+    v_fingerprint := pay.idempotency_key('pgpay.checkout', jsonb_build_object(
+        'order_ref', order_ref, 'amount', amount, 'currency', v_currency,
+        'customer_ref', customer_ref, 'metadata', v_metadata, 'description', description));
+
+    -- The same call again returns the same row and writes nothing, not even a lock.
+    SELECT * INTO v_latest FROM pay.payments p
+    WHERE p.order_ref = begin_checkout.order_ref ORDER BY p.attempt DESC LIMIT 1;
+    IF FOUND AND v_latest.params_fingerprint = v_fingerprint THEN
+        RETURN v_latest;
+    END IF;
+
+    -- Serialise every call for this order on the order's row (created by the first call).
+    INSERT INTO pay.orders (order_ref) VALUES (begin_checkout.order_ref) ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM pay.orders o WHERE o.order_ref = begin_checkout.order_ref FOR UPDATE;
+
+    -- Read again under the lock: a concurrent caller may have just created the same attempt.
+    SELECT * INTO v_latest FROM pay.payments p
+    WHERE p.order_ref = begin_checkout.order_ref ORDER BY p.attempt DESC LIMIT 1;
+    IF FOUND AND v_latest.params_fingerprint = v_fingerprint THEN
+        RETURN v_latest;
+    END IF;
+
+    SELECT * INTO v_paid FROM pay.payments p
+    WHERE p.order_ref = begin_checkout.order_ref AND p.status = 'succeeded';
+    IF FOUND THEN
+        RAISE EXCEPTION 'order % is already paid (payment %)', order_ref, v_paid.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'A paid order cannot start a new checkout; use pay.refund to give money back.';
+    END IF;
+    IF v_latest.status = 'processing' THEN
+        RAISE EXCEPTION 'order % has a payment in progress (payment %, processing); its parameters cannot change now',
+            order_ref, v_latest.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Wait for the payment to succeed or fail, then call pay.begin_checkout again.';
+    END IF;
+
+    v_attempt := coalesce(v_latest.attempt, 0) + 1;
+    v_new.id := gen_random_uuid();
+
+    IF v_latest.id IS NOT NULL AND v_latest.status NOT IN ('canceled', 'create_failed', 'superseded') THEN
+        -- Changed parameters before payment: supersede the old attempt and cancel its PaymentIntent.
+        UPDATE pay.payments p SET status = 'superseded', superseded_by = v_new.id, updated_at = now()
+        WHERE p.id = v_latest.id;
+        PERFORM pay._audit(v_latest.id, v_latest.status, 'superseded',
+            'parameters changed: superseded by attempt ' || v_attempt, v_new.id::text);
+        PERFORM pay._withdraw_payment_intent(v_latest.id, 'payment superseded before it was sent', 'abandoned');
+    END IF;
+
+    INSERT INTO pay.payments (id, order_ref, attempt, amount, currency, customer_ref, metadata, description, params_fingerprint)
+    VALUES (v_new.id, begin_checkout.order_ref, v_attempt, begin_checkout.amount, v_currency,
+            begin_checkout.customer_ref, v_metadata, begin_checkout.description, v_fingerprint)
+    RETURNING * INTO v_new;
+    PERFORM pay._audit(v_new.id, NULL, 'creating', 'checkout begun (attempt ' || v_attempt || ')');
+
+    -- The exact Stripe request, form parameters in bracket notation. Our own metadata lets
+    -- reconciliation find a PaymentIntent whose create answer was lost.
+    v_params := jsonb_build_object(
+            'amount', v_new.amount::text,
+            'currency', v_new.currency,
+            'metadata[pgpay_payment_id]', v_new.id::text,
+            'metadata[order_ref]', v_new.order_ref)
+        || coalesce((SELECT jsonb_object_agg('metadata[' || m.key || ']', m.value)
+                     FROM jsonb_each_text(v_metadata) m), '{}')
+        || jsonb_strip_nulls(jsonb_build_object(
+            'description', v_new.description,
+            'metadata[customer_ref]', v_new.customer_ref));
+    PERFORM pay._enqueue(v_new.id, 'create_payment_intent',
+        pay.idempotency_key('pgpay.pi_create', jsonb_build_object(
+            'order_ref', v_new.order_ref, 'attempt', v_attempt, 'params', v_fingerprint)),
+        'POST', '/v1/payment_intents', v_params);
+    RETURN v_new;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay.complete_outbox(id bigint, attempt int, http_status int, response jsonb)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_command pay.outbox;
+BEGIN
+    IF http_status IS NULL OR http_status < 200 OR http_status > 299 THEN
+        RAISE EXCEPTION 'complete_outbox: http_status must be 2xx, got %', http_status
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use pay.retry_outbox or pay.fail_outbox for other answers.';
+    END IF;
+    IF response IS NULL OR jsonb_typeof(response) <> 'object' THEN
+        RAISE EXCEPTION 'complete_outbox: response must be the JSON object Stripe answered'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pay._bounded_json_text(response, 'response', 1048576);
+    v_command := pay._finish_outbox_if_current_attempt(id, attempt, 'done', http_status, NULL, response, NULL);
+    IF v_command.id IS NULL THEN
+        RETURN false;
+    END IF;
+    CASE v_command.kind
+        WHEN 'create_payment_intent', 'cancel_payment_intent' THEN
+            PERFORM pay._apply_payment_intent(
+                v_command.payment_id, response, 'api answer to ' || v_command.kind,
+                'outbox:' || v_command.id || '#' || v_command.attempts,
+                floor(extract(epoch FROM now()))::bigint);
+        WHEN 'refund' THEN
+            PERFORM pay._apply_refund_answer(v_command.payment_id, response,
+                'outbox:' || v_command.id || '#' || v_command.attempts);
+        ELSE
+            -- The domain pay.outbox_kind makes this unreachable; say so loudly if the two ever disagree.
+            RAISE EXCEPTION 'complete_outbox: no handler for command kind %', v_command.kind
+                USING ERRCODE = 'internal_error';
+    END CASE;
+    RETURN true;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._apply_stripe_object(p_object jsonb, p_source text, p_run_id bigint,
+    OUT outcome text, OUT payment_id uuid, OUT detail text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v pay.payments;
+    v_id text := p_object ->> 'id';
+    v_claimed text := p_object #>> '{metadata,pgpay_payment_id}';
+    v_status text := p_object ->> 'status';
+    v_amount bigint;
+    v_currency text := lower(p_object ->> 'currency');
+    v_adopted boolean := false;
+    v_before pay.payment_status;
+    v_result text;
+BEGIN
+    PERFORM pay._bounded_json_text(p_object, 'object', 1048576);
+    IF p_object ->> 'object' = 'refund' THEN
+        payment_id := pay._payment_for_intent(p_object ->> 'payment_intent', p_object -> 'metadata');
+        IF payment_id IS NULL THEN
+            outcome := 'not_ours';
+            RETURN;
+        END IF;
+        outcome := pay._apply_refund_answer(payment_id, p_object, p_source);
+        RETURN;
+    END IF;
+    IF p_object ->> 'object' IS DISTINCT FROM 'payment_intent' OR v_id IS NULL OR v_status IS NULL THEN
+        RAISE EXCEPTION 'apply_stripe_object: expected a PaymentIntent or Refund object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_amount := CASE WHEN p_object ->> 'amount' ~ '^[0-9]{1,18}$' THEN (p_object ->> 'amount')::bigint END;
+
+    -- Read first without a lock: an unchanged payment (the common case) writes nothing.
+    SELECT * INTO v FROM pay.payments p WHERE p.stripe_payment_intent_id = v_id;
+    IF NOT FOUND THEN
+        IF v_claimed IS NULL
+           OR v_claimed !~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+            outcome := 'not_ours';
+            detail := 'no pgpay metadata';
+            RETURN;
+        END IF;
+        SELECT * INTO v FROM pay.payments p WHERE p.id = v_claimed::uuid;
+        IF NOT FOUND THEN
+            PERFORM pay._record_finding(p_run_id, 'unknown_payment', NULL, v_id, v_claimed, NULL,
+                'the PaymentIntent names a pgpay payment this database does not have');
+            outcome := 'not_ours';
+            detail := 'names an unknown payment';
+            RETURN;
+        END IF;
+    END IF;
+    payment_id := v.id;
+    IF v.stripe_payment_intent_id = v_id AND v.status::text = v_status AND v.amount = v_amount
+       AND v.currency = v_currency AND v.client_secret IS NOT NULL THEN
+        outcome := 'unchanged';
+        RETURN;
+    END IF;
+
+    v := pay._lock_payment(v.id);
+    v_before := v.status;
+    IF v.stripe_payment_intent_id IS NOT NULL AND v.stripe_payment_intent_id <> v_id THEN
+        PERFORM pay._record_finding(p_run_id, 'second_payment_intent', v.id, v_id, v.stripe_payment_intent_id, v_id,
+            'a second PaymentIntent carries this payment''s id');
+    ELSIF v.stripe_payment_intent_id IS NULL THEN
+        -- A crash between Stripe's create and our commit: adopt it, and close the create command so
+        -- it is never sent again (past Stripe's key retention it would create a second one).
+        v_adopted := true;
+        UPDATE pay.outbox o
+        SET status = 'done', response = p_object, last_http_status = 200, lease_owner = NULL, lease_expires = NULL,
+            last_error = 'adopted by ' || p_source, completed_at = now(), updated_at = now(),
+            attempts = greatest(o.attempts, 1), first_attempt_at = coalesce(o.first_attempt_at, now())
+        WHERE o.payment_id = v.id AND o.kind = 'create_payment_intent' AND o.status IN ('pending', 'in_flight');
+        PERFORM pay._record_finding(p_run_id, 'orphan_adopted', v.id, v_id, NULL, v_id,
+            'PaymentIntent created at Stripe but never recorded; adopted');
+    END IF;
+    IF v_amount IS DISTINCT FROM v.amount THEN
+        PERFORM pay._record_finding(p_run_id, 'amount_drift', v.id, v_id, v.amount::text, v_amount::text, NULL);
+    END IF;
+    IF v_currency IS DISTINCT FROM v.currency THEN
+        PERFORM pay._record_finding(p_run_id, 'currency_drift', v.id, v_id, v.currency, v_currency, NULL);
+    END IF;
+    v_result := pay._apply_payment_intent(v.id, p_object, p_source, p_source || ':' || v_id,
+                                          floor(extract(epoch FROM now()))::bigint);
+    IF v_result IN ('applied', 'flagged') AND v_status IS DISTINCT FROM v_before::text AND NOT v_adopted THEN
+        PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v_status,
+            'missed by webhooks; fixed from the API');
+    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text THEN
+        -- A terminal status here that Stripe contradicts: only a human can say which is right.
+        PERFORM pay._record_finding(p_run_id, 'status_mismatch', v.id, v_id, v_before::text, v_status,
+            'the payment is terminal here but Stripe reports another status');
+    END IF;
+    outcome := CASE WHEN v_adopted THEN 'adopted' ELSE v_result END;
+    detail := v_status;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay.apply_stripe_event(event jsonb)
+RETURNS TABLE (status text, event_id text, detail text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    IF jsonb_typeof(event) IS DISTINCT FROM 'object' OR event ->> 'object' IS DISTINCT FROM 'event'
+       OR event ->> 'id' IS NULL OR event ->> 'type' IS NULL THEN
+        RAISE EXCEPTION 'apply_stripe_event: not a Stripe event object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v FROM pay._store_and_apply_event(pay._bounded_json_text(event, 'event', 1048576), 'api');
+    RETURN QUERY SELECT CASE WHEN v.outcome IS NULL THEN 'duplicate' WHEN v.outcome = 'stored' THEN 'stored' ELSE 'applied' END,
+                        event ->> 'id', v.detail;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Issue #9, defect 7: pay.refund takes the application's refund_ref (a retry queues nothing).
+-- ---------------------------------------------------------------------------------------------
+DROP FUNCTION IF EXISTS pay.refund(uuid, bigint, text);
+CREATE OR REPLACE FUNCTION pay.refund(payment_id uuid, amount bigint DEFAULT NULL, reason text DEFAULT NULL,
+                           refund_ref text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v pay.payments;
+    v_in_flight bigint;
+    v_refundable bigint;
+    v_amount bigint;
+    v_ordinal int;
+    v_params jsonb;
+    v_key text;
+    v_earlier pay.outbox;
+BEGIN
+    IF refund_ref IS NOT NULL AND (length(refund_ref) NOT BETWEEN 1 AND 200 OR refund_ref ~ '[[:cntrl:]]') THEN
+        RAISE EXCEPTION 'refund: refund_ref must be 1 to 200 characters without control characters'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF reason IS NOT NULL AND reason NOT IN ('duplicate', 'fraudulent', 'requested_by_customer') THEN
+        RAISE EXCEPTION 'reason must be duplicate, fraudulent or requested_by_customer, got %', reason
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = refund.payment_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'refund: no payment %', payment_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF refund_ref IS NOT NULL THEN
+        -- Under the payment's lock: a retry racing the first call finds its command here.
+        v_key := pay.idempotency_key('pgpay.refund.ref', jsonb_build_object('payment_id', v.id, 'refund_ref', refund_ref));
+        SELECT * INTO v_earlier FROM pay.outbox o WHERE o.idempotency_key = v_key;
+        IF FOUND THEN
+            IF (amount IS NOT NULL AND amount IS DISTINCT FROM (v_earlier.request #>> '{params,amount}')::bigint)
+               OR reason IS DISTINCT FROM v_earlier.request #>> '{params,reason}' THEN
+                RAISE EXCEPTION 'refund: refund_ref % of payment % was already used for a refund of % (reason %)',
+                    refund_ref, v.id, v_earlier.request #>> '{params,amount}', coalesce(v_earlier.request #>> '{params,reason}', 'none')
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'The same refund_ref must repeat the same amount and reason; use another refund_ref for another refund.';
+            END IF;
+            RETURN v_earlier.id;
+        END IF;
+    END IF;
+    IF v.status <> 'succeeded' THEN
+        RAISE EXCEPTION 'refund: payment % is %, only a succeeded payment can be refunded', payment_id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    SELECT coalesce(sum((o.request #>> '{params,amount}')::bigint), 0) INTO v_in_flight
+    FROM pay.outbox o WHERE o.payment_id = v.id AND o.kind = 'refund' AND o.status IN ('waiting', 'pending', 'in_flight');
+    SELECT count(*) INTO v_ordinal FROM pay.outbox o WHERE o.payment_id = v.id AND o.kind = 'refund';
+    v_refundable := greatest(v.amount_received, v.amount) - v.amount_refunded - v_in_flight;
+    v_amount := coalesce(amount, v_refundable);
+    IF v_amount < 1 OR v_amount > v_refundable THEN
+        RAISE EXCEPTION 'amount must be between 1 and the % still refundable, got %', v_refundable, v_amount
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_params := jsonb_build_object('payment_intent', v.stripe_payment_intent_id, 'amount', v_amount::text,
+                                   'metadata[pgpay_payment_id]', v.id::text)
+        || jsonb_strip_nulls(jsonb_build_object('reason', reason, 'metadata[pgpay_refund_ref]', refund_ref));
+    RETURN pay._enqueue(v.id, 'refund',
+        coalesce(v_key, pay.idempotency_key('pgpay.refund', jsonb_build_object('payment_id', v.id, 'ordinal', v_ordinal + 1,
+                                                                               'amount', v_amount))),
+        'POST', '/v1/refunds', v_params);
+END;
+$$;
+
+REVOKE EXECUTE ON FUNCTION pay.refund(uuid, bigint, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pay.refund(uuid, bigint, text, text) TO pay_app;

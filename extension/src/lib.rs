@@ -12,6 +12,7 @@ mod keys;
 mod plans;
 mod secrets;
 mod signature;
+mod text_bytes;
 mod webhook;
 
 ::pgrx::pg_module_magic!(name, version);

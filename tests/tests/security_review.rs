@@ -1,0 +1,618 @@
+//! Issue #9: what the security review of 0.1.0 found, one test per defect, each named after it.
+//! Every one of them failed on 0.1.0.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pgpay_core::signature::sign_header;
+use pgpay_tests::{connect, count, fixtures, sqlstate, TestDb};
+use serde_json::json;
+use tokio_postgres::Client;
+
+const SECRET: &str = "whsec_review_primary_0123456789";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// Delivers `payload` signed with `secret` now; returns (status, detail).
+async fn deliver(client: &Client, payload: &str, secret: &str) -> (String, Option<String>) {
+    let header = sign_header(payload.as_bytes(), secret.as_bytes(), unix_now());
+    let row = client
+        .query_one(
+            "SELECT status, detail FROM pay.ingest_webhook($1, $2)",
+            &[&payload, &header],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("ingest raised for {payload}: {e}"));
+    (row.get(0), row.get(1))
+}
+
+/// A signed event about nothing pgpay knows: `stored` when the secret is live, else `rejected`.
+async fn deliver_new_event(client: &Client, secret: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let body = fixtures::event(
+        &format!("evt_review_{n}"),
+        "customer.created",
+        unix_now(),
+        json!({"id": "cus_1", "object": "customer"}),
+    );
+    deliver(client, &body, secret).await.0
+}
+
+/// Defect 1: a backend whose cache was filled under a snapshot older than a revocation kept
+/// accepting the revoked secret in every later transaction.
+#[tokio::test]
+async fn d01_a_revoked_secret_stops_verifying_in_every_backends_next_transaction() {
+    let db = TestDb::create().await;
+    let admin = db.connect().await;
+    let other = "whsec_review_other_0123456789";
+    admin
+        .batch_execute(&format!(
+            "SELECT pay.add_webhook_secret('{SECRET}', 'x'); SELECT pay.add_webhook_secret('{other}', 'other')"
+        ))
+        .await
+        .unwrap();
+
+    for isolation in ["REPEATABLE READ", "SERIALIZABLE"] {
+        for warm in [false, true] {
+            let label = format!("{isolation}, cache {}", if warm { "warm" } else { "cold" });
+            admin
+                .batch_execute("UPDATE pay.webhook_secrets SET revoked_at = NULL WHERE label = 'x'")
+                .await
+                .unwrap();
+            // A fresh backend: its cache is empty until it first verifies.
+            let session = db.connect().await;
+            if warm {
+                assert_eq!(
+                    deliver_new_event(&session, SECRET).await,
+                    "stored",
+                    "{label}"
+                );
+            }
+            session
+                .batch_execute(&format!("BEGIN ISOLATION LEVEL {isolation}; SELECT 1"))
+                .await
+                .unwrap();
+            admin
+                .batch_execute("SELECT pay.revoke_webhook_secret('x')")
+                .await
+                .unwrap();
+            // Inside the old snapshot either answer is defensible; what matters is what stays.
+            let _ = deliver_new_event(&session, SECRET).await;
+            session.batch_execute("COMMIT").await.unwrap();
+            assert_eq!(
+                deliver_new_event(&session, SECRET).await,
+                "rejected",
+                "{label}: the next transaction still accepts the revoked secret"
+            );
+            session
+                .batch_execute(&format!("BEGIN ISOLATION LEVEL {isolation}"))
+                .await
+                .unwrap();
+            assert_eq!(
+                deliver_new_event(&session, SECRET).await,
+                "rejected",
+                "{label}"
+            );
+            assert_eq!(
+                deliver_new_event(&session, other).await,
+                "stored",
+                "{label}"
+            );
+            session.batch_execute("COMMIT").await.unwrap();
+            let fresh = db.connect().await;
+            assert_eq!(
+                deliver_new_event(&fresh, SECRET).await,
+                "rejected",
+                "{label}"
+            );
+        }
+    }
+}
+
+/// A PostgreSQL cluster of its own, started by the test under a virtual-memory limit, from the
+/// installation that `PG_CONFIG` names (where the extension is installed). Stopped on drop.
+struct ThrowawayCluster {
+    dir: PathBuf,
+    bindir: PathBuf,
+    port: u16,
+}
+
+fn current_user() -> String {
+    Command::new("id")
+        .arg("-un")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `program` run as `user` (through `sudo -n` unless the test already runs as them).
+fn run_as(user: &str, program: &Path) -> Command {
+    if current_user() == user {
+        Command::new(program)
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.args(["-n", "-u", user]).arg(program);
+        sudo
+    }
+}
+
+fn as_postgres(program: &Path) -> Command {
+    run_as("postgres", program)
+}
+
+impl ThrowawayCluster {
+    fn start(memory_limit_kib: u64) -> ThrowawayCluster {
+        let pg_config = std::env::var("PG_CONFIG")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+        let out = Command::new(&pg_config)
+            .arg("--bindir")
+            .output()
+            .expect("pg_config runs");
+        let bindir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("pgpay-throwaway-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let chown = run_as("root", Path::new("/bin/chown"))
+            .arg("postgres")
+            .arg(&dir)
+            .status();
+        assert!(chown.is_ok_and(|s| s.success()), "chown postgres {dir:?}");
+        let data = dir.join("data");
+        let initdb = as_postgres(&bindir.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            ])
+            .output()
+            .expect("initdb runs");
+        assert!(
+            initdb.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&initdb.stderr)
+        );
+        // The limit applies to the postmaster and so to every backend it forks.
+        let script = format!(
+            "ulimit -v {memory_limit_kib} && exec {pg_ctl} -D {data} -l {data}/server.log -w -t 60 \
+             -o '-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={dir} \
+             -c shared_buffers=16MB -c max_connections=10 -c restart_after_crash=on' start",
+            pg_ctl = bindir.join("pg_ctl").display(),
+            data = data.display(),
+            dir = dir.display(),
+        );
+        let started = as_postgres(Path::new("/bin/bash"))
+            .args(["-c", &script])
+            .output()
+            .expect("pg_ctl runs");
+        let cluster = ThrowawayCluster { dir, bindir, port };
+        assert!(
+            started.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        cluster
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+}
+
+impl Drop for ThrowawayCluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+        let _ = run_as("root", Path::new("/bin/rm"))
+            .arg("-rf")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// Defect 5: a role's input made the Rust side allocate until the allocation failed, and a
+/// failed Rust allocation aborts the backend (the postmaster then restarts every session).
+/// Sizes are now checked in SQL before Rust sees anything: on a cluster whose memory is limited,
+/// every oversized input is refused with 22023 naming the field and the server never restarts.
+#[tokio::test]
+async fn d05_oversized_inputs_are_refused_in_sql_and_never_restart_the_server() {
+    let cluster = ThrowawayCluster::start(720 * 1024);
+    let admin = connect(&cluster.url()).await;
+    admin
+        .batch_execute("CREATE EXTENSION pgpay; GRANT pay_app, pay_worker TO postgres")
+        .await
+        .expect("CREATE EXTENSION on the throwaway cluster");
+    let started: chrono::DateTime<chrono::Utc> = admin
+        .query_one("SELECT pg_postmaster_start_time()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Each builds its input inside the server, so the test sends a few bytes.
+    let attacks = [
+        (
+            "2 MB of big numbers that are 120 MB as text",
+            "SET ROLE pay_app; SELECT pay.begin_checkout('o-1', 100, 'usd', NULL, \
+             jsonb_build_object('k', (SELECT jsonb_agg(1e1000) FROM generate_series(1, 120000))))",
+            "metadata",
+        ),
+        (
+            "a 100 MB string",
+            "SET ROLE pay_app; SELECT pay.begin_checkout('o-2', 100, 'usd', NULL, \
+             jsonb_build_object('k', repeat('x', 100000000)))",
+            "metadata",
+        ),
+        (
+            "idempotency key parts of big numbers",
+            "SET ROLE pay_app; SELECT pay.idempotency_key('s', \
+             (SELECT jsonb_agg(1e1000) FROM generate_series(1, 120000)))",
+            "parts",
+        ),
+        (
+            "a 100 MB currency",
+            "SET ROLE pay_app; SELECT pay.begin_checkout('o-3', 100, repeat('u', 100000000))",
+            "currency",
+        ),
+        (
+            "a 100 MB Stripe answer",
+            "SET ROLE pay_worker; SELECT pay.apply_stripe_object(jsonb_build_object( \
+             'object', 'payment_intent', 'id', 'pi_1', 'status', 'succeeded', 'x', repeat('x', 100000000)))",
+            "object",
+        ),
+        (
+            "a 100 MB Stripe event",
+            "SET ROLE pay_worker; SELECT pay.apply_stripe_event(jsonb_build_object( \
+             'object', 'event', 'id', 'evt_1', 'type', 'x', 'x', repeat('x', 100000000)))",
+            "event",
+        ),
+    ];
+    for (what, sql, field) in attacks {
+        let session = connect(&cluster.url()).await;
+        let err = session.batch_execute(sql).await.expect_err(what);
+        let code = sqlstate(&err);
+        assert!(
+            matches!(code, Some("22023") | Some("54000")),
+            "{what}: {err:?}"
+        );
+        let message = err
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        assert!(message.contains(field), "{what}: {message}");
+        // The same session goes on working: nothing was aborted.
+        session.batch_execute("RESET ROLE; SELECT 1").await.unwrap();
+    }
+    let after: chrono::DateTime<chrono::Utc> = admin
+        .query_one("SELECT pg_postmaster_start_time()", &[])
+        .await
+        .expect("the first session survives")
+        .get(0);
+    assert_eq!(started, after, "the server restarted");
+}
+
+/// A payment with its create command claimed (attempt 1) and, unless `answer` is None, answered
+/// with a PaymentIntent of that status. Returns (payment id, command id).
+async fn checkout_with_intent(
+    client: &Client,
+    order: &str,
+    amount: i64,
+    answer: Option<&str>,
+) -> (uuid::Uuid, i64) {
+    let payment: uuid::Uuid = client
+        .query_one(
+            "SELECT id FROM pay.begin_checkout($1, $2, 'usd')",
+            &[&order, &amount],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let command: i64 = client
+        .query_one(
+            "SELECT id FROM pay.claim_outbox('setup') WHERE payment_id = $1",
+            &[&payment],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if let Some(status) = answer {
+        let intent = fixtures::payment_intent(
+            &format!("pi_{order}"),
+            &payment.to_string(),
+            amount,
+            "usd",
+            status,
+        );
+        client
+            .execute(
+                "SELECT pay.complete_outbox($1, 1, 200, $2)",
+                &[&command, &intent],
+            )
+            .await
+            .unwrap();
+    }
+    (payment, command)
+}
+
+/// Defect 2: `pay.idempotency_key` failed for every role it is granted to (it called an internal
+/// helper they may not call). Every function a role may EXECUTE is called as that role, and must
+/// work; a granted function missing from the table fails the test.
+#[tokio::test]
+async fn d02_every_public_function_works_for_every_role_it_is_granted_to() {
+    let db = TestDb::create().await;
+    let owner = db.connect().await;
+    owner
+        .execute("SELECT pay.add_webhook_secret($1, 'p')", &[&SECRET])
+        .await
+        .unwrap();
+    let (open, _) =
+        checkout_with_intent(&owner, "perm-open", 1000, Some("requires_payment_method")).await;
+    let (paid, _) = checkout_with_intent(&owner, "perm-paid", 1000, Some("succeeded")).await;
+    let (_, in_flight) = checkout_with_intent(&owner, "perm-flight", 1000, None).await;
+    let run: i64 = owner
+        .query_one(
+            "SELECT pay.start_reconciliation('setup', now() - interval '1 day')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let event = fixtures::event(
+        "evt_perm",
+        "customer.created",
+        unix_now(),
+        json!({"id": "cus_1", "object": "customer"}),
+    );
+    let header = sign_header(event.as_bytes(), SECRET.as_bytes(), unix_now());
+    let intent = fixtures::payment_intent(
+        "pi_perm-flight",
+        "x",
+        1000,
+        "usd",
+        "requires_payment_method",
+    );
+
+    // regprocedure → a call that succeeds when privileges are right.
+    let calls: Vec<(&str, String)> = vec![
+        ("pay.apply_stripe_event(jsonb)", format!("SELECT * FROM pay.apply_stripe_event($e${event}$e$)")),
+        ("pay.apply_stripe_object(jsonb,text,bigint)", format!("SELECT * FROM pay.apply_stripe_object($i${intent}$i$)")),
+        ("pay.apply_stripe_objects(jsonb,text,bigint)", format!("SELECT * FROM pay.apply_stripe_objects($i$[{intent}]$i$, 'reconcile', {run})")),
+        ("pay.begin_checkout(text,bigint,text,text,jsonb,text)", "SELECT pay.begin_checkout('perm-new', 100, 'usd', 'c', '{\"k\": \"v\"}', 'd')".into()),
+        ("pay.cancel_checkout(uuid)", format!("SELECT pay.cancel_checkout('{open}')")),
+        ("pay.claim_fulfillments(text,integer,interval)", "SELECT * FROM pay.claim_fulfillments('c')".into()),
+        ("pay.claim_outbox(text,integer,interval)", "SELECT * FROM pay.claim_outbox('w')".into()),
+        ("pay.complete_fulfillment(uuid)", format!("SELECT pay.complete_fulfillment('{paid}')")),
+        ("pay.complete_outbox(bigint,integer,integer,jsonb)", format!("SELECT pay.complete_outbox({in_flight}, 1, 200, $i${intent}$i$)")),
+        ("pay.fail_outbox(bigint,integer,integer,jsonb)", format!("SELECT pay.fail_outbox({in_flight}, 1, 400, '{{}}')")),
+        ("pay.finish_reconciliation(bigint,text)", format!("SELECT pay.finish_reconciliation({run})")),
+        ("pay.idempotency_key(text,jsonb)", "SELECT pay.idempotency_key('x', '{\"a\":1}')".into()),
+        ("pay.ingest_webhook(text,text)", format!("SELECT * FROM pay.ingest_webhook($e${event}$e$, '{header}')")),
+        ("pay.payment_timeline(uuid)", format!("SELECT * FROM pay.payment_timeline('{open}')")),
+        ("pay.progress_reconciliation(bigint,integer,integer,integer,integer,integer,integer,interval)", format!("SELECT pay.progress_reconciliation({run}, 1, 1, 1, 0, 0, 0)")),
+        ("pay.record_missing_at_stripe(bigint,text[])", format!("SELECT pay.record_missing_at_stripe({run}, '{{}}')")),
+        ("pay.record_reconciliation_finding(bigint,text,uuid,text,text,text,text)", format!("SELECT pay.record_reconciliation_finding({run}, 'not_ours', NULL, 'pi_x', NULL, NULL)")),
+        ("pay.refund(uuid,bigint,text,text)", format!("SELECT pay.refund('{paid}', 100, 'requested_by_customer', 'return-1')")),
+        ("pay.rekey_create_command(bigint,integer,text)", format!("SELECT pay.rekey_create_command({in_flight}, 1, 'test')")),
+        ("pay.retry_outbox(bigint,integer,integer,text,timestamp with time zone)", format!("SELECT pay.retry_outbox({in_flight}, 1, 500, 'x', now())")),
+        ("pay.start_reconciliation(text,timestamp with time zone,timestamp with time zone,interval)", "SELECT pay.start_reconciliation('w', now() - interval '1 hour')".into()),
+        ("pay.status_report()", "SELECT pay.status_report()".into()),
+        ("pay.stripe_webhook(pay.\"application/json\")", format!(
+            "SELECT set_config('request.headers', json_build_object('stripe-signature', '{header}')::text, true); \
+             SELECT pay.stripe_webhook($e${event}$e$)")),
+        ("pay.verify_audit_log()", "SELECT * FROM pay.verify_audit_log()".into()),
+        ("pay.verify_stripe_signature(text,text,text,integer,bigint)", "SELECT pay.verify_stripe_signature('p', 't=1,v1=00', 'whsec_x')".into()),
+        ("pay.wait_for_intent(uuid,integer)", format!("SELECT pay.wait_for_intent('{open}', 0)")),
+    ];
+    let granted = owner
+        .query(
+            "SELECT r, p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace,
+                    unnest(ARRAY['pay_app', 'pay_webhook', 'pay_worker', 'pay_auditor']) r
+             WHERE n.nspname = 'pay' AND has_function_privilege(r, p.oid, 'EXECUTE') ORDER BY 2, 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(granted.len() > 25, "the roles lost their grants");
+    let mut failures = Vec::new();
+    for row in &granted {
+        let (role, function): (String, String) = (row.get(0), row.get(1));
+        let Some((_, call)) = calls.iter().find(|(f, _)| *f == function) else {
+            failures.push(format!(
+                "{function} is granted to {role} but has no call in this test"
+            ));
+            continue;
+        };
+        let session = db.connect().await;
+        let sql = format!("BEGIN; SET LOCAL ROLE {role}; {call}; ROLLBACK");
+        if let Err(e) = session.batch_execute(&sql).await {
+            failures.push(format!("{role}: {call}: {e:?}"));
+        }
+    }
+    // An HTTP-to-SQL layer inserts into the inbox as pay_webhook (a trigger ingests).
+    let session = db.connect().await;
+    session
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL ROLE pay_webhook; \
+             INSERT INTO pay.webhook_inbox (payload, signature_header) VALUES ($e${event}$e$, '{header}'); ROLLBACK"
+        ))
+        .await
+        .unwrap_or_else(|e| failures.push(format!("pay_webhook: webhook_inbox: {e:?}")));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Defect 7: an application retrying its own refund request got two refunds. With a refund_ref,
+/// the same (payment, ref) returns the same command and queues nothing; another amount raises.
+#[tokio::test]
+async fn d07_a_refund_retried_under_its_refund_ref_is_queued_once() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let (paid, _) = checkout_with_intent(&client, "ref-1", 1000, Some("succeeded")).await;
+    let first: i64 = client
+        .query_one("SELECT pay.refund($1, 500, NULL, 'return-7')", &[&paid])
+        .await
+        .unwrap()
+        .get(0);
+    // The retry, four times, from other sessions at once.
+    let mut retries = Vec::new();
+    for _ in 0..4 {
+        let session = db.connect().await;
+        retries.push(tokio::spawn(async move {
+            session
+                .query_one("SELECT pay.refund($1, 500, NULL, 'return-7')", &[&paid])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }));
+    }
+    for retry in retries {
+        assert_eq!(retry.await.unwrap(), first);
+    }
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE kind = 'refund'"
+        )
+        .await,
+        1
+    );
+    // Another amount or reason under the same ref: 22023, nothing queued.
+    for sql in [
+        "SELECT pay.refund($1, 400, NULL, 'return-7')",
+        "SELECT pay.refund($1, 500, 'fraudulent', 'return-7')",
+    ] {
+        let err = client.query_one(sql, &[&paid]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), Some("22023"), "{sql}: {err}");
+    }
+    // A ref for "all that is left": its retry (amount still NULL) is the same command.
+    let rest: i64 = client
+        .query_one("SELECT pay.refund($1, NULL, NULL, 'return-8')", &[&paid])
+        .await
+        .unwrap()
+        .get(0);
+    let again: i64 = client
+        .query_one("SELECT pay.refund($1, refund_ref => 'return-8')", &[&paid])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rest, again);
+    let amounts: Vec<String> = client
+        .query(
+            "SELECT request #>> '{params,amount}' FROM pay.outbox WHERE kind = 'refund' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(amounts, ["500", "500"]);
+    // Without a ref, two calls are two refunds, as before (here: nothing is left to refund).
+    let err = client
+        .query_one("SELECT pay.refund($1, 1)", &[&paid])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), Some("22023"));
+}
+
+/// Defect 11: in a SQL_ASCII database any bytes are text, and pgrx panicked on the first that was
+/// not UTF-8 (XX000) instead of the delivery being `rejected`; reconciliation let 36 hyphens
+/// through to a `::uuid` cast (22P02). (The absurd `now_unix` is pgpay-core's
+/// `d11_absurd_clocks_never_accept_a_signature_outside_the_tolerance`.)
+#[tokio::test]
+async fn d11_non_utf8_text_is_rejected_and_a_malformed_payment_id_is_not_ours() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let ascii = format!("{}_ascii", db.name());
+    client
+        .batch_execute(&format!(
+            "CREATE DATABASE {ascii} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ))
+        .await
+        .unwrap();
+    let url = format!(
+        "{} dbname={ascii}",
+        db.url().split(" dbname=").next().unwrap_or_default()
+    );
+    async {
+        let session = connect(&url).await;
+        session
+            .batch_execute(&format!(
+                "CREATE EXTENSION pgpay; SELECT pay.add_webhook_secret('{SECRET}', 'p')"
+            ))
+            .await
+            .unwrap();
+        let mut body = br#"{"object": "event", "id": "evt_latin1", "type": "customer.created", "note": ""#.to_vec();
+        body.extend_from_slice(&[0xe9, 0xff, 0xfe]);
+        body.extend_from_slice(br#""}"#);
+        let header = sign_header(&body, SECRET.as_bytes(), unix_now());
+        let row = session
+            .query_one(
+                "SELECT status, detail FROM pay.ingest_webhook(convert_from($1, 'SQL_ASCII'), $2)",
+                &[&body, &header],
+            )
+            .await
+            .expect("a non-UTF-8 body is rejected, not a panic");
+        assert_eq!(row.get::<_, String>(0), "rejected");
+        assert!(row.get::<_, String>(1).starts_with("not_an_event"));
+        let signed: bool = session
+            .query_one(
+                "SELECT pay.verify_stripe_signature(convert_from($1, 'SQL_ASCII'), $2, $3)",
+                &[&body, &header, &SECRET],
+            )
+            .await
+            .expect("verifies bytes")
+            .get(0);
+        assert!(signed, "Stripe signs bytes: the signature over them holds");
+        let row = session
+            .query_one(
+                "SELECT status, detail FROM pay.ingest_webhook('{}', convert_from('\\xff7431'::bytea, 'SQL_ASCII'))",
+                &[],
+            )
+            .await
+            .expect("a non-UTF-8 header is rejected, not a panic");
+        assert_eq!(row.get::<_, String>(0), "rejected");
+        for sql in [
+            "SELECT pay.begin_checkout(convert_from('\\x6fff'::bytea, 'SQL_ASCII'), 100, 'usd')",
+            "SELECT pay.begin_checkout('o', 100, 'usd', convert_from('\\x6fff'::bytea, 'SQL_ASCII'))",
+            "SELECT pay.idempotency_key(convert_from('\\x6fff'::bytea, 'SQL_ASCII'), '{}')",
+        ] {
+            let err = session.batch_execute(sql).await.unwrap_err();
+            assert_eq!(sqlstate(&err), Some("22023"), "{sql}: {err:?}");
+        }
+    }
+    .await;
+    client
+        .batch_execute(&format!("DROP DATABASE {ascii} WITH (FORCE)"))
+        .await
+        .unwrap();
+
+    let hyphens = "-".repeat(36);
+    let object = json!({"object": "payment_intent", "id": "pi_hyphens", "status": "succeeded",
+                        "metadata": {"pgpay_payment_id": hyphens}});
+    let outcome: String = client
+        .query_one(
+            "SELECT outcome FROM pay.apply_stripe_object($1)",
+            &[&object],
+        )
+        .await
+        .expect("36 hyphens are no payment id, and no reason to raise")
+        .get(0);
+    assert_eq!(outcome, "not_ours");
+}
