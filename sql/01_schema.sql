@@ -70,6 +70,10 @@ CREATE TABLE pay.payments (
     superseded_by             uuid REFERENCES pay.payments (id) DEFERRABLE INITIALLY DEFERRED,
     created_at                timestamptz NOT NULL DEFAULT now(),
     updated_at                timestamptz NOT NULL DEFAULT now(),
+    -- The refunded total the charge itself last reported (charge.refunded), and its Stripe time:
+    -- see pay._derive_amount_refunded.
+    refunded_per_charge       bigint NOT NULL DEFAULT 0,
+    refunded_per_charge_at    bigint,
     CONSTRAINT payments_attempt_unique UNIQUE (order_ref, attempt),
     CONSTRAINT payments_payment_intent_unique UNIQUE (stripe_payment_intent_id),
     CONSTRAINT payments_refund_within_amount CHECK (amount_refunded >= 0 AND amount_refunded <= greatest(amount, amount_received)),

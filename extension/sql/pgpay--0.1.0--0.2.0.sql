@@ -303,6 +303,212 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- Issue #9, defects 3 and 4: refunds are a ledger keyed by Stripe's refund id with the Stripe time
+-- of each status; amount_refunded is derived from it, so every order of arrival gives the same
+-- total; no signed event about a refund or a charge makes ingest raise.
+-- ---------------------------------------------------------------------------------------------
+ALTER TABLE pay.refunds ADD COLUMN IF NOT EXISTS evidence_at bigint;
+ALTER TABLE pay.payments ADD COLUMN IF NOT EXISTS refunded_per_charge bigint NOT NULL DEFAULT 0;
+ALTER TABLE pay.payments ADD COLUMN IF NOT EXISTS refunded_per_charge_at bigint;
+-- What 0.1.0 recorded stays the total: kept as the charge's own report, older than any report to come.
+UPDATE pay.payments p SET refunded_per_charge = p.amount_refunded, refunded_per_charge_at = 0
+WHERE p.amount_refunded > 0 AND p.refunded_per_charge_at IS NULL;
+CREATE OR REPLACE FUNCTION pay._evidence_time(p_event jsonb) RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    SELECT CASE WHEN p_event ->> 'created' ~ '^[0-9]{1,12}$' THEN (p_event ->> 'created')::bigint
+                ELSE floor(extract(epoch FROM now()))::bigint END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._refund_status_rank(p_status text) RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE p_status WHEN 'pending' THEN 1 WHEN 'requires_action' THEN 2 WHEN 'succeeded' THEN 3
+                         WHEN 'failed' THEN 4 WHEN 'canceled' THEN 5 ELSE 0 END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._refund_problem(p_refund jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN jsonb_typeof(p_refund) IS DISTINCT FROM 'object' OR p_refund ->> 'object' IS DISTINCT FROM 'refund'
+                THEN 'it is not a Refund object'
+                WHEN p_refund ->> 'id' IS NULL OR length(p_refund ->> 'id') > 255 THEN 'the Refund has no usable id'
+                WHEN coalesce(p_refund ->> 'amount', '') !~ '^0*[1-9][0-9]{0,14}$' THEN 'the Refund has no whole positive amount'
+           END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._record_refund(p_payment_id uuid, p_refund jsonb, p_at bigint) RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO pay.refunds AS r (refund_id, payment_id, amount, status, reason, evidence_at)
+    VALUES (p_refund ->> 'id', p_payment_id, (p_refund ->> 'amount')::bigint,
+            coalesce(left(p_refund ->> 'status', 100), 'unknown'), left(p_refund ->> 'reason', 200), p_at)
+    ON CONFLICT (refund_id) DO UPDATE
+        SET amount = excluded.amount, status = excluded.status, reason = coalesce(excluded.reason, r.reason),
+            evidence_at = excluded.evidence_at, updated_at = now()
+        -- The newest report wins; the same Stripe time goes to the later status (then the larger
+        -- amount), so that the outcome never depends on which report came first.
+        WHERE (excluded.evidence_at, pay._refund_status_rank(excluded.status), excluded.amount)
+              > (coalesce(r.evidence_at, -1), pay._refund_status_rank(r.status), r.amount);
+    RETURN FOUND;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._derive_amount_refunded(p_payment_id uuid) RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_total bigint;
+BEGIN
+    UPDATE pay.payments p
+    SET amount_refunded = d.total, updated_at = now()
+    FROM (
+        SELECT least(greatest(l.counted,
+                              CASE WHEN coalesce(p.refunded_per_charge_at, -1) > coalesce(l.newest, -1)
+                                   THEN p.refunded_per_charge ELSE 0 END),
+                     greatest(p.amount, p.amount_received)) AS total
+        FROM pay.payments p,
+             LATERAL (SELECT coalesce(sum(r.amount) FILTER (WHERE r.status NOT IN ('failed', 'canceled')), 0) AS counted,
+                             max(r.evidence_at) AS newest
+                      FROM pay.refunds r WHERE r.payment_id = p.id) l
+        WHERE p.id = p_payment_id
+    ) d
+    WHERE p.id = p_payment_id AND p.amount_refunded IS DISTINCT FROM d.total
+    RETURNING p.amount_refunded INTO v_total;
+    IF NOT FOUND THEN
+        SELECT p.amount_refunded INTO v_total FROM pay.payments p WHERE p.id = p_payment_id;
+    END IF;
+    RETURN v_total;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._apply_refund_evidence(p_payment pay.payments, p_refund jsonb, p_evidence_id text, p_at bigint,
+    OUT outcome text, OUT detail text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_before bigint := p_payment.amount_refunded;
+    v_after bigint;
+BEGIN
+    detail := pay._refund_problem(p_refund);
+    IF detail IS NOT NULL THEN
+        outcome := 'stored';
+        detail := 'refund not applied: ' || detail;
+        RETURN;
+    END IF;
+    IF NOT pay._record_refund(p_payment.id, p_refund, p_at) THEN
+        outcome := 'unchanged';
+        RETURN;
+    END IF;
+    v_after := pay._derive_amount_refunded(p_payment.id);
+    PERFORM pay._audit(p_payment.id, p_payment.status, p_payment.status,
+        format('refund %s of %s %s; refunded %s -> %s', p_refund ->> 'id', p_refund ->> 'amount',
+               coalesce(p_refund ->> 'status', 'unknown'), v_before, v_after),
+        p_evidence_id);
+    outcome := 'applied';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._apply_charge_refunds(p_payment pay.payments, p_charge jsonb, p_evidence_id text, p_at bigint,
+    OUT outcome text, OUT detail text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_before bigint := p_payment.amount_refunded;
+    v_after bigint;
+    v_total text := p_charge ->> 'amount_refunded';
+    v_changed boolean := false;
+    v_refund jsonb;
+BEGIN
+    IF coalesce(v_total, '') !~ '^[0-9]{1,15}$' THEN
+        outcome := 'stored';
+        detail := 'charge not applied: it has no whole amount_refunded';
+        RETURN;
+    END IF;
+    IF jsonb_typeof(p_charge #> '{refunds,data}') = 'array' THEN
+        FOR v_refund IN SELECT e FROM jsonb_array_elements(p_charge #> '{refunds,data}') e LOOP
+            IF pay._refund_problem(v_refund) IS NULL THEN
+                v_changed := pay._record_refund(p_payment.id, v_refund, p_at) OR v_changed;
+            END IF;
+        END LOOP;
+    END IF;
+    UPDATE pay.payments p SET refunded_per_charge = v_total::bigint, refunded_per_charge_at = p_at
+    WHERE p.id = p_payment.id
+      AND (p_at, v_total::bigint) > (coalesce(p.refunded_per_charge_at, -1), p.refunded_per_charge);
+    v_changed := FOUND OR v_changed;
+    v_after := pay._derive_amount_refunded(p_payment.id);
+    IF NOT v_changed THEN
+        outcome := 'unchanged';
+        RETURN;
+    END IF;
+    PERFORM pay._audit(p_payment.id, p_payment.status, p_payment.status,
+        format('charge %s reports %s of %s refunded; refunded %s -> %s', coalesce(p_charge ->> 'id', 'without id'),
+               v_total, coalesce(p_charge ->> 'amount', 'an unknown amount'), v_before, v_after),
+        p_evidence_id);
+    outcome := 'applied';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._apply_refund_answer(p_payment_id uuid, p_refund jsonb, p_evidence_id text)
+RETURNS text
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v pay.payments;
+    v_problem text := pay._refund_problem(p_refund);
+    v_result record;
+BEGIN
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'evidence for payment % cannot be applied: %', p_payment_id, v_problem
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v := pay._lock_payment(p_payment_id);
+    v_result := pay._apply_refund_evidence(v, p_refund, p_evidence_id, floor(extract(epoch FROM now()))::bigint);
+    RETURN v_result.outcome;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._apply_event(p_event jsonb, p_payment pay.payments, OUT outcome text, OUT detail text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_type text := p_event ->> 'type';
+    v_object jsonb := p_event #> '{data,object}';
+    v_event_id text := p_event ->> 'id';
+BEGIN
+    IF v_object ->> 'object' = 'refund' AND v_type LIKE '%refund.%' THEN
+        SELECT a.outcome, a.detail INTO outcome, detail
+        FROM pay._apply_refund_evidence(p_payment, v_object, v_event_id, pay._evidence_time(p_event)) a;
+        IF outcome = 'stored' THEN
+            RETURN;
+        END IF;
+    ELSIF v_type = 'charge.refunded' AND v_object ->> 'object' = 'charge' THEN
+        SELECT a.outcome, a.detail INTO outcome, detail
+        FROM pay._apply_charge_refunds(p_payment, v_object, v_event_id, pay._evidence_time(p_event)) a;
+        IF outcome = 'stored' THEN
+            RETURN;
+        END IF;
+    ELSIF v_type LIKE 'charge.dispute.%' AND v_object ->> 'object' = 'dispute' THEN
+        UPDATE pay.payments p SET disputed = true, updated_at = now() WHERE p.id = p_payment.id AND NOT p.disputed;
+        PERFORM pay._audit(p_payment.id, p_payment.status, p_payment.status,
+            format('%s (%s, %s)', v_type, coalesce(v_object ->> 'reason', 'no reason'), coalesce(v_object ->> 'status', 'no status')),
+            v_event_id);
+        outcome := 'applied';
+    ELSE
+        outcome := 'stored';
+        detail := 'no handler for ' || coalesce(v_type, 'an event without a type') || ' on this payment';
+        RETURN;
+    END IF;
+    detail := v_type || ' -> ' || outcome;
+END;
+$$;
+
+REVOKE EXECUTE ON FUNCTION pay._evidence_time(jsonb), pay._refund_status_rank(text), pay._refund_problem(jsonb),
+    pay._record_refund(uuid, jsonb, bigint), pay._derive_amount_refunded(uuid),
+    pay._apply_refund_evidence(pay.payments, jsonb, text, bigint), pay._apply_charge_refunds(pay.payments, jsonb, text, bigint)
+    FROM PUBLIC;
+-- ---------------------------------------------------------------------------------------------
 -- Issue #9, defect 7: pay.refund takes the application's refund_ref (a retry queues nothing).
 -- ---------------------------------------------------------------------------------------------
 DROP FUNCTION IF EXISTS pay.refund(uuid, bigint, text);

@@ -616,3 +616,268 @@ async fn d11_non_utf8_text_is_rejected_and_a_malformed_payment_id_is_not_ours() 
         .get(0);
     assert_eq!(outcome, "not_ours");
 }
+
+/// A signed event about `object`, with its own id and Stripe time.
+fn event(id: &str, kind: &str, created: i64, object: serde_json::Value) -> String {
+    fixtures::event(id, kind, created, object)
+}
+
+fn refund(id: &str, intent: &str, amount: serde_json::Value, status: &str) -> serde_json::Value {
+    json!({"id": id, "object": "refund", "amount": amount, "currency": "usd", "status": status,
+           "payment_intent": intent, "charge": format!("ch_{intent}")})
+}
+
+/// Defect 3: a signed `charge.refunded` whose charge had no `amount` made ingest raise (a NULL in
+/// the audit text), on every one of Stripe's retries for three days. No signed, well-formed event
+/// may make ingest raise: each is answered 200 (applied, unchanged or stored with a reason).
+#[tokio::test]
+async fn d03_no_signed_event_about_a_payment_makes_ingest_raise() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    client
+        .execute("SELECT pay.add_webhook_secret($1, 'p')", &[&SECRET])
+        .await
+        .unwrap();
+    let (paid, _) = checkout_with_intent(&client, "raise-1", 1000, Some("succeeded")).await;
+    let pi = "pi_raise-1";
+    let charge = |fields: serde_json::Value| {
+        let mut c = json!({"id": "ch_1", "object": "charge", "payment_intent": pi});
+        c.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        c
+    };
+    let objects = [
+        ("charge.refunded", charge(json!({"amount_refunded": 300}))),
+        ("charge.refunded", charge(json!({"amount": 1000}))),
+        (
+            "charge.refunded",
+            charge(json!({"amount": 1000, "amount_refunded": "abc"})),
+        ),
+        ("charge.refunded", charge(json!({"amount_refunded": 2.5}))),
+        ("charge.refunded", charge(json!({"amount_refunded": -3}))),
+        ("charge.refunded", charge(json!({"amount_refunded": 1e20}))),
+        (
+            "charge.refunded",
+            charge(json!({"amount_refunded": 99999999999i64})),
+        ),
+        (
+            "charge.refunded",
+            charge(
+                json!({"amount_refunded": 400, "refunds": {"data": [1, null, {"object": "refund"}]}}),
+            ),
+        ),
+        (
+            "charge.refunded",
+            charge(json!({"amount_refunded": 400, "refunds": "not a list"})),
+        ),
+        (
+            "refund.created",
+            refund("re_x1", pi, json!(null), "pending"),
+        ),
+        (
+            "refund.created",
+            json!({"object": "refund", "amount": 100, "payment_intent": pi}),
+        ),
+        ("refund.created", refund("re_x2", pi, json!(0), "pending")),
+        ("refund.created", refund("re_x3", pi, json!("x"), "pending")),
+        ("refund.created", refund("re_x4", pi, json!(2.5), "pending")),
+        (
+            "refund.created",
+            refund(&"r".repeat(300), pi, json!(100), "pending"),
+        ),
+        (
+            "refund.updated",
+            refund("re_x5", pi, json!(99999999), "succeeded"),
+        ),
+        (
+            "charge.refund.updated",
+            json!({"id": "re_x6", "object": "refund", "amount": 50, "payment_intent": pi, "status": null}),
+        ),
+        (
+            "charge.dispute.created",
+            json!({"id": "dp_1", "object": "dispute", "payment_intent": pi}),
+        ),
+        (
+            "charge.dispute.closed",
+            json!({"id": "dp_1", "object": "dispute", "payment_intent": pi, "reason": null, "status": 7}),
+        ),
+        (
+            "payment_intent.succeeded",
+            json!({"id": pi, "object": "payment_intent"}),
+        ),
+        (
+            "payment_intent.succeeded",
+            json!({"id": pi, "object": "payment_intent", "status": "succeeded", "amount": "many"}),
+        ),
+    ];
+    for (n, (kind, object)) in objects.into_iter().enumerate() {
+        let body = event(
+            &format!("evt_raise_{n}"),
+            kind,
+            unix_now() - 60 + n as i64,
+            object,
+        );
+        let (status, detail) = deliver(&client, &body, SECRET).await;
+        assert!(
+            ["applied", "stored"].contains(&status.as_str()),
+            "{kind} #{n}: {status} {detail:?}"
+        );
+    }
+    let refunded: i64 = client
+        .query_one(
+            "SELECT amount_refunded FROM pay.payments WHERE id = $1",
+            &[&paid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        refunded <= 1000,
+        "refunds are capped at what was received: {refunded}"
+    );
+}
+
+/// Defect 4: `amount_refunded` went from 300 to 100 when an older `charge.refunded` arrived after
+/// newer refund events. Refunds are a ledger keyed by Stripe's refund id and the total is derived
+/// from it: every order of arrival of the same six events ends with the same ledger and total, and
+/// a refund reported by refund.created, charge.refunded and charge.refund.updated counts once.
+#[tokio::test]
+async fn d04_every_order_of_refund_events_gives_the_same_total() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    client
+        .execute("SELECT pay.add_webhook_secret($1, 'p')", &[&SECRET])
+        .await
+        .unwrap();
+    let base = 1_700_000_000;
+    // The story, in Stripe time: r1 (100) pending, then succeeded as the charge reports 100;
+    // r2 (200) created, succeeded, the charge reports 300 and lists both; r2 then fails.
+    let story = move |k: usize| -> Vec<String> {
+        let pi = format!("pi_perm-{k}");
+        let (r1, r2) = (format!("re_1_{k}"), format!("re_2_{k}"));
+        let charge = |total: i64, refunds: Vec<serde_json::Value>| {
+            json!({"id": format!("ch_{k}"), "object": "charge", "amount": 1000, "amount_refunded": total,
+                   "payment_intent": pi, "refunds": {"object": "list", "data": refunds}})
+        };
+        vec![
+            event(
+                &format!("evt_a_{k}"),
+                "refund.created",
+                base + 900,
+                refund(&r1, &pi, json!(100), "pending"),
+            ),
+            event(
+                &format!("evt_b_{k}"),
+                "charge.refunded",
+                base + 1000,
+                charge(100, vec![refund(&r1, &pi, json!(100), "succeeded")]),
+            ),
+            event(
+                &format!("evt_c_{k}"),
+                "refund.created",
+                base + 2000,
+                refund(&r2, &pi, json!(200), "pending"),
+            ),
+            event(
+                &format!("evt_d_{k}"),
+                "charge.refund.updated",
+                base + 3000,
+                refund(&r2, &pi, json!(200), "succeeded"),
+            ),
+            event(
+                &format!("evt_e_{k}"),
+                "charge.refunded",
+                base + 3000,
+                charge(
+                    300,
+                    vec![
+                        refund(&r1, &pi, json!(100), "succeeded"),
+                        refund(&r2, &pi, json!(200), "succeeded"),
+                    ],
+                ),
+            ),
+            event(
+                &format!("evt_f_{k}"),
+                "charge.refund.updated",
+                base + 4000,
+                refund(&r2, &pi, json!(200), "failed"),
+            ),
+        ]
+    };
+    // Every permutation of the six (720), each for its own payment; and the five without the
+    // failure, where the total must stay 300 whatever came last.
+    let mut orders: Vec<(Vec<usize>, i64)> =
+        permutations(6).into_iter().map(|p| (p, 100)).collect();
+    orders.extend(permutations(5).into_iter().map(|p| (p, 300)));
+    let mut payments = Vec::new();
+    for k in 0..orders.len() {
+        payments.push(
+            checkout_with_intent(&client, &format!("perm-{k}"), 1000, Some("succeeded"))
+                .await
+                .0,
+        );
+    }
+    let sessions = 8;
+    let mut tasks = Vec::new();
+    let orders = std::sync::Arc::new(orders);
+    let payments = std::sync::Arc::new(payments);
+    for s in 0..sessions {
+        let session = db.connect().await;
+        let (orders, payments) = (orders.clone(), payments.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            for k in (s..orders.len()).step_by(sessions) {
+                let (order, expected) = &orders[k];
+                let payment = payments[k];
+                let events = story(k);
+                for &i in order {
+                    deliver(&session, &events[i], SECRET).await;
+                }
+                let row = session
+                    .query_one(
+                        "SELECT p.amount_refunded, (SELECT count(*) FROM pay.refunds r WHERE r.payment_id = p.id),
+                                (SELECT string_agg(r.status, ',' ORDER BY r.refund_id) FROM pay.refunds r WHERE r.payment_id = p.id)
+                         FROM pay.payments p WHERE p.id = $1",
+                        &[&payment],
+                    )
+                    .await
+                    .unwrap();
+                let (total, refunds, statuses): (i64, i64, String) = (row.get(0), row.get(1), row.get(2));
+                let want_statuses = if *expected == 100 { "succeeded,failed" } else { "succeeded,succeeded" };
+                results.push((order.clone(), total == *expected && refunds == 2 && statuses == want_statuses, total, statuses));
+            }
+            results
+        }));
+    }
+    let mut wrong = Vec::new();
+    for task in tasks {
+        for (order, ok, total, statuses) in task.await.unwrap() {
+            if !ok {
+                wrong.push(format!("{order:?}: {total} ({statuses})"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} orders differ:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+/// Every ordering of 0..n.
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![Vec::new()];
+    }
+    let mut out = Vec::new();
+    for rest in permutations(n - 1) {
+        for at in 0..=rest.len() {
+            let mut p = rest.clone();
+            p.insert(at, n - 1);
+            out.push(p);
+        }
+    }
+    out
+}
