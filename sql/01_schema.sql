@@ -74,6 +74,8 @@ CREATE TABLE pay.payments (
     -- see pay._derive_amount_refunded.
     refunded_per_charge       bigint NOT NULL DEFAULT 0,
     refunded_per_charge_at    bigint,
+    -- The hash of the payment's newest audit row: the head of its chain (pay.verify_audit_log).
+    audit_head                bytea,
     CONSTRAINT payments_attempt_unique UNIQUE (order_ref, attempt),
     CONSTRAINT payments_payment_intent_unique UNIQUE (stripe_payment_intent_id),
     CONSTRAINT payments_refund_within_amount CHECK (amount_refunded >= 0 AND amount_refunded <= greatest(amount, amount_received)),
@@ -139,7 +141,12 @@ CREATE TABLE pay.audit_log (
     cause            text NOT NULL,
     evidence_id      text,
     actor            text NOT NULL DEFAULT session_user,
-    at               timestamptz NOT NULL DEFAULT clock_timestamp()
+    at               timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- Tamper evidence, set by the trigger audit_log_chain whatever the inserter passes: a chain per
+    -- payment (no global serialisation point), each row's hash covering its content and the hash of
+    -- the payment's previous row (pay._audit_row_hash, checked by pay.verify_audit_log).
+    prev_hash        bytea,
+    hash             bytea NOT NULL
 );
 CREATE INDEX audit_log_by_payment ON pay.audit_log (payment_id, id);
 

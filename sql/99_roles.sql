@@ -31,6 +31,7 @@ GRANT EXECUTE ON FUNCTION pay.begin_checkout(text, bigint, text, text, jsonb, te
 GRANT EXECUTE ON FUNCTION pay.cancel_checkout(uuid) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.wait_for_intent(uuid, int) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.payment_timeline(uuid) TO pay_app, pay_auditor;
+GRANT EXECUTE ON FUNCTION pay.verify_audit_log() TO pay_auditor;
 GRANT SELECT ON pay.payments, pay.fulfillments TO pay_app;
 
 GRANT EXECUTE ON FUNCTION pay.claim_outbox(text, int, interval) TO pay_worker;

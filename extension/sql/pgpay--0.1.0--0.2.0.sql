@@ -509,6 +509,103 @@ REVOKE EXECUTE ON FUNCTION pay._evidence_time(jsonb), pay._refund_status_rank(te
     pay._apply_refund_evidence(pay.payments, jsonb, text, bigint), pay._apply_charge_refunds(pay.payments, jsonb, text, bigint)
     FROM PUBLIC;
 -- ---------------------------------------------------------------------------------------------
+-- Issue #9, defect 6: the audit log is tamper-evident. Each row carries a hash over its content and
+-- the previous row's hash of the same payment; triggers fire ALWAYS; pay.verify_audit_log names
+-- every row changed, deleted or inserted out of order. The rows 0.1.0 wrote are chained here.
+-- ---------------------------------------------------------------------------------------------
+ALTER TABLE pay.payments ADD COLUMN IF NOT EXISTS audit_head bytea;
+ALTER TABLE pay.audit_log ADD COLUMN IF NOT EXISTS prev_hash bytea;
+ALTER TABLE pay.audit_log ADD COLUMN IF NOT EXISTS hash bytea;
+CREATE OR REPLACE FUNCTION pay._audit_row_hash(p_prev bytea, p_row pay.audit_log) RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT sha256(coalesce(p_prev, '\x'::bytea) || convert_to(jsonb_build_array(
+        p_row.id, p_row.payment_id, p_row.from_status, p_row.to_status, p_row.proposed_status,
+        p_row.cause, p_row.evidence_id, p_row.actor, extract(epoch FROM p_row.at))::text, 'SQL_ASCII'));
+$$;
+
+CREATE OR REPLACE FUNCTION pay._audit_log_chain() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    SELECT p.audit_head INTO NEW.prev_hash FROM pay.payments p WHERE p.id = NEW.payment_id FOR NO KEY UPDATE;
+    NEW.hash := pay._audit_row_hash(NEW.prev_hash, NEW);
+    UPDATE pay.payments p SET audit_head = NEW.hash WHERE p.id = NEW.payment_id;
+    RETURN NEW;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER audit_log_chain
+    BEFORE INSERT ON pay.audit_log
+    FOR EACH ROW EXECUTE FUNCTION pay._audit_log_chain();
+
+-- Chain what is there, payment by payment in id order, as the trigger would have.
+DO $chain$
+DECLARE
+    r pay.audit_log;
+    v_payment uuid;
+    v_prev bytea;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pay.audit_log a WHERE a.hash IS NULL) THEN
+        RETURN;
+    END IF;
+    ALTER TABLE pay.audit_log DISABLE TRIGGER audit_log_no_update_or_delete;
+    FOR r IN SELECT * FROM pay.audit_log a ORDER BY a.payment_id, a.id LOOP
+        IF r.payment_id IS DISTINCT FROM v_payment THEN
+            v_payment := r.payment_id;
+            v_prev := NULL;
+        END IF;
+        r.prev_hash := v_prev;
+        r.hash := pay._audit_row_hash(v_prev, r);
+        UPDATE pay.audit_log a SET prev_hash = r.prev_hash, hash = r.hash WHERE a.id = r.id;
+        v_prev := r.hash;
+    END LOOP;
+    UPDATE pay.payments p SET audit_head = n.hash
+    FROM (SELECT DISTINCT ON (a.payment_id) a.payment_id, a.hash FROM pay.audit_log a ORDER BY a.payment_id, a.id DESC) n
+    WHERE p.id = n.payment_id;
+    ALTER TABLE pay.audit_log ENABLE TRIGGER audit_log_no_update_or_delete;
+END;
+$chain$;
+ALTER TABLE pay.audit_log ALTER COLUMN hash SET NOT NULL;
+ALTER TABLE pay.audit_log ENABLE ALWAYS TRIGGER audit_log_no_update_or_delete;
+ALTER TABLE pay.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
+ALTER TABLE pay.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
+CREATE OR REPLACE FUNCTION pay.verify_audit_log()
+RETURNS TABLE (audit_id bigint, payment_id uuid, problem text)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+    WITH chain AS (
+        SELECT a.id, a.payment_id, a.prev_hash, a.hash, pay._audit_row_hash(a.prev_hash, a) AS recomputed,
+               lag(a.id) OVER w AS previous_id, lag(a.hash) OVER w AS previous_hash
+        FROM pay.audit_log a
+        WINDOW w AS (PARTITION BY a.payment_id ORDER BY a.id)
+    ), newest AS (
+        SELECT DISTINCT ON (a.payment_id) a.payment_id, a.id, a.hash
+        FROM pay.audit_log a ORDER BY a.payment_id, a.id DESC
+    )
+    SELECT c.id, c.payment_id, 'changed: its hash does not cover its content'
+    FROM chain c WHERE c.hash IS DISTINCT FROM c.recomputed
+    UNION ALL
+    SELECT c.id, c.payment_id,
+           CASE WHEN c.previous_id IS NULL
+                THEN 'not chained to the start: an earlier row of this payment was deleted, or this one was inserted out of order'
+                ELSE format('not chained to row %s before it: a row between them was deleted, or one of them was changed or inserted out of order',
+                            c.previous_id) END
+    FROM chain c WHERE c.prev_hash IS DISTINCT FROM c.previous_hash
+    UNION ALL
+    SELECT n.id, p.id,
+           CASE WHEN n.id IS NULL THEN 'every audit row of this payment is missing'
+                ELSE 'newer rows are missing: the payment''s chain head is not this row''s hash' END
+    FROM pay.payments p LEFT JOIN newest n ON n.payment_id = p.id
+    WHERE p.audit_head IS DISTINCT FROM n.hash
+    ORDER BY 2, 1;
+$$;
+
+REVOKE EXECUTE ON FUNCTION pay._audit_row_hash(bytea, pay.audit_log), pay._audit_log_chain(), pay.verify_audit_log() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pay.verify_audit_log() TO pay_auditor;
+-- ---------------------------------------------------------------------------------------------
 -- Issue #9, defect 7: pay.refund takes the application's refund_ref (a retry queues nothing).
 -- ---------------------------------------------------------------------------------------------
 DROP FUNCTION IF EXISTS pay.refund(uuid, bigint, text);

@@ -881,3 +881,168 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
     }
     out
 }
+
+async fn audit_problems(client: &Client) -> Vec<(Option<i64>, String)> {
+    client
+        .query("SELECT audit_id, problem FROM pay.verify_audit_log()", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn audit_ids(client: &Client, payment: uuid::Uuid) -> Vec<i64> {
+    client
+        .query(
+            "SELECT id FROM pay.audit_log WHERE payment_id = $1 ORDER BY id",
+            &[&payment],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Defect 6: `SET session_replication_role = replica` switched the append-only triggers off, and
+/// the owner could rewrite history with `ALTER TABLE ... DISABLE TRIGGER` unnoticed. The triggers
+/// now fire ALWAYS, and every audit row is hash-chained per payment: pay.verify_audit_log names
+/// each changed, deleted or out-of-order row. Rows written by 0.1.0 are chained by the upgrade.
+#[tokio::test]
+async fn d06_the_audit_log_is_tamper_evident() {
+    let db = TestDb::create().await;
+    let owner = db.connect().await;
+    let mut payments = Vec::new();
+    for n in 0..5 {
+        let (payment, _) = checkout_with_intent(&owner, &format!("audit-{n}"), 1000, None).await;
+        // Three more rows each: the intent recorded, then a decline and a success by webhook-like evidence.
+        for (status, attempt_error) in [
+            ("requires_payment_method", false),
+            ("requires_payment_method", true),
+            ("succeeded", false),
+        ] {
+            let mut intent = fixtures::payment_intent(
+                &format!("pi_audit-{n}"),
+                &payment.to_string(),
+                1000,
+                "usd",
+                status,
+            );
+            if attempt_error {
+                intent["last_payment_error"] =
+                    json!({"code": "card_declined", "message": "declined"});
+            }
+            owner
+                .execute("SELECT pay.apply_stripe_object($1)", &[&intent])
+                .await
+                .unwrap();
+        }
+        payments.push(payment);
+    }
+    assert!(audit_ids(&owner, payments[0]).await.len() >= 3);
+    assert_eq!(
+        audit_problems(&owner).await,
+        vec![],
+        "an intact log verifies"
+    );
+    let auditor = db.connect().await;
+    auditor
+        .batch_execute("SET ROLE pay_auditor; SELECT * FROM pay.verify_audit_log()")
+        .await
+        .expect("the auditor verifies");
+
+    // Replication role no longer switches the refusal off.
+    let err = owner
+        .batch_execute(
+            "SET session_replication_role = replica; UPDATE pay.audit_log SET cause = 'rewritten'",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), Some("42501"));
+    owner
+        .batch_execute("RESET session_replication_role")
+        .await
+        .unwrap();
+
+    // The owner disables the triggers and rewrites history in four ways.
+    let changed = audit_ids(&owner, payments[0]).await[1];
+    let b = audit_ids(&owner, payments[1]).await;
+    let (deleted, after_deleted) = (b[1], b[2]);
+    let c = audit_ids(&owner, payments[2]).await;
+    let (deleted_last, new_last) = (c[c.len() - 1], c[c.len() - 2]);
+    owner
+        .batch_execute(&format!(
+            "ALTER TABLE pay.audit_log DISABLE TRIGGER audit_log_no_update_or_delete;
+             UPDATE pay.audit_log SET cause = 'nothing happened' WHERE id = {changed};
+             DELETE FROM pay.audit_log WHERE id IN ({deleted}, {deleted_last});
+             ALTER TABLE pay.audit_log ENABLE ALWAYS TRIGGER audit_log_no_update_or_delete;
+             INSERT INTO pay.audit_log (id, payment_id, from_status, to_status, cause)
+                 OVERRIDING SYSTEM VALUE VALUES (-1, '{}', 'creating', 'canceled', 'backdated');",
+            payments[3]
+        ))
+        .await
+        .unwrap();
+    let problems = audit_problems(&owner).await;
+    let named = |id: i64| problems.iter().any(|(a, _)| *a == Some(id));
+    assert!(named(changed), "the changed row: {problems:?}");
+    assert!(
+        named(after_deleted),
+        "the row after the deleted one: {problems:?}"
+    );
+    assert!(
+        named(new_last),
+        "the chain whose newest row was deleted: {problems:?}"
+    );
+    assert!(named(-1), "the row inserted out of order: {problems:?}");
+    let untouched = audit_ids(&owner, payments[4]).await;
+    assert!(
+        !untouched.iter().any(|&id| named(id)),
+        "an untouched payment is not named: {problems:?}"
+    );
+
+    // A database that ran 0.1.0: its rows are chained by the upgrade, and verify.
+    let old = format!("{}_010", db.name());
+    owner
+        .batch_execute(&format!("CREATE DATABASE {old}"))
+        .await
+        .unwrap();
+    let url = format!(
+        "{} dbname={old}",
+        db.url().split(" dbname=").next().unwrap_or_default()
+    );
+    let session = connect(&url).await;
+    session
+        .batch_execute(
+            "CREATE EXTENSION pgpay VERSION '0.1.0';
+             SELECT pay.begin_checkout('old-1', 100, 'usd');
+             SELECT pay.begin_checkout('old-1', 150, 'usd');
+             SELECT pay.cancel_checkout(id) FROM pay.payments WHERE order_ref = 'old-1' AND amount = 150;",
+        )
+        .await
+        .expect("0.1.0 at work");
+    session
+        .batch_execute("ALTER EXTENSION pgpay UPDATE TO '0.2.0'")
+        .await
+        .expect("the upgrade");
+    let chained = count(&session, "SELECT count(hash) FROM pay.audit_log").await;
+    assert_eq!(
+        chained,
+        count(&session, "SELECT count(*) FROM pay.audit_log").await
+    );
+    assert!(chained >= 4);
+    assert_eq!(audit_problems(&session).await, vec![]);
+    session
+        .batch_execute(
+            "ALTER TABLE pay.audit_log DISABLE TRIGGER audit_log_no_update_or_delete;
+             UPDATE pay.audit_log SET actor = 'someone else' WHERE id = (SELECT min(id) FROM pay.audit_log)",
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit_problems(&session).await.len(), 1);
+    drop(session);
+    owner
+        .batch_execute(&format!("DROP DATABASE {old} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
