@@ -678,3 +678,24 @@ $$;
 
 REVOKE EXECUTE ON FUNCTION pay.refund(uuid, bigint, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pay.refund(uuid, bigint, text, text) TO pay_app;
+-- ---------------------------------------------------------------------------------------------
+-- Issue #9, defect 12: CREATE EXTENSION now refuses to adopt a pay_* role that can log in, is or
+-- can become a superuser, creates roles or bypasses row security. An installed database keeps its
+-- roles (refusing here would fail the upgrade, not fix the role): say so loudly instead.
+-- ---------------------------------------------------------------------------------------------
+DO $roles$
+DECLARE
+    v record;
+BEGIN
+    FOR v IN
+        SELECT r.rolname FROM pg_catalog.pg_roles r
+        WHERE r.rolname IN ('pay_app', 'pay_webhook', 'pay_worker', 'pay_auditor')
+          AND (r.rolcanlogin OR r.rolsuper OR r.rolcreaterole OR r.rolbypassrls
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles s
+                          WHERE s.rolsuper AND s.oid <> r.oid AND pg_catalog.pg_has_role(r.oid, s.oid, 'MEMBER')))
+    LOOP
+        RAISE WARNING 'pgpay: role % can log in, is or can become a superuser, creates roles or bypasses row security', v.rolname
+            USING HINT = 'pgpay''s roles are group roles shared by every database of the cluster: ALTER ROLE ... NOLOGIN NOSUPERUSER NOCREATEROLE NOBYPASSRLS and grant it to login roles instead.';
+    END LOOP;
+END
+$roles$;

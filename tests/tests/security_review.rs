@@ -147,7 +147,7 @@ fn as_postgres(program: &Path) -> Command {
 }
 
 impl ThrowawayCluster {
-    fn start(memory_limit_kib: u64) -> ThrowawayCluster {
+    fn start(memory_limit_kib: Option<u64>) -> ThrowawayCluster {
         let pg_config = std::env::var("PG_CONFIG")
             .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
         let out = Command::new(&pg_config)
@@ -187,9 +187,10 @@ impl ThrowawayCluster {
         );
         // The limit applies to the postmaster and so to every backend it forks.
         let script = format!(
-            "ulimit -v {memory_limit_kib} && exec {pg_ctl} -D {data} -l {data}/server.log -w -t 60 \
+            "ulimit -v {limit} && exec {pg_ctl} -D {data} -l {data}/server.log -w -t 60 \
              -o '-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={dir} \
              -c shared_buffers=16MB -c max_connections=10 -c restart_after_crash=on' start",
+            limit = memory_limit_kib.map_or_else(|| "unlimited".to_owned(), |kib| kib.to_string()),
             pg_ctl = bindir.join("pg_ctl").display(),
             data = data.display(),
             dir = dir.display(),
@@ -208,8 +209,12 @@ impl ThrowawayCluster {
     }
 
     fn url(&self) -> String {
+        self.url_of("postgres")
+    }
+
+    fn url_of(&self, database: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            "host=127.0.0.1 port={} user=postgres dbname={database}",
             self.port
         )
     }
@@ -235,7 +240,7 @@ impl Drop for ThrowawayCluster {
 /// every oversized input is refused with 22023 naming the field and the server never restarts.
 #[tokio::test]
 async fn d05_oversized_inputs_are_refused_in_sql_and_never_restart_the_server() {
-    let cluster = ThrowawayCluster::start(720 * 1024);
+    let cluster = ThrowawayCluster::start(Some(720 * 1024));
     let admin = connect(&cluster.url()).await;
     admin
         .batch_execute("CREATE EXTENSION pgpay; GRANT pay_app, pay_worker TO postgres")
@@ -1045,4 +1050,112 @@ async fn d06_the_audit_log_is_tamper_evident() {
         .batch_execute(&format!("DROP DATABASE {old} WITH (FORCE)"))
         .await
         .unwrap();
+}
+
+/// Defect 12: roles are cluster-wide, and CREATE EXTENSION silently adopted an existing `pay_*`
+/// role whatever it could do. It now refuses one that can log in, is or can become a superuser,
+/// creates roles or bypasses row security; and two databases creating the extension at once (the
+/// second's CREATE ROLE waiting on the first's) both succeed. On a cluster of its own: the test
+/// changes cluster-wide roles.
+#[tokio::test]
+async fn d12_create_extension_refuses_unsafe_pay_roles_and_survives_a_concurrent_install() {
+    let cluster = ThrowawayCluster::start(None);
+    let admin = connect(&cluster.url()).await;
+    for sql in [
+        "CREATE DATABASE d1",
+        "CREATE DATABASE d2",
+        "CREATE DATABASE d3",
+        "CREATE ROLE pay_app NOLOGIN",
+        "CREATE ROLE su SUPERUSER NOLOGIN",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let d1 = connect(&cluster.url_of("d1")).await;
+    for (unsafe_attribute, reset, named) in [
+        (
+            "ALTER ROLE pay_app LOGIN",
+            "ALTER ROLE pay_app NOLOGIN",
+            "LOGIN",
+        ),
+        (
+            "ALTER ROLE pay_app SUPERUSER",
+            "ALTER ROLE pay_app NOSUPERUSER",
+            "SUPERUSER",
+        ),
+        (
+            "ALTER ROLE pay_app CREATEROLE",
+            "ALTER ROLE pay_app NOCREATEROLE",
+            "CREATEROLE",
+        ),
+        (
+            "ALTER ROLE pay_app BYPASSRLS",
+            "ALTER ROLE pay_app NOBYPASSRLS",
+            "BYPASSRLS",
+        ),
+        (
+            "GRANT su TO pay_app",
+            "REVOKE su FROM pay_app",
+            "superuser role",
+        ),
+    ] {
+        admin.batch_execute(unsafe_attribute).await.unwrap();
+        let err = d1
+            .batch_execute("CREATE EXTENSION pgpay")
+            .await
+            .expect_err(unsafe_attribute);
+        assert_eq!(sqlstate(&err), Some("55000"), "{unsafe_attribute}: {err:?}");
+        let message = err
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        assert!(
+            message.contains("pay_app") && message.contains(named),
+            "{unsafe_attribute}: {message}"
+        );
+        admin.batch_execute(reset).await.unwrap();
+    }
+    // A plain group role is adopted.
+    d1.batch_execute("CREATE EXTENSION pgpay").await.unwrap();
+
+    // Two databases at once, the roles not yet existing: d2 creates them in an open transaction,
+    // d3's CREATE ROLE waits for it, and both must succeed once d2 commits.
+    drop(d1);
+    for sql in [
+        "DROP DATABASE d1 WITH (FORCE)",
+        "DROP ROLE pay_app, pay_webhook, pay_worker, pay_auditor",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let d2 = connect(&cluster.url_of("d2")).await;
+    let d3 = connect(&cluster.url_of("d3")).await;
+    d2.batch_execute("BEGIN; CREATE EXTENSION pgpay")
+        .await
+        .unwrap();
+    let second = tokio::spawn(async move { d3.batch_execute("CREATE EXTENSION pgpay").await });
+    let waiting = pgpay_tests::wait_until(std::time::Duration::from_secs(30), || {
+        let admin = &admin;
+        async move {
+            count(
+                admin,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'd3' AND wait_event_type = 'Lock'",
+            )
+            .await
+                > 0
+        }
+    })
+    .await;
+    assert!(waiting, "d3's CREATE EXTENSION never waited on d2's roles");
+    d2.batch_execute("COMMIT").await.unwrap();
+    second
+        .await
+        .unwrap()
+        .expect("the second CREATE EXTENSION adopts the roles the first made");
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pay\\_%' AND NOT rolcanlogin"
+        )
+        .await,
+        4
+    );
 }
