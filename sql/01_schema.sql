@@ -75,6 +75,12 @@ CREATE TABLE pay.payments (
     superseded_by             uuid REFERENCES pay.payments (id) DEFERRABLE INITIALLY DEFERRED,
     created_at                timestamptz NOT NULL DEFAULT now(),
     updated_at                timestamptz NOT NULL DEFAULT now(),
+    -- The refunded total the charge itself last reported (charge.refunded), and its Stripe time:
+    -- see pay._derive_amount_refunded.
+    refunded_per_charge       bigint NOT NULL DEFAULT 0,
+    refunded_per_charge_at    bigint,
+    -- The hash of the payment's newest audit row: the head of its chain (pay.verify_audit_log).
+    audit_head                bytea,
     -- Session mode: the hosted Checkout Session, the URL to send the customer to and when it
     -- expires. Its PaymentIntent, once Stripe makes one, is stripe_payment_intent_id.
     mode                      pay.checkout_mode NOT NULL DEFAULT 'payment_intent',
@@ -152,7 +158,12 @@ CREATE TABLE pay.audit_log (
     cause            text NOT NULL,
     evidence_id      text,
     actor            text NOT NULL DEFAULT session_user,
-    at               timestamptz NOT NULL DEFAULT clock_timestamp()
+    at               timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- Tamper evidence, set by the trigger audit_log_chain whatever the inserter passes: a chain per
+    -- payment (no global serialisation point), each row's hash covering its content and the hash of
+    -- the payment's previous row (pay._audit_row_hash, checked by pay.verify_audit_log).
+    prev_hash        bytea,
+    hash             bytea NOT NULL
 );
 CREATE INDEX audit_log_by_payment ON pay.audit_log (payment_id, id);
 
@@ -160,3 +171,37 @@ CREATE INDEX audit_log_by_payment ON pay.audit_log (payment_id, id);
 -- last). Internal helpers (pay._*) are callable by the owner only, schema-qualify every name and
 -- run under the entry point's pinned path; they carry no SET clause because a function-level SET
 -- costs a GUC save/restore and a search-path recomputation on every call (measured on ingest).
+
+-- Input sizes. A Rust allocation that fails aborts the backend, and the postmaster then restarts
+-- every session of the cluster; so no jsonb reaches Rust (which parses it as text) before its size
+-- was checked here, on jsonb's own binary form first: a 2 MB jsonb of big numbers is 120 MB of
+-- text. Numbers beyond 1e30 in magnitude (or nonzero below 1e-30) are refused for the same reason:
+-- one stored in a few bytes can print as 131,072 digits. Stripe's own limits are far smaller than
+-- the ones callers pass here. Raises 22023 naming the field; returns the value's text, for Rust.
+CREATE FUNCTION pay._bounded_json_text(p_value jsonb, p_field text, p_max_bytes int) RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+    v_text text;
+BEGIN
+    IF p_value IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF pg_column_size(p_value) > p_max_bytes THEN
+        RAISE EXCEPTION '% is larger than % bytes', p_field, p_max_bytes
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_path_exists(p_value,
+        'strict $.** ? (@.type() == "number" && (@ >= 1e30 || @ <= -1e30 || (@ != 0 && @ < 1e-30 && @ > -1e-30)))') THEN
+        RAISE EXCEPTION '% holds a number beyond 1e30 in magnitude or nonzero below 1e-30', p_field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A stored (compressed) value can be far larger once expanded: check the text too.
+    v_text := p_value::text;
+    IF octet_length(v_text) > p_max_bytes THEN
+        RAISE EXCEPTION '% is larger than % bytes as text', p_field, p_max_bytes
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN v_text;
+END;
+$$;

@@ -1,5 +1,8 @@
 -- The audit log is append-only for every role, the table owner included: a DBA must be able to
--- prove what happened, so no one can rewrite it.
+-- prove what happened, so no one can rewrite it. Its triggers fire ALWAYS, so that
+-- session_replication_role = replica does not switch them off; what the owner or a superuser can
+-- still do (disable a trigger, rewrite a whole chain) is what pay.verify_audit_log and an
+-- external copy of the chain heads detect (README, security model).
 
 CREATE FUNCTION pay._audit_log_is_append_only() RETURNS trigger
 LANGUAGE plpgsql
@@ -17,6 +20,79 @@ CREATE TRIGGER audit_log_no_update_or_delete
 CREATE TRIGGER audit_log_no_truncate
     BEFORE TRUNCATE ON pay.audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION pay._audit_log_is_append_only();
+
+-- The hash of one audit row: SHA-256 over the previous row's hash (of the same payment; none for
+-- the first) and the row's content in one fixed spelling (jsonb text: no setting such as TimeZone
+-- or DateStyle changes it; the time as unix seconds with microseconds).
+CREATE FUNCTION pay._audit_row_hash(p_prev bytea, p_row pay.audit_log) RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT sha256(coalesce(p_prev, '\x'::bytea) || convert_to(jsonb_build_array(
+        p_row.id, p_row.payment_id, p_row.from_status, p_row.to_status, p_row.proposed_status,
+        p_row.cause, p_row.evidence_id, p_row.actor, extract(epoch FROM p_row.at))::text, 'SQL_ASCII'));
+$$;
+
+-- Chains every new audit row to its payment's newest one. The payment's row lock orders the rows
+-- of one payment (every writer in pgpay holds it already, so it costs no wait), and the payment's
+-- audit_head, read under that lock, is the chain's newest hash whatever the isolation level.
+CREATE FUNCTION pay._audit_log_chain() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    SELECT p.audit_head INTO NEW.prev_hash FROM pay.payments p WHERE p.id = NEW.payment_id FOR NO KEY UPDATE;
+    NEW.hash := pay._audit_row_hash(NEW.prev_hash, NEW);
+    UPDATE pay.payments p SET audit_head = NEW.hash WHERE p.id = NEW.payment_id;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER audit_log_chain
+    BEFORE INSERT ON pay.audit_log
+    FOR EACH ROW EXECUTE FUNCTION pay._audit_log_chain();
+
+ALTER TABLE pay.audit_log ENABLE ALWAYS TRIGGER audit_log_no_update_or_delete;
+ALTER TABLE pay.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
+ALTER TABLE pay.audit_log ENABLE ALWAYS TRIGGER audit_log_chain;
+
+-- Every audit row that is not what was written, in its place: changed (its hash does not cover its
+-- content), after a deleted row or inserted out of order (not chained to the row before it), or
+-- the last of a chain whose newer rows were deleted (the payment's audit_head is another hash).
+-- Nothing for an intact log.
+CREATE FUNCTION pay.verify_audit_log()
+RETURNS TABLE (audit_id bigint, payment_id uuid, problem text)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+    WITH chain AS (
+        SELECT a.id, a.payment_id, a.prev_hash, a.hash, pay._audit_row_hash(a.prev_hash, a) AS recomputed,
+               lag(a.id) OVER w AS previous_id, lag(a.hash) OVER w AS previous_hash
+        FROM pay.audit_log a
+        WINDOW w AS (PARTITION BY a.payment_id ORDER BY a.id)
+    ), newest AS (
+        SELECT DISTINCT ON (a.payment_id) a.payment_id, a.id, a.hash
+        FROM pay.audit_log a ORDER BY a.payment_id, a.id DESC
+    )
+    SELECT c.id, c.payment_id, 'changed: its hash does not cover its content'
+    FROM chain c WHERE c.hash IS DISTINCT FROM c.recomputed
+    UNION ALL
+    SELECT c.id, c.payment_id,
+           CASE WHEN c.previous_id IS NULL
+                THEN 'not chained to the start: an earlier row of this payment was deleted, or this one was inserted out of order'
+                ELSE format('not chained to row %s before it: a row between them was deleted, or one of them was changed or inserted out of order',
+                            c.previous_id) END
+    FROM chain c WHERE c.prev_hash IS DISTINCT FROM c.previous_hash
+    UNION ALL
+    SELECT n.id, p.id,
+           CASE WHEN n.id IS NULL THEN 'every audit row of this payment is missing'
+                ELSE 'newer rows are missing: the payment''s chain head is not this row''s hash' END
+    FROM pay.payments p LEFT JOIN newest n ON n.payment_id = p.id
+    WHERE p.audit_head IS DISTINCT FROM n.hash
+    ORDER BY 2, 1;
+$$;
+
+-- Writes one audit row. Every status change goes through here. (plpgsql, not SQL: a SQL function
+-- that cannot be inlined is planned again on every call.)
 
 -- Writes one audit row for the plpgsql functions. The transition rule's writes in Rust
 -- (extension/src/apply_intent.rs) insert the same row through their kept plan instead.

@@ -178,6 +178,7 @@ BEGIN
         RAISE EXCEPTION 'complete_outbox: response must be the JSON object Stripe answered'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM pay._bounded_json_text(response, 'response', 1048576);
     v_command := pay._finish_outbox_if_current_attempt(id, attempt, 'done', http_status, NULL, response, NULL);
     IF v_command.id IS NULL THEN
         RETURN false;

@@ -1,9 +1,16 @@
 -- Checkout: what an application calls in its own transaction.
 
+-- SECURITY DEFINER: the roles it is granted to may not call the internal helper themselves.
 CREATE FUNCTION pay.idempotency_key(scope text, parts jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
--- jsonb's text form keeps every digit of a number; pgpay-core canonicalises it (RFC 8785 style).
-AS $$ SELECT pay._idempotency_key_of_text(scope, parts::text) $$;
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+BEGIN
+    -- jsonb's text form keeps every digit of a number; pgpay-core canonicalises it (RFC 8785 style).
+    RETURN pay._idempotency_key_of_text(scope, pay._bounded_json_text(parts, 'parts', 65536));
+END;
+$$;
 
 -- Withdraws an attempt's request to Stripe. A create that was never sent is skipped: nothing
 -- exists at Stripe. Otherwise the PaymentIntent is canceled, or the Checkout Session expired,
@@ -67,6 +74,8 @@ DECLARE
     v_params jsonb;
     v_mode text := coalesce(begin_checkout.mode, 'payment_intent');
 BEGIN
+    -- Bounded before Rust reads it (pay._bounded_json_text); the structure is checked in Rust.
+    PERFORM pay._bounded_json_text(v_metadata, 'metadata', 131072);
     v_currency := pay._checkout_validate(order_ref, amount, currency, customer_ref, v_metadata, description);
     PERFORM pay._checkout_validate_mode(v_mode, success_url, cancel_url);
     -- Session mode's own arguments join the fingerprint; a payment_intent checkout keeps the

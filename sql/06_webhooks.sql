@@ -121,25 +121,21 @@ DECLARE
     v_event_id text := p_event ->> 'id';
 BEGIN
     IF v_object ->> 'object' = 'refund' AND v_type LIKE '%refund.%' THEN
-        outcome := pay._apply_refund_answer(p_payment.id, v_object, v_event_id);
+        SELECT a.outcome, a.detail INTO outcome, detail
+        FROM pay._apply_refund_evidence(p_payment, v_object, v_event_id, pay._evidence_time(p_event)) a;
+        IF outcome = 'stored' THEN
+            RETURN;
+        END IF;
     ELSIF v_type = 'charge.refunded' AND v_object ->> 'object' = 'charge' THEN
-        -- The charge carries the absolute refunded total: take it when it says more than we know.
-        UPDATE pay.payments p
-        SET amount_refunded = least(greatest(p.amount_refunded, coalesce((v_object ->> 'amount_refunded')::bigint, 0)),
-                                    greatest(p.amount, p.amount_received)),
-            updated_at = now()
-        WHERE p.id = p_payment.id AND p.amount_refunded < coalesce((v_object ->> 'amount_refunded')::bigint, 0);
-        IF FOUND THEN
-            PERFORM pay._audit(p_payment.id, p_payment.status, p_payment.status,
-                'charge refunded: ' || (v_object ->> 'amount_refunded') || ' of ' || (v_object ->> 'amount'), v_event_id);
-            outcome := 'applied';
-        ELSE
-            outcome := 'unchanged';
+        SELECT a.outcome, a.detail INTO outcome, detail
+        FROM pay._apply_charge_refunds(p_payment, v_object, v_event_id, pay._evidence_time(p_event)) a;
+        IF outcome = 'stored' THEN
+            RETURN;
         END IF;
     ELSIF v_type LIKE 'charge.dispute.%' AND v_object ->> 'object' = 'dispute' THEN
         UPDATE pay.payments p SET disputed = true, updated_at = now() WHERE p.id = p_payment.id AND NOT p.disputed;
         PERFORM pay._audit(p_payment.id, p_payment.status, p_payment.status,
-            v_type || ' (' || coalesce(v_object ->> 'reason', 'no reason') || ', ' || coalesce(v_object ->> 'status', '') || ')',
+            format('%s (%s, %s)', v_type, coalesce(v_object ->> 'reason', 'no reason'), coalesce(v_object ->> 'status', 'no status')),
             v_event_id);
         outcome := 'applied';
     ELSE

@@ -194,7 +194,8 @@ CREATE VIEW pay.dead_fulfillments AS
 -- The one builder of a refund command (pay.refund and the duplicate-charge refund of
 -- extension/src/apply_intent.rs): POST /v1/refunds for the payment's PaymentIntent, `amount`
 -- NULL for all that is left, under the key pay.idempotency_key('pgpay.refund',
--- {payment_id} + key_parts). Returns the outbox command id.
+-- {payment_id} + key_parts). An application's refund_ref in key_parts is also sent as the
+-- refund's metadata[pgpay_refund_ref]. Returns the outbox command id.
 CREATE FUNCTION pay._enqueue_refund(p_payment_id uuid, p_intent_id text, p_amount bigint, p_reason text,
                                     p_key_parts jsonb)
 RETURNS bigint
@@ -204,12 +205,17 @@ AS $$
         pay.idempotency_key('pgpay.refund', jsonb_build_object('payment_id', p_payment_id) || p_key_parts),
         'POST', '/v1/refunds',
         jsonb_strip_nulls(jsonb_build_object('payment_intent', p_intent_id, 'amount', p_amount::text,
-                                             'reason', p_reason, 'metadata[pgpay_payment_id]', p_payment_id::text)));
+                                             'reason', p_reason, 'metadata[pgpay_payment_id]', p_payment_id::text,
+                                             'metadata[pgpay_refund_ref]', p_key_parts ->> 'refund_ref')));
 $$;
 
 -- Asks Stripe to refund part or all of a succeeded payment. Returns the outbox command id.
 -- Amounts already refunded or being refunded count, so refunds never exceed what was received.
-CREATE FUNCTION pay.refund(payment_id uuid, amount bigint DEFAULT NULL, reason text DEFAULT NULL)
+-- refund_ref is the application's own reference for the refund (a return id, say): the same
+-- (payment, refund_ref) again returns the same command and queues nothing, so an application may
+-- retry its own request; the same ref with another amount or reason raises 22023.
+CREATE FUNCTION pay.refund(payment_id uuid, amount bigint DEFAULT NULL, reason text DEFAULT NULL,
+                           refund_ref text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -221,18 +227,40 @@ DECLARE
     v_refundable bigint;
     v_amount bigint;
     v_ordinal int;
+    v_key text;
+    v_earlier pay.outbox;
 BEGIN
-    SELECT * INTO v FROM pay.payments p WHERE p.id = refund.payment_id FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'refund: no payment %', payment_id USING ERRCODE = 'no_data_found';
-    END IF;
-    IF v.status <> 'succeeded' THEN
-        RAISE EXCEPTION 'refund: payment % is %, only a succeeded payment can be refunded', payment_id, v.status
-            USING ERRCODE = 'object_not_in_prerequisite_state';
+    IF refund_ref IS NOT NULL AND (length(refund_ref) NOT BETWEEN 1 AND 200 OR refund_ref ~ '[[:cntrl:]]') THEN
+        RAISE EXCEPTION 'refund: refund_ref must be 1 to 200 characters without control characters'
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF reason IS NOT NULL AND reason NOT IN ('duplicate', 'fraudulent', 'requested_by_customer') THEN
         RAISE EXCEPTION 'reason must be duplicate, fraudulent or requested_by_customer, got %', reason
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = refund.payment_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'refund: no payment %', payment_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF refund_ref IS NOT NULL THEN
+        -- Under the payment's lock: a retry racing the first call finds its command here.
+        -- The key pay._enqueue_refund gives the command of this refund_ref.
+        v_key := pay.idempotency_key('pgpay.refund', jsonb_build_object('payment_id', v.id, 'refund_ref', refund_ref));
+        SELECT * INTO v_earlier FROM pay.outbox o WHERE o.idempotency_key = v_key;
+        IF FOUND THEN
+            IF (amount IS NOT NULL AND amount IS DISTINCT FROM (v_earlier.request #>> '{params,amount}')::bigint)
+               OR reason IS DISTINCT FROM v_earlier.request #>> '{params,reason}' THEN
+                RAISE EXCEPTION 'refund: refund_ref % of payment % was already used for a refund of % (reason %)',
+                    refund_ref, v.id, v_earlier.request #>> '{params,amount}', coalesce(v_earlier.request #>> '{params,reason}', 'none')
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'The same refund_ref must repeat the same amount and reason; use another refund_ref for another refund.';
+            END IF;
+            RETURN v_earlier.id;
+        END IF;
+    END IF;
+    IF v.status <> 'succeeded' THEN
+        RAISE EXCEPTION 'refund: payment % is %, only a succeeded payment can be refunded', payment_id, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     SELECT coalesce(sum((o.request #>> '{params,amount}')::bigint), 0) INTO v_in_flight
     FROM pay.outbox o WHERE o.payment_id = v.id AND o.kind = 'refund' AND o.status IN ('waiting', 'pending', 'in_flight');
@@ -244,6 +272,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN pay._enqueue_refund(v.id, v.stripe_payment_intent_id, v_amount, reason,
-        jsonb_build_object('ordinal', v_ordinal + 1, 'amount', v_amount));
+        CASE WHEN refund_ref IS NOT NULL THEN jsonb_build_object('refund_ref', refund_ref)
+             ELSE jsonb_build_object('ordinal', v_ordinal + 1, 'amount', v_amount) END);
 END;
 $$;

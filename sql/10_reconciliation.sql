@@ -202,6 +202,7 @@ DECLARE
     v_before pay.payment_status;
     v_result text;
 BEGIN
+    PERFORM pay._bounded_json_text(p_object, 'object', 1048576);
     IF p_object ->> 'object' = 'refund' THEN
         payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
         IF payment_id IS NULL THEN
@@ -353,7 +354,7 @@ BEGIN
        OR event ->> 'id' IS NULL OR event ->> 'type' IS NULL THEN
         RAISE EXCEPTION 'apply_stripe_event: not a Stripe event object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO v FROM pay._store_and_apply_event(event::text, 'api');
+    SELECT * INTO v FROM pay._store_and_apply_event(pay._bounded_json_text(event, 'event', 1048576), 'api');
     RETURN QUERY SELECT CASE WHEN v.outcome IS NULL THEN 'duplicate' WHEN v.outcome = 'stored' THEN 'stored' ELSE 'applied' END,
                         event ->> 'id', v.detail;
 END;

@@ -5,13 +5,44 @@
 --   pay_worker   the outbox and reconciliation evidence
 --   pay_auditor  read-only views and the audit log
 
+-- Roles are cluster-wide: another database's CREATE EXTENSION may have made them, or may be making
+-- them right now. An existing role is adopted only if it is a plain group role: one that can log
+-- in, is or can become a superuser, creates roles or bypasses row security would hand every
+-- database's payments to whoever holds it.
 DO $roles$
 DECLARE
     r text;
+    v pg_catalog.pg_roles;
+    v_unsafe text[];
 BEGIN
     FOREACH r IN ARRAY ARRAY['pay_app', 'pay_webhook', 'pay_worker', 'pay_auditor'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r) THEN
-            EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                -- Created by a concurrent CREATE EXTENSION in another database, which has
+                -- committed meanwhile: checked like any existing role below.
+                NULL;
+            END;
+        END IF;
+        SELECT * INTO v FROM pg_catalog.pg_roles WHERE rolname = r;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'pgpay: role % is being created by another transaction that has not finished', r
+                USING ERRCODE = 'serialization_failure', HINT = 'Run CREATE EXTENSION pgpay again.';
+        END IF;
+        v_unsafe := array_remove(ARRAY[
+            CASE WHEN v.rolcanlogin THEN 'LOGIN' END,
+            CASE WHEN v.rolsuper THEN 'SUPERUSER' END,
+            CASE WHEN v.rolcreaterole THEN 'CREATEROLE' END,
+            CASE WHEN v.rolbypassrls THEN 'BYPASSRLS' END,
+            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles s
+                              WHERE s.rolsuper AND s.oid <> v.oid AND pg_catalog.pg_has_role(v.oid, s.oid, 'MEMBER'))
+                 THEN 'membership in a superuser role' END], NULL);
+        IF cardinality(v_unsafe) > 0 THEN
+            RAISE EXCEPTION 'pgpay: role % exists already with %, so CREATE EXTENSION pgpay will not adopt it',
+                r, array_to_string(v_unsafe, ', ')
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = format('pgpay''s roles are group roles shared by every database of the cluster: make it one (ALTER ROLE %I NOLOGIN NOSUPERUSER NOCREATEROLE NOBYPASSRLS, and revoke superuser memberships) or drop it, then run CREATE EXTENSION pgpay again.', r);
         END IF;
     END LOOP;
 END
@@ -32,6 +63,7 @@ GRANT EXECUTE ON FUNCTION pay.cancel_checkout(uuid) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.wait_for_intent(uuid, int) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.wait_for_checkout(uuid, int) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.payment_timeline(uuid) TO pay_app, pay_auditor;
+GRANT EXECUTE ON FUNCTION pay.verify_audit_log() TO pay_auditor;
 GRANT SELECT ON pay.payments, pay.fulfillments TO pay_app;
 
 GRANT EXECUTE ON FUNCTION pay.claim_outbox(text, int, interval) TO pay_worker;
@@ -53,7 +85,7 @@ GRANT EXECUTE ON FUNCTION pay.complete_fulfillment(uuid, text) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.fail_fulfillment(uuid, text, interval, text) TO pay_app;
 GRANT EXECUTE ON FUNCTION pay.retry_fulfillment(uuid) TO pay_app;
 GRANT SELECT ON pay.dead_fulfillments TO pay_app, pay_auditor;
-GRANT EXECUTE ON FUNCTION pay.refund(uuid, bigint, text) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.refund(uuid, bigint, text, text) TO pay_app;
 GRANT SELECT ON pay.flagged_payments TO pay_app;
 
 GRANT SELECT ON pay.webhook_events, pay.webhook_rejections, pay.webhook_secret_labels,

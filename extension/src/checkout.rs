@@ -4,18 +4,29 @@ use pgpay_core::checkout;
 use pgrx::prelude::*;
 
 use crate::errors::raise_invalid_parameter;
+use crate::text_bytes::TextBytes;
 
 /// Validates a checkout's arguments like Stripe would and returns the currency in lower case.
 /// Raises 22023 naming the field.
 #[pg_extern(immutable, parallel_safe, name = "_checkout_validate")]
 fn checkout_validate(
-    order_ref: Option<&str>,
+    order_ref: Option<TextBytes<'_>>,
     amount: Option<i64>,
-    currency: Option<&str>,
-    customer_ref: Option<&str>,
+    currency: Option<TextBytes<'_>>,
+    customer_ref: Option<TextBytes<'_>>,
     metadata: Option<pgrx::JsonB>,
-    description: Option<&str>,
+    description: Option<TextBytes<'_>>,
 ) -> String {
+    fn text<'a>(value: Option<TextBytes<'a>>, field: &str) -> Option<&'a str> {
+        value.map(|v| {
+            v.as_utf8()
+                .unwrap_or_else(|| raise_invalid_parameter(format!("{field} is not valid UTF-8")))
+        })
+    }
+    let order_ref = text(order_ref, "order_ref");
+    let currency = text(currency, "currency");
+    let customer_ref = text(customer_ref, "customer_ref");
+    let description = text(description, "description");
     let result = (|| {
         checkout::validate_order_ref(order_ref.unwrap_or(""))?;
         checkout::validate_amount(amount.unwrap_or(0))?;

@@ -14,6 +14,7 @@ mod lookup;
 mod plans;
 mod secrets;
 mod signature;
+mod text_bytes;
 mod webhook;
 
 ::pgrx::pg_module_magic!(name, version);

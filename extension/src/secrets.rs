@@ -7,6 +7,11 @@
 //! or at its rollback), and the callback registered here drops the copy. A revoked secret stops
 //! verifying as soon as the revocation commits; expiry is checked against the transaction's time
 //! on every use, as `now()` would be.
+//!
+//! Only a read under a statement snapshot is kept. Under REPEATABLE READ or SERIALIZABLE the read
+//! sees the transaction's snapshot, which may be older than an invalidation this backend has
+//! already processed: such a copy would miss a revocation and, with no further invalidation to
+//! come, be kept for good (issue #9). That read is used for its transaction and not kept.
 
 use std::cell::RefCell;
 
@@ -106,7 +111,7 @@ pub fn live_secrets(client: &mut SpiClient<'_>) -> Vec<String> {
         }
         let overtaken = CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
-            if cache.generation == generation {
+            if cache.generation == generation && !uses_transaction_snapshot() {
                 cache.secrets = Some(secrets);
                 None
             } else {
@@ -114,11 +119,19 @@ pub fn live_secrets(client: &mut SpiClient<'_>) -> Vec<String> {
             }
         });
         if let Some(secrets) = overtaken {
-            // A change was seen while reading: use what was read, keep nothing.
+            // A change was seen while reading, or the read may predate one: use it, keep nothing.
             return live(&secrets);
         }
     }
     CACHE.with(|cache| live(cache.borrow().secrets.as_deref().unwrap_or_default()))
+}
+
+/// Whether statements see the transaction's snapshot (REPEATABLE READ and SERIALIZABLE), taken
+/// when it began, rather than a new one each (READ COMMITTED).
+fn uses_transaction_snapshot() -> bool {
+    // SAFETY: reads the backend's current isolation level, set for the running transaction.
+    let level = unsafe { pg_sys::XactIsoLevel };
+    level >= pg_sys::XACT_REPEATABLE_READ as i32
 }
 
 fn live(secrets: &[Secret]) -> Vec<String> {

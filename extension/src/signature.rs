@@ -4,25 +4,31 @@ use pgpay_core::signature::{verify, Tolerance};
 use pgrx::prelude::*;
 
 use crate::errors::raise_invalid_parameter;
+use crate::text_bytes::TextBytes;
 
 /// `pay.verify_stripe_signature`: for tests and tooling. Production ingest never takes the secret
 /// as an argument (statement logs and pg_stat_statements would keep it): it reads stored secrets.
 /// NULL `now_unix` means the wall clock, as the SDKs use (hence volatile).
 #[pg_extern(volatile, parallel_safe)]
 fn verify_stripe_signature(
-    payload: Option<&str>,
-    header: Option<&str>,
-    secret: Option<&str>,
+    payload: Option<TextBytes<'_>>,
+    header: Option<TextBytes<'_>>,
+    secret: Option<TextBytes<'_>>,
     tolerance_s: default!(i32, 300),
     now_unix: default!(Option<i64>, "NULL"),
 ) -> Option<bool> {
     let (payload, header, secret) = (payload?, header?, secret?);
     let tolerance = tolerance(tolerance_s);
+    // Stripe signs bytes; a header that is not UTF-8 (possible in a SQL_ASCII database) is no
+    // Stripe header.
+    let Some(header) = header.as_utf8() else {
+        return Some(false);
+    };
     Some(
         verify(
-            payload.as_bytes(),
+            payload.0,
             header,
-            secret.as_bytes(),
+            secret.0,
             tolerance,
             now_unix.unwrap_or_else(unix_now),
         )

@@ -4,7 +4,7 @@
 //!
 //! Every webhook runs this, so it is Rust over prepared statements (see `apply_intent` for why).
 
-use pgpay_core::event::{event_created, field_text, read_event};
+use pgpay_core::event::{event_created, field_text, read_event, MAX_EVENT_BYTES};
 use pgpay_core::outcome::Outcome;
 use pgpay_core::signature::{verify_any, Tolerance};
 use pgrx::pg_sys::BuiltinOid::{BOOLOID, INT8OID, TEXTOID, UUIDOID};
@@ -20,6 +20,7 @@ use crate::lookup::lock_payment_for;
 use crate::plans::{first, run, Statement};
 use crate::secrets::live_secrets;
 use crate::signature::unix_now;
+use crate::text_bytes::TextBytes;
 
 /// Signatures older than this are refused (Stripe's SDKs use the same default).
 const TOLERANCE_SECONDS: u32 = 300;
@@ -200,8 +201,8 @@ fn rejected(client: &mut SpiClient<'_>, reason: &str, detail: String) -> IngestR
 #[pg_extern(volatile, security_definer, name = "ingest_webhook")]
 #[search_path(pg_catalog, pay, pg_temp)]
 fn ingest_webhook(
-    payload: Option<&str>,
-    signature_header: Option<&str>,
+    payload: Option<TextBytes<'_>>,
+    signature_header: Option<TextBytes<'_>>,
 ) -> TableIterator<
     'static,
     (
@@ -220,16 +221,29 @@ fn ingest_webhook(
                 "Add the endpoint's signing secret with pay.add_webhook_secret.",
             );
         }
-        let Some(payload) = payload else {
+        let Some(TextBytes(payload)) = payload else {
             return rejected(
                 client,
                 "missing_payload",
                 "missing_payload: no request body".into(),
             );
         };
+        if payload.len() > MAX_EVENT_BYTES {
+            return rejected(
+                client,
+                "payload_too_large",
+                format!("payload_too_large: more than {MAX_EVENT_BYTES} bytes"),
+            );
+        }
+        // A header that is not UTF-8 (a SQL_ASCII database lets any bytes through) is malformed.
+        let header = match signature_header.map(TextBytes::as_utf8) {
+            None => "",
+            Some(Some(header)) => header,
+            Some(None) => return rejected(client, "malformed_header", "malformed_header".into()),
+        };
         let verified = verify_any(
-            payload.as_bytes(),
-            signature_header.unwrap_or(""),
+            payload,
+            header,
             &secrets,
             Tolerance::from_seconds(TOLERANCE_SECONDS),
             unix_now(),
@@ -238,7 +252,10 @@ fn ingest_webhook(
             let reason = failure.reason();
             return rejected(client, reason, reason.to_owned());
         }
-        let Some(event) = read_event(payload) else {
+        let event = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|payload| read_event(payload).map(|event| (payload, event)));
+        let Some((payload, event)) = event else {
             return rejected(
                 client,
                 "not_an_event",
@@ -279,6 +296,11 @@ fn store_and_apply_event(
         name!(detail, Option<String>),
     ),
 > {
+    if payload.len() > MAX_EVENT_BYTES {
+        crate::errors::raise_invalid_parameter(format!(
+            "_store_and_apply_event: event is larger than {MAX_EVENT_BYTES} bytes"
+        ));
+    }
     let Some(event) = read_event(payload) else {
         crate::errors::raise_invalid_parameter("_store_and_apply_event: not a Stripe event object");
     };

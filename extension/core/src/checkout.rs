@@ -142,6 +142,10 @@ pub fn validate_amount(amount: i64) -> Result<(), CheckoutError> {
 
 /// Returns the currency in the lower case Stripe uses.
 pub fn normalize_currency(currency: &str) -> Result<String, CheckoutError> {
+    // Checked before the lower-case copy, whose size would otherwise be the caller's to choose.
+    if currency.len() != 3 {
+        return Err(CheckoutError::Currency(currency.chars().take(16).collect()));
+    }
     let lower = currency.to_ascii_lowercase();
     if ISO_4217.binary_search(&lower.as_str()).is_ok() {
         Ok(lower)

@@ -7,6 +7,10 @@ use serde_json::Value;
 /// Longest event id pgpay stores (the column's rule, checked before anything is written).
 pub const MAX_EVENT_ID_CHARS: usize = 255;
 
+/// Largest event body read (bytes). Stripe's events are a few kilobytes; a larger body is refused
+/// before it is verified or parsed, so its size never decides how much memory is allocated.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
 /// Latest `created` taken as a Stripe time (unix seconds); beyond it the event has no usable time.
 const MAX_CREATED: i64 = 999_999_999_999;
 
@@ -39,6 +43,9 @@ pub struct NotAnInteger;
 /// 255 characters and a type. `None` for anything else, including JSON that PostgreSQL's jsonb
 /// refuses (a `\u0000` escape), so that what is accepted here is what the SQL side can store.
 pub fn read_event(payload: &str) -> Option<Value> {
+    if payload.len() > MAX_EVENT_BYTES {
+        return None;
+    }
     let event: Value = serde_json::from_str(payload).ok()?;
     if has_nul_escape(payload) {
         return None;

@@ -9,6 +9,8 @@ use crate::canonical_json::{canonicalize, CanonicalJsonError};
 
 /// Stripe accepts keys of up to 255 characters; a SHA-256 in hex and the separator take 65.
 pub const MAX_SCOPE_LEN: usize = 255 - 65;
+/// Largest JSON text of parts (the SQL side refuses larger jsonb before it gets here).
+pub const MAX_PARTS_BYTES: usize = 65536;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdempotencyKeyError {
@@ -18,6 +20,8 @@ pub enum IdempotencyKeyError {
     ScopeTooLong,
     #[error("scope may contain only ASCII letters, digits and . _ - : (found {0:?})")]
     ScopeCharacter(char),
+    #[error("parts are larger than {MAX_PARTS_BYTES} bytes as JSON text")]
+    PartsTooLarge,
     #[error("parts are not valid JSON: {0}")]
     Parts(#[from] CanonicalJsonError),
 }
@@ -25,6 +29,9 @@ pub enum IdempotencyKeyError {
 /// Derives the key for `scope` and the JSON text `parts_json`.
 pub fn derive(scope: &str, parts_json: &str) -> Result<String, IdempotencyKeyError> {
     validate_scope(scope)?;
+    if parts_json.len() > MAX_PARTS_BYTES {
+        return Err(IdempotencyKeyError::PartsTooLarge);
+    }
     let canonical = canonicalize(parts_json)?;
     let digest = Sha256::digest(canonical.as_bytes());
     Ok(format!("{scope}:{}", hex::encode(digest)))

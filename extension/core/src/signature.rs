@@ -7,6 +7,7 @@
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use subtle::{Choice, ConstantTimeEq};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -52,12 +53,23 @@ pub struct SignatureHeader<'a> {
 // otherwise overflow.
 const MAX_TIMESTAMP_DIGITS: usize = 12;
 
+/// Longest header accepted. Stripe sends `t=` and one `v1` (two while a secret rotates, and a `v0`
+/// in test mode): about 150 bytes. A flood of a million `v1=` entries took 7 s of backend CPU.
+pub const MAX_HEADER_BYTES: usize = 4096;
+/// Most `v1` signatures accepted in one header.
+pub const MAX_V1_SIGNATURES: usize = 8;
+
 /// Parses `t=...,v1=...`. Items without `=` and schemes other than `t` and `v1` are ignored, as the
 /// SDKs do; a missing, repeated or non-numeric `t` is malformed (the SDKs disagree on repeats:
 /// python keeps the first, node the last, so we accept neither).
 pub fn parse_header(header: &str) -> Result<SignatureHeader<'_>, SignatureError> {
     if header.is_empty() {
         return Err(SignatureError::MissingHeader);
+    }
+    if header.len() > MAX_HEADER_BYTES {
+        return Err(SignatureError::MalformedHeader(
+            "longer than 4096 bytes (Stripe sends about 150)",
+        ));
     }
     let mut timestamp = None;
     let mut v1 = Vec::new();
@@ -73,6 +85,9 @@ pub fn parse_header(header: &str) -> Result<SignatureHeader<'_>, SignatureError>
                     return Err(SignatureError::MalformedHeader("t appears more than once"));
                 }
                 timestamp = Some(parse_timestamp(value)?);
+            }
+            "v1" if v1.len() == MAX_V1_SIGNATURES => {
+                return Err(SignatureError::MalformedHeader("more than 8 v1 signatures"));
             }
             "v1" => v1.push(value),
             _ => {}
@@ -142,19 +157,27 @@ pub fn verify_any<S: AsRef<[u8]>>(
     let parsed = parse_header(header)?;
     let candidates: Vec<[u8; 32]> = parsed.v1.iter().filter_map(|v| decode_v1(v)).collect();
     let matched = secrets.iter().position(|secret| {
-        let mac = signed_mac(secret.as_ref(), parsed.timestamp, payload);
+        // One HMAC per secret, whatever the number of candidates.
+        let expected: [u8; 32] = signed_mac(secret.as_ref(), parsed.timestamp, payload)
+            .finalize()
+            .into_bytes()
+            .into();
         // Every candidate is compared (constant time each) so timing reveals nothing about which.
-        candidates.iter().fold(false, |any, candidate| {
-            mac.clone().verify_slice(candidate).is_ok() | any
-        })
+        candidates
+            .iter()
+            .fold(Choice::from(0), |any, candidate| {
+                any | expected.ct_eq(candidate)
+            })
+            .into()
     });
     let matched = matched.ok_or(SignatureError::Mismatch)?;
     if let Tolerance::Seconds(limit) = tolerance {
-        let age = now_unix.saturating_sub(parsed.timestamp);
-        if age > i64::from(limit) {
+        // In i128: any two i64 differ by less than its range, so no clock value can wrap.
+        let age = i128::from(now_unix) - i128::from(parsed.timestamp);
+        if age > i128::from(limit) {
             return Err(SignatureError::TooOld);
         }
-        if -age > i64::from(limit) {
+        if -age > i128::from(limit) {
             return Err(SignatureError::TooFarInFuture);
         }
     }
@@ -381,11 +404,94 @@ mod tests {
         }
     }
 
+    /// Issue #9, defect 10: a million `v1=` entries took 7 s of backend CPU.
+    #[test]
+    fn d10_header_floods_are_refused_before_any_hmac() {
+        let body = b"{}";
+        let sig = compute_v1(body, SECRET, NOW);
+        let flood = format!("t={NOW},{}v1={sig}", "v1=00,".repeat(1_000_000));
+        let started = std::time::Instant::now();
+        assert_eq!(
+            verify(body, &flood, SECRET, Tolerance::Seconds(300), NOW),
+            Err(SignatureError::MalformedHeader(
+                "longer than 4096 bytes (Stripe sends about 150)"
+            ))
+        );
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
+        let nine = format!(
+            "t={NOW},{}v1={sig}",
+            format!("v1={},", "0".repeat(64)).repeat(8)
+        );
+        assert!(nine.len() <= MAX_HEADER_BYTES);
+        assert_eq!(
+            verify(body, &nine, SECRET, Tolerance::Seconds(300), NOW),
+            Err(SignatureError::MalformedHeader("more than 8 v1 signatures"))
+        );
+    }
+
+    /// Issue #9, defect 11: `now_unix => -9223372036854775000` accepted a 1970 signature (the age
+    /// check wrapped around).
+    #[test]
+    fn d11_absurd_clocks_never_accept_a_signature_outside_the_tolerance() {
+        let body = b"{}";
+        for t in [0, 1, 1_000, NOW] {
+            let header = sign_header(body, SECRET, t);
+            for now in [i64::MIN, -9_223_372_036_854_775_000, i64::MAX] {
+                let verdict = verify(body, &header, SECRET, Tolerance::Seconds(300), now);
+                assert!(verdict.is_err(), "t={t} now={now}: {verdict:?}");
+            }
+        }
+    }
+
     mod properties {
         use super::super::*;
         use proptest::prelude::*;
 
         proptest! {
+            // Defect 11: the age check is exact for every clock and timestamp.
+            #[test]
+            fn d11_the_age_check_is_exact_for_any_clock(t in 0i64..999_999_999_999, now in any::<i64>(), tol in 1u32..u32::MAX) {
+                let header = sign_header(b"p", b"whsec_x", t);
+                let verdict = verify(b"p", &header, b"whsec_x", Tolerance::Seconds(tol), now);
+                let age = i128::from(now) - i128::from(t);
+                let expected = if age > i128::from(tol) {
+                    Err(SignatureError::TooOld)
+                } else if -age > i128::from(tol) {
+                    Err(SignatureError::TooFarInFuture)
+                } else {
+                    Ok(())
+                };
+                prop_assert_eq!(verdict, expected);
+            }
+
+            // Defect 10: up to 8 signatures, the matching one anywhere among them, verifies; any
+            // more is malformed whatever they hold.
+            #[test]
+            fn d10_signature_count_is_capped(others in 0usize..12, at in any::<prop::sample::Index>()) {
+                let payload = b"payload";
+                let good = compute_v1(payload, b"whsec_x", 1_700_000_000);
+                let mut v1: Vec<String> = (0..others).map(|i| format!("{i:064x}")).collect();
+                v1.insert(at.index(others + 1), good);
+                let header = format!("t=1700000000,{}", v1.iter().map(|s| format!("v1={s}")).collect::<Vec<_>>().join(","));
+                let verdict = verify(payload, &header, b"whsec_x", Tolerance::Off, 0);
+                if v1.len() <= MAX_V1_SIGNATURES {
+                    prop_assert_eq!(verdict, Ok(()));
+                } else {
+                    prop_assert_eq!(verdict, Err(SignatureError::MalformedHeader("more than 8 v1 signatures")));
+                }
+            }
+
+            // Defect 10: no header, however long, is read past the cap.
+            #[test]
+            fn d10_long_headers_are_malformed(extra in (MAX_HEADER_BYTES - 10)..(MAX_HEADER_BYTES * 4)) {
+                let header = format!("t=1700000000,v0={}", "a".repeat(extra));
+                let verdict = verify(b"p", &header, b"whsec_x", Tolerance::Off, 0);
+                prop_assert_eq!(verdict.is_err(), true);
+                if header.len() > MAX_HEADER_BYTES {
+                    prop_assert_eq!(verdict, Err(SignatureError::MalformedHeader("longer than 4096 bytes (Stripe sends about 150)")));
+                }
+            }
+
             #[test]
             fn arbitrary_headers_never_panic(header in "\\PC{0,200}", payload in any::<Vec<u8>>(), now in any::<i64>(), tol in any::<u32>()) {
                 let _ = verify(&payload, &header, b"whsec_x", Tolerance::from_seconds(tol), now);
