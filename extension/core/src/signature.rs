@@ -5,7 +5,7 @@
 //! unknown schemes are ignored. Verdicts agree with stripe-python and stripe-node on
 //! `tests/fixtures/stripe_webhook_signatures.json` (copied from the SDK-verified set).
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::{Choice, ConstantTimeEq};
 
