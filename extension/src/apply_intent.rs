@@ -118,7 +118,8 @@ static TRANSITION: Statement = Statement {
     sql: "UPDATE pay.payments p \
           SET status = $2::pay.payment_status, stripe_payment_intent_id = coalesce($3, p.stripe_payment_intent_id), \
               client_secret = coalesce(p.client_secret, $4), status_evidence_at = $5, \
-              amount_received = greatest(p.amount_received, $6), last_error = coalesce($7, p.last_error), \
+              amount_received = greatest(p.amount_received, $6), \
+              last_error = CASE WHEN $2 = 'succeeded' THEN NULL ELSE coalesce($7, p.last_error) END, \
               flagged_reason = coalesce($8, p.flagged_reason), updated_at = now() \
           WHERE p.id = $1",
     args: &[

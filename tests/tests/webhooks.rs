@@ -821,6 +821,42 @@ async fn a_decline_is_recorded_and_audited_once_and_the_status_stays() {
     let answer = deliver_signed(&client, &declined("evt_decline_2")).await;
     assert_eq!(answer.detail, "payment_intent.payment_failed -> unchanged");
     assert_eq!(count(&client, audited).await, 1);
+
+    // The customer pays with another card: the error is history (kept in the timeline), not the
+    // payment's current state.
+    let paid = intent_event(
+        "evt_decline_then_paid",
+        "payment_intent.succeeded",
+        unix_now() + 1,
+        "pi_declined",
+        payment,
+        900,
+        "succeeded",
+    );
+    assert_eq!(deliver_signed(&client, &paid).await.status, "applied");
+    let last_error: Option<serde_json::Value> = client
+        .query_one(
+            "SELECT last_error FROM pay.payments WHERE id = $1",
+            &[&payment],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        last_error, None,
+        "last_error is cleared once the payment succeeds"
+    );
+    assert_eq!(
+        count(
+            &client,
+            &format!(
+                "SELECT count(*) FROM pay.payment_timeline('{payment}') WHERE cause LIKE '%card_declined Your card was declined.'"
+            )
+        )
+        .await,
+        1,
+        "the decline stays in the timeline"
+    );
 }
 
 #[tokio::test]
