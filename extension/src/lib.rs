@@ -6,13 +6,17 @@
 use pgrx::prelude::*;
 
 mod apply_intent;
+mod breaker;
 mod checkout;
 mod errors;
 mod keys;
 mod lookup;
 mod plans;
+mod replay;
 mod secrets;
 mod signature;
+mod stats;
+mod subxact;
 mod webhook;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -67,5 +71,14 @@ extension_sql_file!(
     "../../sql/98_backups.sql",
     name = "backups",
     requires = ["reconciliation"]
+);
+extension_sql_file!(
+    "../../sql/11_safety.sql",
+    name = "safety",
+    requires = [
+        "backups",
+        stats::poisson_upper_tail,
+        stats::binomial_upper_tail
+    ]
 );
 extension_sql_file!("../../sql/99_roles.sql", name = "roles", finalize);

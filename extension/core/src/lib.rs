@@ -5,8 +5,10 @@
 pub mod canonical_json;
 pub mod checkout;
 pub mod event;
+pub mod failure;
 pub mod idempotency;
 pub mod object;
 pub mod outcome;
 pub mod signature;
+pub mod stats;
 pub mod transition;
