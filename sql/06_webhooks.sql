@@ -29,14 +29,24 @@ CREATE TABLE pay.webhook_events (
     stripe_created      bigint,
     livemode            boolean,
     received_at         timestamptz NOT NULL DEFAULT now(),
-    -- applied | ignored | flagged | unchanged | stored (nothing to apply)
+    -- applied | ignored | flagged | unchanged | stored (nothing to apply) | quarantined | deferred
     outcome             text NOT NULL,
     payment_id          uuid,
     detail              text,
     -- webhook (signed delivery) or api (events list, replayed by reconciliation)
     source              text NOT NULL DEFAULT 'webhook',
     duplicate_deliveries int NOT NULL DEFAULT 0,
-    last_duplicate_at   timestamptz
+    last_duplicate_at   timestamptz,
+    -- The safety net (sql/11_safety.sql): when the event was first held back (quarantined or
+    -- deferred; never cleared, so the anomaly rules keep the history), how often applying it
+    -- failed and how, and its replays.
+    held_at             timestamptz,
+    failures            int NOT NULL DEFAULT 0,
+    last_error          text,
+    last_sqlstate       text,
+    failed_at           timestamptz,
+    replays             int NOT NULL DEFAULT 0,
+    replayed_at         timestamptz
 ) WITH (fillfactor = 90);  -- room for HOT updates of the duplicate counters
 -- Only the primary key: every index here is paid for by every delivery.
 

@@ -355,7 +355,8 @@ BEGIN
         RAISE EXCEPTION 'apply_stripe_event: not a Stripe event object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT * INTO v FROM pay._store_and_apply_event(pay._bounded_json_text(event, 'event', 1048576), 'api');
-    RETURN QUERY SELECT CASE WHEN v.outcome IS NULL THEN 'duplicate' WHEN v.outcome = 'stored' THEN 'stored' ELSE 'applied' END,
+    RETURN QUERY SELECT CASE WHEN v.outcome IS NULL THEN 'duplicate'
+                             WHEN v.outcome IN ('stored', 'quarantined', 'deferred') THEN v.outcome ELSE 'applied' END,
                         event ->> 'id', v.detail;
 END;
 $$;

@@ -107,3 +107,11 @@ GRANT EXECUTE ON FUNCTION pay.status_report() TO pay_worker, pay_auditor;
 GRANT SELECT ON pay.reconciliation_runs, pay.findings, pay.reconciliation_findings TO pay_auditor;
 GRANT EXECUTE ON FUNCTION pay.resolve_finding(bigint, text) TO pay_auditor;
 GRANT SELECT ON pay.reconciliation_runs, pay.findings, pay.reconciliation_findings TO pay_worker;
+
+-- The safety net (sql/11_safety.sql). pay.replay_events and pay.reset_event_type stay with the
+-- extension's owner (a DBA); the worker checks anomalies on its schedule.
+GRANT SELECT ON pay.quarantined_events, pay.event_type_health, pay.anomalies TO pay_auditor, pay_worker;
+GRANT EXECUTE ON FUNCTION pay.check_anomalies() TO pay_worker;
+-- The relay's ingest, with the event type and the payment row's lock wait for its metrics.
+GRANT EXECUTE ON FUNCTION pay.ingest_webhook_measured(text, text) TO pay_worker;
+

@@ -7,13 +7,17 @@ use pgrx::prelude::*;
 
 mod apply_intent;
 mod apply_session;
+mod breaker;
 mod checkout;
 mod errors;
 mod keys;
 mod lookup;
 mod plans;
+mod replay;
 mod secrets;
 mod signature;
+mod stats;
+mod subxact;
 mod text_bytes;
 mod webhook;
 
@@ -70,5 +74,14 @@ extension_sql_file!(
     "../../sql/98_backups.sql",
     name = "backups",
     requires = ["reconciliation"]
+);
+extension_sql_file!(
+    "../../sql/11_safety.sql",
+    name = "safety",
+    requires = [
+        "backups",
+        stats::poisson_upper_tail,
+        stats::binomial_upper_tail
+    ]
 );
 extension_sql_file!("../../sql/99_roles.sql", name = "roles", finalize);

@@ -421,6 +421,8 @@ async fn d02_every_public_function_works_for_every_role_it_is_granted_to() {
         ("pay.finish_reconciliation(bigint,text)", format!("SELECT pay.finish_reconciliation({run})")),
         ("pay.idempotency_key(text,jsonb)", "SELECT pay.idempotency_key('x', '{\"a\":1}')".into()),
         ("pay.ingest_webhook(text,text)", format!("SELECT * FROM pay.ingest_webhook($e${event}$e$, '{header}')")),
+        ("pay.ingest_webhook_measured(text,text)", format!("SELECT * FROM pay.ingest_webhook_measured($e${event}$e$, '{header}')")),
+        ("pay.check_anomalies()", "SELECT * FROM pay.check_anomalies()".into()),
         ("pay.payment_timeline(uuid)", format!("SELECT * FROM pay.payment_timeline('{open}')")),
         ("pay.progress_reconciliation(bigint,integer,integer,integer,integer,integer,integer,interval)", format!("SELECT pay.progress_reconciliation({run}, 1, 1, 1, 0, 0, 0)")),
         ("pay.record_missing_at_stripe(bigint,text[])", format!("SELECT pay.record_missing_at_stripe({run}, '{{}}')")),

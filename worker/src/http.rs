@@ -34,8 +34,12 @@ use crate::error_chain::ErrorChain;
 use crate::metrics::Metrics;
 use crate::preflight::{check_client, Checked};
 
-const INGEST: &str = "SELECT status::text, http_status::int, event_id::text, detail::text \
-     FROM pay.ingest_webhook($1::text, $2::text)";
+// pay.ingest_webhook with the event type and the payment row's lock wait, for the metrics.
+const INGEST: &str = "SELECT status::text, http_status::int, event_id::text, detail::text, \
+     event_type::text, lock_wait_us::bigint FROM pay.ingest_webhook_measured($1::text, $2::text)";
+// The oldest due pending command (the outbox_due index), 0 when there is none.
+const OUTBOX_LAG: &str = "SELECT coalesce(extract(epoch FROM now() - min(run_after)), 0)::float8 \
+     FROM pay.outbox WHERE status = 'pending' AND run_after <= now()";
 // Two counts, each matching one of the partial indexes (outbox_due, outbox_leases), so a
 // scrape never scans the finished commands.
 const QUEUE_DEPTH: &str = "SELECT 'pending', count(*) FROM pay.outbox WHERE status = 'pending' \
@@ -250,6 +254,14 @@ async fn metrics(State(st): State<AppState>) -> Response {
         }
         Err(_) => st.metrics.db_error("queue_depth"),
     }
+    match tokio::time::timeout(Duration::from_secs(2), outbox_lag(&st.pool)).await {
+        Ok(Ok(seconds)) => st.metrics.set_outbox_lag(seconds),
+        Ok(Err(e)) => {
+            st.metrics.db_error("outbox_lag");
+            debug!(error = %ErrorChain(&e), "metrics: outbox lag query failed");
+        }
+        Err(_) => st.metrics.db_error("outbox_lag"),
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -317,7 +329,10 @@ async fn relay(st: AppState, headers: HeaderMap, body: Bytes) -> Response {
         Some(Ok(v)) => Some(v),
         Some(Err(_)) => return rejected(&st, StatusCode::BAD_REQUEST, "malformed_header"),
     };
-    match ingest_webhook(&st.pool, payload, signature).await {
+    let started = std::time::Instant::now();
+    let ingested = ingest_webhook(&st.pool, payload, signature).await;
+    let took = started.elapsed();
+    match ingested {
         Ok(r) if r.status == "rejected" => {
             // The database's detail starts with the reason (`signature_mismatch`, ...);
             // it never holds a secret or the expected signature.
@@ -337,10 +352,24 @@ async fn relay(st: AppState, headers: HeaderMap, body: Bytes) -> Response {
             )
         }
         Ok(r) => {
-            st.metrics.webhook(match r.status.parse::<Outcome>() {
-                Ok(o @ (Outcome::Applied | Outcome::Duplicate | Outcome::Stored)) => o.as_str(),
+            let outcome = match r.status.parse::<Outcome>() {
+                Ok(
+                    o @ (Outcome::Applied
+                    | Outcome::Duplicate
+                    | Outcome::Stored
+                    | Outcome::Quarantined
+                    | Outcome::Deferred),
+                ) => o.as_str(),
                 _ => "other",
-            });
+            };
+            st.metrics.webhook(outcome);
+            // Signed, so the type is Stripe's (a bounded set), never an attacker's string.
+            st.metrics.webhook_event(
+                r.event_type.as_deref().unwrap_or("unknown"),
+                outcome,
+                took,
+                r.lock_wait,
+            );
             answer(
                 status_code(r.http_status),
                 json!({"status": r.status, "event_id": r.event_id}),
@@ -387,6 +416,10 @@ struct IngestResult {
     event_id: Option<String>,
     /// For a rejection: the reason, first (`signature_mismatch`, ...).
     detail: Option<String>,
+    /// The event's type (NULL when rejected).
+    event_type: Option<String>,
+    /// How long the database spent finding and locking the payment's row.
+    lock_wait: Option<Duration>,
 }
 
 /// `pay.ingest_webhook(payload, signature_header)`: always one row (a missing header is a
@@ -413,7 +446,21 @@ async fn ingest_webhook(
             .unwrap_or(500),
         event_id: r.try_get(2).map_err(DbError::Query)?,
         detail: r.try_get(3).map_err(DbError::Query)?,
+        event_type: r.try_get(4).map_err(DbError::Query)?,
+        lock_wait: r
+            .try_get::<_, Option<i64>>(5)
+            .map_err(DbError::Query)?
+            .and_then(|us| u64::try_from(us).ok())
+            .map(Duration::from_micros),
     })
+}
+
+/// Seconds the oldest due pending command has waited.
+async fn outbox_lag(pool: &Pool) -> Result<f64, DbError> {
+    let c = client(pool).await?;
+    let stmt = c.prepare_cached(OUTBOX_LAG).await.map_err(DbError::Query)?;
+    let row = c.query_one(&stmt, &[]).await.map_err(DbError::Query)?;
+    row.try_get(0).map_err(DbError::Query)
 }
 
 /// Pending and in-flight command counts.

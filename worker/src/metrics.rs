@@ -73,6 +73,63 @@ struct OpLabels {
     op: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event_type: String,
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointOnly {
+    endpoint: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnomalyLabels {
+    kind: String,
+    subject: String,
+}
+
+/// A Stripe API path with its object ids replaced by `{id}` (`/v1/payment_intents/{id}/cancel`),
+/// so the `endpoint` label has a handful of values. An id is a segment with an underscore after
+/// a prefix of two to four lower-case letters (`pi_`, `re_`, `cus_`, `seti_`, ...); the few
+/// collection names of that shape are kept.
+pub fn endpoint_label(method: &str, path: &str) -> String {
+    const COLLECTIONS: [&str; 4] = ["tax_rates", "tax_ids", "tax_codes", "test_helpers"];
+    let path = path.split('?').next().unwrap_or("");
+    let segments: Vec<&str> = path
+        .split('/')
+        .map(|seg| match seg.split_once('_') {
+            Some((prefix, rest))
+                if !rest.is_empty()
+                    && (2..=4).contains(&prefix.len())
+                    && prefix.bytes().all(|b| b.is_ascii_lowercase())
+                    && !COLLECTIONS.contains(&seg) =>
+            {
+                "{id}"
+            }
+            _ => seg,
+        })
+        .collect();
+    format!("{method} {}", segments.join("/"))
+}
+
+fn apply_histogram() -> Histogram {
+    // 0.5 ms .. ~4 s: an ingest commits in a few ms; lock waits and slow triggers go higher.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+fn lock_wait_histogram() -> Histogram {
+    // 10 µs .. ~80 ms and above: uncontended locks take microseconds.
+    Histogram::new(exponential_buckets(0.00001, 2.0, 14))
+}
+
 /// The outbox kinds (`pay.outbox_kind` in sql/01_schema.sql); anything else is counted as
 /// `other` to bound cardinality.
 const OUTBOX_KINDS: [&str; 5] = [
@@ -115,6 +172,13 @@ pub struct Metrics {
     db_errors: Family<OpLabels, Counter>,
     webhooks: Family<StatusLabels, Counter>,
     key_lookups: Family<ResultLabels, Counter>,
+    webhook_events: Family<EventLabels, Counter>,
+    webhook_apply: Family<EventLabels, Histogram, fn() -> Histogram>,
+    lock_wait: Histogram,
+    stripe_requests: Family<EndpointLabels, Counter>,
+    stripe_replayed: Family<EndpointOnly, Counter>,
+    outbox_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    anomalies: Family<AnomalyLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -143,6 +207,13 @@ impl Metrics {
     /// - `pgpay_worker_db_errors_total{op}`
     /// - `pgpay_worker_webhooks_total{status}`
     /// - `pgpay_worker_key_retention_lookups_total{result}` (adopted, rekeyed, failed)
+    /// - `pgpay_worker_webhook_events_total{event_type,outcome}` (signed deliveries relayed)
+    /// - `pgpay_worker_webhook_apply_duration_seconds{event_type,outcome}` (histogram)
+    /// - `pgpay_worker_webhook_lock_wait_seconds` (histogram)
+    /// - `pgpay_worker_stripe_requests_total{endpoint,status}`
+    /// - `pgpay_worker_stripe_idempotent_replayed_total{endpoint}`
+    /// - `pgpay_worker_outbox_lag_seconds` (gauge, refreshed on scrape)
+    /// - `pgpay_worker_anomaly_score{kind,subject}` (gauge, refreshed by the anomaly check)
     pub fn new() -> Self {
         let m = Self {
             registry: Mutex::new(Registry::with_prefix("pgpay_worker")),
@@ -161,6 +232,13 @@ impl Metrics {
             db_errors: Family::default(),
             webhooks: Family::default(),
             key_lookups: Family::default(),
+            webhook_events: Family::default(),
+            webhook_apply: Family::new_with_constructor(apply_histogram),
+            lock_wait: lock_wait_histogram(),
+            stripe_requests: Family::default(),
+            stripe_replayed: Family::default(),
+            outbox_lag: Gauge::default(),
+            anomalies: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -230,6 +308,41 @@ impl Metrics {
                 "key_retention_lookups",
                 "Creates past Stripe's key retention looked up before a re-send, by result",
                 m.key_lookups.clone(),
+            );
+            r.register(
+                "webhook_events",
+                "Signed webhook deliveries relayed, by event type and outcome (applied, duplicate, stored, quarantined, deferred)",
+                m.webhook_events.clone(),
+            );
+            r.register(
+                "webhook_apply_duration_seconds",
+                "Time of the ingest call for a signed delivery, measured in the relay, by event type and outcome",
+                m.webhook_apply.clone(),
+            );
+            r.register(
+                "webhook_lock_wait_seconds",
+                "Time ingest spent finding and locking the payment's row (reported by the database)",
+                m.lock_wait.clone(),
+            );
+            r.register(
+                "stripe_requests",
+                "Outbox requests to Stripe, by endpoint and HTTP status (error: no answer)",
+                m.stripe_requests.clone(),
+            );
+            r.register(
+                "stripe_idempotent_replayed",
+                "Stripe answers carrying Idempotent-Replayed: true, by endpoint",
+                m.stripe_replayed.clone(),
+            );
+            r.register(
+                "outbox_lag_seconds",
+                "Age of the oldest due pending outbox command (0 when none), sampled at scrape time",
+                m.outbox_lag.clone(),
+            );
+            r.register(
+                "anomaly_score",
+                "Current anomalies of pay.anomalies by kind and subject (the rule's score); gone when resolved",
+                m.anomalies.clone(),
             );
         }
         m
@@ -308,6 +421,64 @@ impl Metrics {
                 status: status.to_owned(),
             })
             .inc();
+    }
+
+    /// One signed delivery relayed: its type, outcome, how long the ingest call took and, when
+    /// it named a payment, how long the database waited for that payment's row.
+    pub(crate) fn webhook_event(
+        &self,
+        event_type: &str,
+        outcome: &str,
+        took: std::time::Duration,
+        lock_wait: Option<std::time::Duration>,
+    ) {
+        let labels = EventLabels {
+            event_type: event_type.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.webhook_events.get_or_create(&labels).inc();
+        self.webhook_apply
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if let Some(wait) = lock_wait {
+            self.lock_wait.observe(wait.as_secs_f64());
+        }
+    }
+    /// One request to Stripe: `status` is the HTTP status, `None` when no answer came.
+    pub(crate) fn stripe_request(
+        &self,
+        method: &str,
+        path: &str,
+        status: Option<u16>,
+        replayed: bool,
+    ) {
+        let endpoint = endpoint_label(method, path);
+        self.stripe_requests
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.clone(),
+                status: status.map_or_else(|| "error".to_owned(), |s| s.to_string()),
+            })
+            .inc();
+        if replayed {
+            self.stripe_replayed
+                .get_or_create(&EndpointOnly { endpoint })
+                .inc();
+        }
+    }
+    pub(crate) fn set_outbox_lag(&self, seconds: f64) {
+        self.outbox_lag.set(seconds);
+    }
+    /// Replaces the anomaly gauges with `current` (kind, subject, score).
+    pub(crate) fn set_anomalies(&self, current: &[(String, String, f64)]) {
+        self.anomalies.clear();
+        for (kind, subject, score) in current {
+            self.anomalies
+                .get_or_create(&AnomalyLabels {
+                    kind: kind.clone(),
+                    subject: subject.clone(),
+                })
+                .set(*score);
+        }
     }
 
     pub(crate) fn key_lookup(&self, result: &str) {
@@ -398,6 +569,16 @@ mod tests {
         m.listener_up(true);
         m.webhook("applied");
         m.db_error("claim");
+        m.webhook_event(
+            "payment_intent.succeeded",
+            "quarantined",
+            std::time::Duration::from_millis(3),
+            Some(std::time::Duration::from_micros(50)),
+        );
+        m.stripe_request("POST", "/v1/payment_intents/pi_123/cancel", Some(200), true);
+        m.stripe_request("POST", "/v1/refunds", None, false);
+        m.set_outbox_lag(12.5);
+        m.set_anomalies(&[("silence".into(), "payment successes".into(), 4.5)]);
         let text = m.encode();
         for needle in [
             "pgpay_worker_commands_total{kind=\"create_payment_intent\",outcome=\"completed\"} 1",
@@ -412,11 +593,53 @@ mod tests {
             "pgpay_worker_listener_connected 1",
             "pgpay_worker_webhooks_total{status=\"applied\"} 1",
             "pgpay_worker_db_errors_total{op=\"claim\"} 1",
+            "pgpay_worker_webhook_events_total{event_type=\"payment_intent.succeeded\",outcome=\"quarantined\"} 1",
+            "pgpay_worker_webhook_apply_duration_seconds_count{event_type=\"payment_intent.succeeded\",outcome=\"quarantined\"} 1",
+            "pgpay_worker_webhook_lock_wait_seconds_count 1",
+            "pgpay_worker_stripe_requests_total{endpoint=\"POST /v1/payment_intents/{id}/cancel\",status=\"200\"} 1",
+            "pgpay_worker_stripe_requests_total{endpoint=\"POST /v1/refunds\",status=\"error\"} 1",
+            "pgpay_worker_stripe_idempotent_replayed_total{endpoint=\"POST /v1/payment_intents/{id}/cancel\"} 1",
+            "pgpay_worker_outbox_lag_seconds 12.5",
+            "pgpay_worker_anomaly_score{kind=\"silence\",subject=\"payment successes\"} 4.5",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
         assert_eq!(m.commands("create_payment_intent", Outcome::Completed), 1);
         assert_eq!(m.commands_with(Outcome::Fenced), 1);
         assert_eq!(m.fenced_completions(), 1);
+        m.set_anomalies(&[]);
+        assert!(
+            !m.encode().contains("anomaly_score{"),
+            "a resolved anomaly's gauge goes"
+        );
+    }
+
+    #[test]
+    fn endpoints_hide_object_ids() {
+        for (path, want) in [
+            ("/v1/payment_intents", "POST /v1/payment_intents"),
+            (
+                "/v1/payment_intents/pi_3MtwBw/cancel",
+                "POST /v1/payment_intents/{id}/cancel",
+            ),
+            (
+                "/v1/payment_intents/search?query=x",
+                "POST /v1/payment_intents/search",
+            ),
+            ("/v1/refunds", "POST /v1/refunds"),
+            (
+                "/v1/checkout/sessions/cs_test_a1",
+                "POST /v1/checkout/sessions/{id}",
+            ),
+            ("/v1/payment_intents/", "POST /v1/payment_intents/"),
+            ("/v1/setup_intents/seti_1Abc", "POST /v1/setup_intents/{id}"),
+            (
+                "/v1/customers/cus_9s6XKzkNRiz8i3",
+                "POST /v1/customers/{id}",
+            ),
+            ("/v1/tax_rates", "POST /v1/tax_rates"),
+        ] {
+            assert_eq!(endpoint_label("POST", path), want, "{path}");
+        }
     }
 }

@@ -5,9 +5,11 @@
 pub mod canonical_json;
 pub mod checkout;
 pub mod event;
+pub mod failure;
 pub mod idempotency;
 pub mod object;
 pub mod outcome;
 pub mod session;
 pub mod signature;
+pub mod stats;
 pub mod transition;

@@ -27,10 +27,16 @@ pub enum Outcome {
     Duplicate,
     /// A delivery refused before anything was stored (bad signature, not an event).
     Rejected,
+    /// A signed event whose application failed: stored with the error, answered 200, kept
+    /// for `pay.replay_events`.
+    Quarantined,
+    /// A signed event of a type whose circuit breaker is open: stored, answered 200, not
+    /// applied; kept for `pay.replay_events`.
+    Deferred,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Applied,
         Outcome::Unchanged,
         Outcome::Ignored,
@@ -40,6 +46,8 @@ impl Outcome {
         Outcome::Stored,
         Outcome::Duplicate,
         Outcome::Rejected,
+        Outcome::Quarantined,
+        Outcome::Deferred,
     ];
 
     /// The spelling SQL callers see.
@@ -54,6 +62,8 @@ impl Outcome {
             Outcome::Stored => "stored",
             Outcome::Duplicate => "duplicate",
             Outcome::Rejected => "rejected",
+            Outcome::Quarantined => "quarantined",
+            Outcome::Deferred => "deferred",
         }
     }
 
@@ -63,10 +73,15 @@ impl Outcome {
     }
 
     /// What `pay.ingest_webhook` and `pay.apply_stripe_event` answer for a stored event:
-    /// `stored` stays `stored`, every other outcome of an applied event is `applied`.
+    /// `stored`, `quarantined` and `deferred` stay what they are, every other outcome of an
+    /// applied event is `applied`.
     pub fn event_status(self) -> Outcome {
         match self {
-            Outcome::Stored | Outcome::Duplicate | Outcome::Rejected => self,
+            Outcome::Stored
+            | Outcome::Duplicate
+            | Outcome::Rejected
+            | Outcome::Quarantined
+            | Outcome::Deferred => self,
             _ => Outcome::Applied,
         }
     }
@@ -117,6 +132,8 @@ mod tests {
             (Flagged, Applied),
             (Stored, Stored),
             (Duplicate, Duplicate),
+            (Quarantined, Quarantined),
+            (Deferred, Deferred),
         ] {
             assert_eq!(o.event_status(), want, "{o}");
         }

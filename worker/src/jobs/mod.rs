@@ -1,7 +1,9 @@
 //! The jobs besides the outbox, each on its own dedicated connection: reconciliation with
-//! Stripe's ledger, the refresh of stuck payments, the status report, and the schedule that
-//! runs the first two inside `pgpay-worker run`.
+//! Stripe's ledger, the refresh of stuck payments, the status report, the anomaly check, and
+//! the schedule that runs reconciliation, the refresh and the anomaly check inside
+//! `pgpay-worker run`.
 
+pub(crate) mod anomalies;
 pub mod reconcile;
 pub(crate) mod refresh;
 pub(crate) mod schedule;

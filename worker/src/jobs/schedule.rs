@@ -1,7 +1,7 @@
 //! The schedules inside `run`: reconciliation every `--reconcile-every` (one replica at a
-//! time, by the SQL run lease) and the refresh of stuck payments every
-//! `--refresh-stuck-every`. Both share the dispatcher's Stripe client and rate limiter, so
-//! together they stay under the limit; both stop at shutdown.
+//! time, by the SQL run lease), the refresh of stuck payments every `--refresh-stuck-every`
+//! and the anomaly check every 30 seconds. The first two share the dispatcher's Stripe client
+//! and rate limiter, so together they stay under the limit; all stop at shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::anomalies::{self, ANOMALY_EVERY};
 use super::reconcile::{self, ReconcileOptions, Started};
 use super::refresh::refresh_stuck;
 use super::{connect, JobError};
@@ -41,12 +42,21 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let cfg = &shared.cfg;
     let mut reconcile_tick = ticker(cfg.reconcile_every);
     let mut refresh_tick = ticker(cfg.refresh_stuck_every);
+    // The first check one period after start: a worker that just started has seen nothing.
+    let mut anomaly_tick = Some(tokio::time::interval_at(
+        tokio::time::Instant::now() + ANOMALY_EVERY,
+        ANOMALY_EVERY,
+    ));
+    if let Some(t) = anomaly_tick.as_mut() {
+        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    }
     loop {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
             _ = tick(&mut reconcile_tick) => scheduled_reconcile(&shared, &cancel).await,
             _ = tick(&mut refresh_tick) => refresh(&shared, &cancel).await,
+            _ = tick(&mut anomaly_tick) => check_anomalies(&shared).await,
         }
     }
     debug!("schedule stopped");
@@ -102,6 +112,38 @@ async fn refresh(shared: &Shared, cancel: &CancellationToken) {
         Err(e) => {
             shared.metrics.db_error("refresh_stuck");
             warn!(error = %ErrorChain(&e), "refreshing stuck payments failed");
+        }
+    }
+}
+
+async fn check_anomalies(shared: &Shared) {
+    let result = async {
+        let client = connect(&shared.cfg.database, "pgpay-worker anomalies").await?;
+        anomalies::check(&client).await
+    }
+    .await;
+    match result {
+        Ok(found) => {
+            for a in found.iter().filter(|a| a.appeared) {
+                warn!(
+                    kind = a.kind,
+                    subject = a.subject,
+                    observed = a.observed,
+                    expected = a.expected,
+                    score = a.score,
+                    detail = a.detail,
+                    "anomaly"
+                );
+            }
+            let gauges: Vec<(String, String, f64)> = found
+                .into_iter()
+                .map(|a| (a.kind, a.subject, a.score))
+                .collect();
+            shared.metrics.set_anomalies(&gauges);
+        }
+        Err(e) => {
+            shared.metrics.db_error("check_anomalies");
+            warn!(error = %ErrorChain(&e), "checking anomalies failed");
         }
     }
 }

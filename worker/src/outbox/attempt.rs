@@ -131,6 +131,13 @@ async fn send_timed(
     let result = shared.stripe.send(req, url, timeout).await;
     let elapsed = started.elapsed();
     shared.metrics.observe_latency(kind, elapsed.as_secs_f64());
+    let (status, replayed) = match &result {
+        Ok(resp) => (Some(resp.status), resp.replayed),
+        Err(_) => (None, false),
+    };
+    shared
+        .metrics
+        .stripe_request(req.method.as_str(), &req.path, status, replayed);
     match &result {
         Ok(resp) => debug!(
             status = resp.status,

@@ -10,6 +10,14 @@ pub enum Method {
 }
 
 impl Method {
+    /// The method's name, for metrics labels.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        }
+    }
+
     pub(crate) fn as_reqwest(self) -> reqwest::Method {
         match self {
             Method::Get => reqwest::Method::GET,
