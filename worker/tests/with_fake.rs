@@ -517,3 +517,112 @@ async fn past_key_retention_a_create_that_never_happened_is_rekeyed() {
     worker.shutdown();
     worker.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_sigkilled_mid_create_leaves_one_payment_intent_and_one_session() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake(None).await;
+    // Stripe is slow on the first create of each mode: the worker process is killed while both
+    // requests are at Stripe, which finishes them anyway.
+    for path in ["/v1/payment_intents", "/v1/checkout/sessions"] {
+        fake.add_fault(
+            FaultRule::new("POST", path, FaultAction::Latency)
+                .latency_ms(1500)
+                .times(1),
+        )
+        .unwrap();
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgpay-worker"))
+        .arg("run")
+        .env_clear()
+        .env("DATABASE_URL", db.database_url())
+        .env("STRIPE_SECRET_KEY", FAKE_KEY)
+        .env("STRIPE_API_BASE", fake.base_url())
+        .env("PGPAY_WORKER_LEASE", "9s")
+        .env("PGPAY_WORKER_REQUEST_TIMEOUT", "5s")
+        .env("PGPAY_WORKER_POLL_INTERVAL", "200ms")
+        .env("PGPAY_WORKER_ID", "doomed-process")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the pgpay-worker binary");
+    checkout(&client, "killed-intent", 2100).await;
+    client
+        .query_one(
+            "SELECT pay.begin_checkout('killed-session', 3100, 'usd', mode => 'session',
+                 success_url => 'https://shop.example/thanks')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let both_at_stripe = wait_until(WAIT, || async {
+        let requests = fake.ledger().requests;
+        requests
+            .get("POST /v1/payment_intents")
+            .copied()
+            .unwrap_or(0)
+            >= 1
+            && requests
+                .get("POST /v1/checkout/sessions")
+                .copied()
+                .unwrap_or(0)
+                >= 1
+    })
+    .await;
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    let outbox: Vec<(String, String, i32)> = client
+        .query(
+            "SELECT kind, status, attempts FROM pay.outbox ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        both_at_stripe,
+        "the process sent both creates before it died: {:?} {outbox:?}",
+        fake.ledger().requests
+    );
+
+    // Another worker takes the commands over once the dead one's leases expire and sends them
+    // again under the same keys: Stripe replays what it made.
+    let rescuer = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE kind IN ('create_payment_intent', 'create_checkout_session') AND status = 'done'",
+            2,
+            WAIT
+        )
+        .await
+    );
+    let ledger = fake.ledger();
+    assert_eq!(
+        ledger.checkout_sessions.created, 1,
+        "one session for the session-mode order"
+    );
+    assert_eq!(
+        ledger.payment_intents.created, 1,
+        "one PaymentIntent for the payment_intent-mode order (the unpaid session has none yet)"
+    );
+    let recorded = recorded_intents(&client).await;
+    assert!(recorded.values().all(Option::is_some), "{recorded:?}");
+    let attempts: i64 = count(
+        &client,
+        "SELECT min(attempts)::bigint FROM pay.outbox WHERE kind IN ('create_payment_intent', 'create_checkout_session')",
+    )
+    .await;
+    assert!(
+        attempts >= 2,
+        "each create was sent again by the rescuer: {attempts}"
+    );
+    rescuer.shutdown();
+    rescuer.wait().await.unwrap();
+}
