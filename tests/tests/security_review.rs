@@ -414,7 +414,7 @@ async fn d02_every_public_function_works_for_every_role_it_is_granted_to() {
         ("pay.complete_fulfillment(uuid,text)", format!("SELECT pay.complete_fulfillment('{paid}')")),
         ("pay.fail_fulfillment(uuid,text,interval,text)", format!("SELECT pay.fail_fulfillment('{paid}', 'warehouse down')")),
         ("pay.retry_fulfillment(uuid)", format!("SELECT pay.retry_fulfillment('{paid}')")),
-        ("pay.resolve_finding(bigint,text)", format!("SELECT pay.resolve_finding((SELECT max(id) FROM pay.findings), 'checked by hand')")),
+        ("pay.resolve_finding(bigint,text)", "SELECT pay.resolve_finding((SELECT max(id) FROM pay.findings), 'checked by hand')".into()),
         ("pay.wait_for_checkout(uuid,integer)", format!("SELECT pay.wait_for_checkout('{open}', 0)")),
         ("pay.complete_outbox(bigint,integer,integer,jsonb)", format!("SELECT pay.complete_outbox({in_flight}, 1, 200, $i${intent}$i$)")),
         ("pay.fail_outbox(bigint,integer,integer,jsonb)", format!("SELECT pay.fail_outbox({in_flight}, 1, 400, '{{}}')")),
