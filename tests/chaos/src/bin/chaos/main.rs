@@ -209,11 +209,21 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        // A signal drops the run, whose children and cluster clean up on drop.
+        // SIGINT or SIGTERM ends the run; its children and cluster clean up on drop.
+        let Ok(mut terminate) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            eprintln!("chaos: cannot listen for SIGTERM");
+            return ExitCode::from(2);
+        };
         tokio::select! {
             code = run(args) => code,
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("chaos: interrupted; cleaning up");
+                ExitCode::from(2)
+            }
+            _ = terminate.recv() => {
+                eprintln!("chaos: terminated; cleaning up");
                 ExitCode::from(2)
             }
         }
