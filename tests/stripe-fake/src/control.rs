@@ -36,7 +36,8 @@ Control API (JSON bodies, no API key; every customer step emits Stripe's events,
   POST   /_fake/webhook                          {\"url\":\"http://127.0.0.1:8080/webhooks/stripe\",\"secret\":\"whsec_...\"}
   DELETE /_fake/webhook                          stop delivering
   POST   /_fake/webhook/options                  {\"duplicate\":1,\"reorder_window\":3,\"delay_ms\":0,\"drop_probability\":0.1,
-                                                 \"drop_next\":1,\"max_attempts\":5,\"retry_backoff_ms\":100}
+                                                 \"drop_next\":1,\"max_attempts\":5,\"retry_backoff_ms\":100,
+                                                 \"redeliver_after_ms\":2000}: a lost delivery is queued again later
   POST   /_fake/webhook/hold                     queue deliveries instead of sending them
   POST   /_fake/webhook/release                  send what was held
   POST   /_fake/events/:id/resend                deliver an event again

@@ -214,6 +214,7 @@ impl StripeFake {
             drop_next: Some(options.drop_next),
             max_attempts: Some(options.max_attempts),
             retry_backoff_ms: Some(options.retry_backoff_ms),
+            redeliver_after_ms: Some(options.redeliver_after_ms),
         };
         self.shared.update_webhook_options(&patch).map(|_| ())
     }

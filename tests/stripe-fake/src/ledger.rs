@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::state::State;
-use crate::webhooks::{DeliveryRecord, WebhookCounts};
+use crate::webhooks::{DeliveryRecord, EventDelivery, WebhookCounts};
 
 /// Running counters kept beside the objects.
 #[derive(Debug, Default)]
@@ -114,6 +114,26 @@ pub struct RefundSummary {
 pub struct EventLedger {
     pub total: u64,
     pub by_type: BTreeMap<String, u64>,
+    /// Every event, oldest first, with how its deliveries went (empty when lists were not
+    /// asked for). Unlike `deliveries`, never trimmed: a history checker reads all of it.
+    #[serde(default)]
+    pub list: Vec<EventSummary>,
+}
+
+/// One event: what it speaks of, the request that caused it, and its deliveries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventSummary {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub created: i64,
+    /// `data.object.id` (a PaymentIntent, refund, charge or session id).
+    pub object_id: Option<String>,
+    /// `data.object.payment_intent` when the object names one (a refund, a charge).
+    pub payment_intent: Option<String>,
+    /// The Idempotency-Key of the API request that caused the event (`request.idempotency_key`).
+    pub idempotency_key: Option<String>,
+    pub delivery: EventDelivery,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -250,6 +270,7 @@ pub fn snapshot(state: &State, now: i64, clock_offset_secs: i64, lists: bool) ->
         events: EventLedger {
             total: state.events.len() as u64,
             by_type: counters.events_by_type.clone(),
+            list: if lists { event_list(state) } else { Vec::new() },
         },
         requests: stringify(&counters.requests),
         responses: counters
@@ -274,6 +295,34 @@ pub fn snapshot(state: &State, now: i64, clock_offset_secs: i64, lists: bool) ->
             Vec::new()
         },
     }
+}
+
+fn event_list(state: &State) -> Vec<EventSummary> {
+    let text = |v: &serde_json::Value, pointer: &str| {
+        v.pointer(pointer)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    state
+        .events
+        .iter()
+        .map(|(_, event)| {
+            let id = text(&event.json, "/id").unwrap_or_default();
+            EventSummary {
+                delivery: state.webhooks.event_delivery(&id),
+                id,
+                kind: event.kind.clone(),
+                created: event
+                    .json
+                    .get("created")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or(0),
+                object_id: text(&event.json, "/data/object/id"),
+                payment_intent: text(&event.json, "/data/object/payment_intent"),
+                idempotency_key: text(&event.json, "/request/idempotency_key"),
+            }
+        })
+        .collect()
 }
 
 fn stringify(map: &BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {

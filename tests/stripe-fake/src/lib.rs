@@ -170,11 +170,11 @@ pub use fake::{StartError, StripeFake, WaitTimeout};
 pub use faults::{FaultAction, FaultError, FaultRule, FaultStatus};
 pub use idempotency::DEFAULT_RETENTION_SECS;
 pub use ledger::{
-    CheckoutSessionLedger, CheckoutSessionSummary, EventLedger, IdempotencyLedger, Ledger,
-    PaymentIntentLedger, PaymentIntentSummary, RefundLedger, RefundSummary,
+    CheckoutSessionLedger, CheckoutSessionSummary, EventLedger, EventSummary, IdempotencyLedger,
+    Ledger, PaymentIntentLedger, PaymentIntentSummary, RefundLedger, RefundSummary,
 };
 pub use seed::{SeedError, SeedReport, SeedRequest};
 pub use webhooks::{
-    DeliveryOptions, DeliveryOptionsPatch, DeliveryRecord, WebhookCounts, WebhookEndpoint,
-    WebhookError,
+    DeliveryOptions, DeliveryOptionsPatch, DeliveryRecord, EventDelivery, WebhookCounts,
+    WebhookEndpoint, WebhookError,
 };

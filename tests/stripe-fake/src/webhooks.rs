@@ -1,8 +1,9 @@
 //! Signed webhook delivery to one registered endpoint, with the misbehaviours a receiver must
 //! survive: duplicates, reordering, delay, drops, holding and late release, and retries of
-//! non-2xx answers. Every attempt and its answer goes into the ledger.
+//! non-2xx answers, and Stripe's later redelivery of an event no copy of which got a 2xx. Every
+//! attempt and its answer goes into the ledger.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ pub const MAX_RECORDS: usize = 10_000;
 const REORDER_LINGER: Duration = Duration::from_millis(25);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const MAX_DELAY_MS: u64 = 60_000;
+pub const MAX_REDELIVER_AFTER_MS: u64 = 600_000;
 
 /// Where events go. `Debug` never prints the secret.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +60,10 @@ pub struct DeliveryOptions {
     pub max_attempts: u32,
     /// Backoff before the second attempt; doubles each time (Stripe waits hours; tests cannot).
     pub retry_backoff_ms: u64,
+    /// Stripe keeps trying for three days: when set (> 0), an event whose delivery was dropped or
+    /// ran out of attempts, and no copy of which got a 2xx, is queued again after this long, as
+    /// often as it takes. 0: never (a lost delivery stays lost until `resend`).
+    pub redeliver_after_ms: u64,
 }
 
 impl Default for DeliveryOptions {
@@ -70,6 +76,7 @@ impl Default for DeliveryOptions {
             drop_next: 0,
             max_attempts: 4,
             retry_backoff_ms: 50,
+            redeliver_after_ms: 0,
         }
     }
 }
@@ -86,6 +93,11 @@ impl DeliveryOptions {
         }
         if self.delay_ms > MAX_DELAY_MS {
             return Err(WebhookError::Option("delay_ms must be at most 60000"));
+        }
+        if self.redeliver_after_ms > MAX_REDELIVER_AFTER_MS {
+            return Err(WebhookError::Option(
+                "redeliver_after_ms must be at most 600000",
+            ));
         }
         if self.duplicate > 100 || self.reorder_window > 10_000 {
             return Err(WebhookError::Option(
@@ -107,6 +119,7 @@ pub struct DeliveryOptionsPatch {
     pub drop_next: Option<u32>,
     pub max_attempts: Option<u32>,
     pub retry_backoff_ms: Option<u64>,
+    pub redeliver_after_ms: Option<u64>,
 }
 
 impl DeliveryOptionsPatch {
@@ -119,6 +132,9 @@ impl DeliveryOptionsPatch {
             drop_next: self.drop_next.unwrap_or(options.drop_next),
             max_attempts: self.max_attempts.unwrap_or(options.max_attempts),
             retry_backoff_ms: self.retry_backoff_ms.unwrap_or(options.retry_backoff_ms),
+            redeliver_after_ms: self
+                .redeliver_after_ms
+                .unwrap_or(options.redeliver_after_ms),
         }
     }
 }
@@ -166,6 +182,20 @@ pub struct WebhookCounts {
     pub dropped: u64,
     /// Extra copies sent.
     pub duplicated: u64,
+    /// Events queued again by `redeliver_after_ms` (Stripe's later retries).
+    #[serde(default)]
+    pub redelivered: u64,
+}
+
+/// How one event's deliveries went, for the ledger's event list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventDelivery {
+    /// Copies answered 2xx: the event counts as delivered from the first.
+    pub ok: u32,
+    /// Copies still being attempted (or backing off between attempts).
+    pub open: u32,
+    /// Copies dropped or out of attempts.
+    pub lost: u32,
 }
 
 /// One attempt, or one drop (`attempt` 0).
@@ -192,6 +222,8 @@ pub struct Delivery {
     pub payload: Bytes,
     /// Deliveries started before a reset must not count in the ledger after it.
     epoch: u64,
+    /// Queued again by `redeliver_after_ms`: skipped if a copy got a 2xx meanwhile.
+    redelivery: bool,
 }
 
 /// What the dispatcher decided for one event.
@@ -215,6 +247,7 @@ pub struct WebhookState {
     held: Vec<Delivery>,
     pub counts: WebhookCounts,
     records: VecDeque<DeliveryRecord>,
+    by_event: HashMap<String, EventDelivery>,
     tx: Sender,
     rng: StdRng,
     epoch: u64,
@@ -235,6 +268,7 @@ impl WebhookState {
             held: Vec::new(),
             counts: WebhookCounts::default(),
             records: VecDeque::new(),
+            by_event: HashMap::new(),
             tx,
             // Distinct from the fault stream, so adding a fault rule does not change which
             // deliveries drop.
@@ -264,6 +298,7 @@ impl WebhookState {
             event_type: event_type.to_owned(),
             payload,
             epoch: self.epoch,
+            redelivery: false,
         };
         if self.holding {
             self.held.push(delivery);
@@ -304,6 +339,33 @@ impl WebhookState {
         self.records.iter().cloned().collect()
     }
 
+    /// How the deliveries of one event went (all zero if it was never handed to delivery).
+    pub fn event_delivery(&self, event_id: &str) -> EventDelivery {
+        self.by_event.get(event_id).copied().unwrap_or_default()
+    }
+
+    /// A copy was lost: with `redeliver_after_ms`, queue the event again later unless a copy got
+    /// through by then (checked when it comes round, in `plan`).
+    fn lost(&mut self, delivery: &Delivery) {
+        self.by_event
+            .entry(delivery.event_id.clone())
+            .or_default()
+            .lost += 1;
+        let after = self.options.redeliver_after_ms;
+        if after == 0 || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let again = Delivery {
+            redelivery: true,
+            ..delivery.clone()
+        };
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            let _ = tx.send(vec![again]);
+        });
+    }
+
     fn shuffle(&mut self, batch: &mut [Delivery], window: usize) {
         for chunk in batch.chunks_mut(window) {
             chunk.shuffle(&mut self.rng);
@@ -316,6 +378,12 @@ impl WebhookState {
             return None;
         }
         let endpoint = self.endpoint.clone()?;
+        if delivery.redelivery {
+            if self.event_delivery(&delivery.event_id).ok > 0 {
+                return None;
+            }
+            self.counts.redelivered += 1;
+        }
         let drop = if self.options.drop_next > 0 {
             self.options.drop_next -= 1;
             true
@@ -326,9 +394,14 @@ impl WebhookState {
         if drop {
             self.counts.dropped += 1;
             self.push_record(delivery, 0, 0, None, None, "dropped");
+            self.lost(delivery);
             return None;
         }
         self.counts.duplicated += u64::from(self.options.duplicate);
+        self.by_event
+            .entry(delivery.event_id.clone())
+            .or_default()
+            .open += 1 + self.options.duplicate;
         Some(Plan {
             endpoint,
             copies: 1 + self.options.duplicate,
@@ -357,9 +430,15 @@ impl WebhookState {
         }
         let outcome = if ok {
             self.counts.ok += 1;
+            let event = self.by_event.entry(delivery.event_id.clone()).or_default();
+            event.ok += 1;
+            event.open = event.open.saturating_sub(1);
             "ok"
         } else if last {
             self.counts.failed += 1;
+            let event = self.by_event.entry(delivery.event_id.clone()).or_default();
+            event.open = event.open.saturating_sub(1);
+            self.lost(delivery);
             "failed"
         } else {
             "retrying"

@@ -267,3 +267,63 @@ async fn delayed_deliveries_still_arrive() {
         Some(0.into())
     );
 }
+
+#[tokio::test]
+async fn lost_deliveries_come_again_until_one_gets_a_2xx() {
+    let (fake, api, receiver) = with_receiver().await;
+    fake.update_webhook_options(DeliveryOptionsPatch {
+        drop_next: Some(1),
+        max_attempts: Some(2),
+        retry_backoff_ms: Some(1),
+        redeliver_after_ms: Some(20),
+        ..Default::default()
+    })
+    .expect("valid");
+    // Dropped once, then two attempts answered 500 (out of attempts), then a 2xx.
+    receiver.answer_next(&[500, 500]);
+    api.create("100", "o-1").await;
+    let ledger = fake
+        .wait_for(DEADLINE, |l| l.webhooks.ok == 1)
+        .await
+        .expect("delivered in the end");
+    assert_eq!(ledger.webhooks.dropped, 1);
+    assert_eq!(ledger.webhooks.failed, 1);
+    assert_eq!(ledger.webhooks.redelivered, 2);
+    let event = &ledger.events.list[0];
+    assert_eq!(event.kind, "payment_intent.created");
+    assert_eq!(event.delivery.ok, 1);
+    assert_eq!(event.delivery.lost, 2);
+    assert_eq!(event.delivery.open, 0);
+    assert!(event
+        .object_id
+        .as_deref()
+        .is_some_and(|id| id.starts_with("pi_")));
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "only the 2xx counts as received"
+    );
+
+    // Once a copy got through, nothing comes again: the original fails, the duplicate gets in.
+    fake.update_webhook_options(DeliveryOptionsPatch {
+        duplicate: Some(1),
+        max_attempts: Some(1),
+        ..Default::default()
+    })
+    .expect("valid");
+    receiver.answer_next(&[500]);
+    api.create("100", "o-2").await;
+    let ledger = fake
+        .wait_for(DEADLINE, |l| l.webhooks.ok == 2 && l.webhooks.failed == 2)
+        .await
+        .expect("one copy delivered, one out of attempts");
+    assert_eq!(ledger.events.list[1].delivery.ok, 1);
+    // Give a wrong redelivery time to show up: it would arrive within 20 ms.
+    assert!(fake
+        .wait_for(std::time::Duration::from_millis(300), |l| l
+            .webhooks
+            .redelivered
+            > 2)
+        .await
+        .is_err());
+}
