@@ -154,7 +154,8 @@ pub fn verify_any<S: AsRef<[u8]>>(
         if age > i64::from(limit) {
             return Err(SignatureError::TooOld);
         }
-        if -age > i64::from(limit) {
+        // Not `-age`: the age saturates at i64::MIN for a clock far before the timestamp.
+        if age < -i64::from(limit) {
             return Err(SignatureError::TooFarInFuture);
         }
     }
@@ -311,6 +312,21 @@ mod tests {
                 NOW,
                 300,
                 Ok(()),
+            ),
+            // Found by fuzzing SQL (tests/sql_fuzz.rs): the most negative clock overflowed.
+            (
+                "clock at i64::MIN",
+                good.clone(),
+                i64::MIN,
+                300,
+                Err(SignatureError::TooFarInFuture),
+            ),
+            (
+                "clock at i64::MAX",
+                good.clone(),
+                i64::MAX,
+                300,
+                Err(SignatureError::TooOld),
             ),
             (
                 "garbage items ignored",
