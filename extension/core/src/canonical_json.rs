@@ -227,6 +227,10 @@ impl<'a> Parser<'a> {
             .text
             .get(self.pos..self.pos + 4)
             .ok_or_else(|| self.error("short \\u escape"))?;
+        // Four hex digits exactly: `from_str_radix` alone would also take a sign (`\u+041`).
+        if !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err(self.error("bad \\u escape"));
+        }
         let digits = std::str::from_utf8(digits).map_err(|_| self.error("bad \\u escape"))?;
         let code = u32::from_str_radix(digits, 16).map_err(|_| self.error("bad \\u escape"))?;
         self.pos += 4;
@@ -458,6 +462,9 @@ mod tests {
             "1.",
             "{\"a\":1,\"a\":2}",
             "\"\\ud800\"",
+            // Found by fuzzing (fuzz/ canonical_json): a sign inside a \u escape.
+            r#""\u+041""#,
+            r#""\ud83d\u+e00""#,
             "nul",
             "1 2",
             "\"\u{1}\"",

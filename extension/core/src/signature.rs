@@ -335,6 +335,21 @@ mod tests {
                 300,
                 Ok(()),
             ),
+            // Found by fuzzing SQL (tests/sql_fuzz.rs): the most negative clock overflowed.
+            (
+                "clock at i64::MIN",
+                good.clone(),
+                i64::MIN,
+                300,
+                Err(SignatureError::TooFarInFuture),
+            ),
+            (
+                "clock at i64::MAX",
+                good.clone(),
+                i64::MAX,
+                300,
+                Err(SignatureError::TooOld),
+            ),
             (
                 "garbage items ignored",
                 format!("junk,t={NOW},x=1,v1={sig}"),

@@ -119,6 +119,7 @@ pub enum Decision {
         error: String,
         /// Delay before the next attempt.
         delay: Duration,
+        /// Why (the `reason` label of `pgpay_worker_retries_total`).
         reason: RetryReason,
     },
     /// Stripe refused for good: record its error.

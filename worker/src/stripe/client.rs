@@ -209,7 +209,21 @@ impl StripeClient {
         }
         let mut resp = builder.send().await.map_err(SendError::from_reqwest)?;
         let status = resp.status().as_u16();
-        let headers = resp.headers();
+        let mut answer = StripeResponse::from_parts(status, resp.headers(), Vec::new());
+        while let Some(chunk) = resp.chunk().await.map_err(SendError::from_reqwest)? {
+            if answer.body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(SendError::BodyTooLarge);
+            }
+            answer.body.extend_from_slice(&chunk);
+        }
+        Ok(answer)
+    }
+}
+
+impl StripeResponse {
+    /// Reads the headers that drive classification from an answer's parts. Public so that the
+    /// fuzz targets (`fuzz/`) reach the same code the client runs.
+    pub fn from_parts(status: u16, headers: &HeaderMap, body: Vec<u8>) -> StripeResponse {
         let should_retry = header_str(headers, "stripe-should-retry").and_then(|v| {
             match v.trim().to_ascii_lowercase().as_str() {
                 "true" => Some(true),
@@ -221,21 +235,14 @@ impl StripeClient {
         let replayed = header_str(headers, "idempotent-replayed")
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
         let request_id = header_str(headers, "request-id").map(str::to_owned);
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(SendError::from_reqwest)? {
-            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                return Err(SendError::BodyTooLarge);
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(StripeResponse {
+        StripeResponse {
             status,
             should_retry,
             retry_after,
             replayed,
             request_id,
             body,
-        })
+        }
     }
 }
 

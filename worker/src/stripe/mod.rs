@@ -9,9 +9,10 @@ mod reader;
 mod request;
 
 pub use backoff::RetryPolicy;
-pub(crate) use classify::{decide, Decision, RetryReason};
-pub use client::{ClientError, StripeConfig, Unauthorized};
-pub(crate) use client::{SendError, StripeClient, StripeResponse};
+// The classification boundary is public for the fuzz targets (`fuzz/`).
+pub use classify::{decide, Decision, RetryReason};
+pub(crate) use client::StripeClient;
+pub use client::{ClientError, SendError, StripeConfig, StripeResponse, Unauthorized};
 pub(crate) use ratelimit::RateLimiter;
 pub use reader::ReadError;
 pub(crate) use reader::{Got, Page, StripeReader};
