@@ -454,7 +454,9 @@ async fn a_stale_worker_cannot_overwrite_a_newer_attempt() {
     assert!(stripe.wait_for_requests(1, WAIT).await);
 
     // While the worker waits for Stripe, its lease is taken over (as if it had stalled
-    // past the lease): a newer attempt now owns the command.
+    // past the lease): a newer attempt now owns the command. One transaction, so the worker's
+    // own poll (SKIP LOCKED) cannot reclaim the expired lease before the thief does.
+    client.batch_execute("BEGIN").await.unwrap();
     client
         .execute(
             "UPDATE pay.outbox SET lease_expires = now() - interval '1 second' WHERE id = $1",
@@ -470,6 +472,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_attempt() {
         .await
         .unwrap()
         .get(0);
+    client.batch_execute("COMMIT").await.unwrap();
     assert_eq!(taken, 2);
     stripe.release_held();
     assert!(
