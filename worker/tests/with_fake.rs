@@ -395,6 +395,34 @@ async fn cancel_goes_out_after_the_create_with_the_intent_in_its_path() {
     worker.wait().await.unwrap();
 }
 
+/// How an order pays: a PaymentIntent, or a hosted Checkout Session.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Intent,
+    Session,
+}
+
+/// `pay.begin_checkout` in `mode` → payment id (text).
+async fn begin(
+    client: &pgpay_tests::tokio_postgres::Client,
+    order: &str,
+    amount: i64,
+    mode: Mode,
+) -> String {
+    match mode {
+        Mode::Intent => checkout(client, order, amount).await,
+        Mode::Session => client
+            .query_one(
+                "SELECT id::text FROM pay.begin_checkout($1, $2, 'usd', mode => 'session',
+                                                         success_url => 'https://shop.example/thanks')",
+                &[&order, &amount],
+            )
+            .await
+            .unwrap()
+            .get(0),
+    }
+}
+
 /// Plays a first attempt of the create a day ago: claims it, optionally sends it to the fake
 /// (whose answer is then "lost"), hands it back for a retry, and makes that attempt look 25
 /// hours old to the database (first_attempt_at) and to the fake (its clock, so it has
@@ -404,8 +432,9 @@ async fn first_attempt_a_day_ago(
     fake: &StripeFake,
     order: &str,
     reached_stripe: bool,
+    mode: Mode,
 ) -> (String, i64, String) {
-    let payment = checkout(client, order, 1500).await;
+    let payment = begin(client, order, 1500, mode).await;
     let row = client
         .query_one(
             "SELECT id, attempts, idempotency_key, request FROM pay.claim_outbox('first-attempt', 1, interval '60 seconds')",
@@ -455,7 +484,8 @@ async fn past_key_retention_a_lost_create_is_adopted_not_created_again() {
     let client = db.connect().await;
     let fake = fake(None).await;
     // Stripe created the PaymentIntent, the answer was lost, and the retry comes a day later.
-    let (payment, id, key) = first_attempt_a_day_ago(&client, &fake, "a-day-late", true).await;
+    let (payment, id, key) =
+        first_attempt_a_day_ago(&client, &fake, "a-day-late", true, Mode::Intent).await;
     assert_eq!(fake.ledger().payment_intents.created, 1);
 
     let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
@@ -493,7 +523,7 @@ async fn past_key_retention_a_create_that_never_happened_is_rekeyed() {
     let fake = fake(None).await;
     // The first attempt never reached Stripe.
     let (payment, id, old_key) =
-        first_attempt_a_day_ago(&client, &fake, "never-happened", false).await;
+        first_attempt_a_day_ago(&client, &fake, "never-happened", false, Mode::Intent).await;
     assert_eq!(fake.ledger().payment_intents.created, 0);
 
     let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
@@ -514,6 +544,134 @@ async fn past_key_retention_a_create_that_never_happened_is_rekeyed() {
         .await,
         1
     );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+/// The session-mode payment: (status, Checkout Session id, checkout URL).
+async fn session_of(
+    client: &pgpay_tests::tokio_postgres::Client,
+    payment: &str,
+) -> (String, Option<String>, Option<String>) {
+    let r = client
+        .query_one(
+            "SELECT status::text, stripe_checkout_session_id, checkout_url FROM pay.payments
+             WHERE id = $1::text::uuid",
+            &[&payment],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_key_retention_a_lost_session_create_is_adopted_not_created_again() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake(None).await;
+    // Stripe created the Checkout Session, the answer was lost, and the retry comes 25 hours
+    // later: Stripe has forgotten the key, and the session (24 hours at most) has expired.
+    let (payment, id, key) =
+        first_attempt_a_day_ago(&client, &fake, "a-day-late-session", true, Mode::Session).await;
+    let before = fake.ledger();
+    assert_eq!(before.checkout_sessions.created, 1);
+    let created = before.checkout_sessions.list[0].id.clone();
+
+    let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(common::wait_for_status(&client, id, "done", WAIT).await);
+    let ledger = fake.ledger();
+    assert_eq!(ledger.checkout_sessions.created, 1, "no second session");
+    assert_eq!(
+        ledger.requests_to("POST /v1/checkout/sessions"),
+        1,
+        "the create was not re-sent"
+    );
+    assert!(
+        ledger.requests_to("GET /v1/checkout/sessions") >= 1,
+        "sessions were listed to find ours: {:?}",
+        ledger.requests
+    );
+    assert_eq!(ledger.requests_to("GET /v1/payment_intents/search"), 0);
+    assert_eq!(worker.metrics().key_lookups("adopted"), 1);
+    assert_eq!(worker.metrics().key_lookups("rekeyed"), 0);
+    assert_eq!(
+        common::create_command(&client, &payment).await.1,
+        key,
+        "not re-keyed"
+    );
+    // The adopted session is the one Stripe made; it expired while the answer was lost, so
+    // the attempt is over and the order may begin again.
+    let (status, session, url) = session_of(&client, &payment).await;
+    assert_eq!(session.as_deref(), Some(created.as_str()));
+    // Stripe renders an expired session without its URL: nothing to send a customer to.
+    assert_eq!(url, None);
+    assert_eq!(ledger.checkout_sessions.list[0].status, "expired");
+    assert_eq!(status, "canceled");
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.audit_log
+             WHERE cause LIKE 'create re-keyed%' OR cause LIKE 'flagged%'"
+        )
+        .await,
+        0
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_key_retention_a_session_create_that_never_happened_is_rekeyed() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake(None).await;
+    // The first attempt never reached Stripe.
+    let (payment, id, old_key) = first_attempt_a_day_ago(
+        &client,
+        &fake,
+        "never-happened-session",
+        false,
+        Mode::Session,
+    )
+    .await;
+    assert_eq!(fake.ledger().checkout_sessions.created, 0);
+
+    let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(common::wait_for_status(&client, id, "done", WAIT).await);
+    let ledger = fake.ledger();
+    assert_eq!(ledger.checkout_sessions.created, 1, "exactly one session");
+    assert_eq!(ledger.payment_intents.created, 0);
+    assert_eq!(ledger.requests_to("POST /v1/checkout/sessions"), 1);
+    assert!(ledger.requests_to("GET /v1/checkout/sessions") >= 1);
+    let (_, new_key) = common::create_command(&client, &payment).await;
+    assert_ne!(new_key, old_key, "re-keyed");
+    assert_eq!(worker.metrics().key_lookups("rekeyed"), 1);
+    assert_eq!(worker.metrics().key_lookups("adopted"), 0);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.audit_log WHERE cause LIKE 'create re-keyed%'"
+        )
+        .await,
+        1
+    );
+    // The one session is the payment's, open, and the app has its URL.
+    let session = &ledger.checkout_sessions.list[0];
+    assert_eq!(session.status, "open");
+    assert_eq!(
+        session.metadata.get("pgpay_payment_id").map(String::as_str),
+        Some(payment.as_str())
+    );
+    let (status, recorded, url) = session_of(&client, &payment).await;
+    assert_eq!(recorded.as_deref(), Some(session.id.as_str()));
+    assert_eq!(status, "requires_payment_method");
+    assert!(url.is_some());
     worker.shutdown();
     worker.wait().await.unwrap();
 }

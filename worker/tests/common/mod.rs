@@ -333,11 +333,13 @@ pub async fn checkout(client: &Client, order: &str, amount: i64) -> String {
         .get(0)
 }
 
-/// The create command's (id, idempotency key) for a payment.
+/// The create command's (id, idempotency key) for a payment (a PaymentIntent's or a Checkout
+/// Session's: a payment has one of them).
 pub async fn create_command(client: &Client, payment: &str) -> (i64, String) {
     let row = client
         .query_one(
-            "SELECT id, idempotency_key FROM pay.outbox WHERE payment_id = $1::text::uuid AND kind = 'create_payment_intent'",
+            "SELECT id, idempotency_key FROM pay.outbox WHERE payment_id = $1::text::uuid \
+             AND kind IN ('create_payment_intent', 'create_checkout_session')",
             &[&payment],
         )
         .await
