@@ -699,3 +699,114 @@ async fn reconciliation_adopts_a_session_whose_create_answer_was_lost_and_repair
     assert_ne!(again[0].get::<_, String>(0), "adopted");
     assert_eq!(fulfillments(&client, p).await, 1);
 }
+
+/// Stuck payments, by id, with how long each has been stuck (whole minutes).
+async fn stuck(client: &Client) -> Vec<(Uuid, i64)> {
+    client
+        .query(
+            "SELECT id, floor(extract(epoch FROM stuck_for) / 60)::bigint FROM pay.stuck_payments ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_open_session_is_stuck_only_once_its_expiry_has_passed_with_no_event() {
+    let (_db, client) = setup().await;
+    let age = |id: Uuid, updated: &str, expires: &str| {
+        let client = &client;
+        let sql = format!(
+            "UPDATE pay.payments SET updated_at = now() - interval '{updated}', \
+             checkout_expires_at = now() + interval '{expires}' WHERE id = '{id}'"
+        );
+        async move { client.batch_execute(&sql).await.unwrap() }
+    };
+    // A customer on the hosted page: the session was made two hours ago and is open for 20
+    // more minutes. Not stuck, whatever the threshold.
+    let on_page = session_payment(&client, "o-on-page", 1000, "cs_test_on_page").await;
+    age(on_page, "2 hours", "20 minutes").await;
+    // The session expired two hours ago and checkout.session.expired never came: stuck, for
+    // two hours.
+    let lost_expiry = session_payment(&client, "o-lost-expiry", 1000, "cs_test_lost").await;
+    age(lost_expiry, "26 hours", "-2 hours").await;
+    // Expired ten minutes ago: Stripe's event may still be on its way.
+    let just_expired = session_payment(&client, "o-just-expired", 1000, "cs_test_just").await;
+    age(just_expired, "24 hours", "-10 minutes").await;
+    // A PaymentIntent-mode payment untouched for two hours: stuck, as before.
+    let intent: Uuid = client
+        .query_one(
+            "SELECT id FROM pay.begin_checkout('o-intent', 1000, 'usd')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        fixtures::answer_create(
+            &client,
+            intent,
+            "pi_stuck_intent",
+            "requires_payment_method"
+        )
+        .await
+    );
+    client
+        .execute(
+            "UPDATE pay.payments SET updated_at = now() - interval '2 hours' WHERE id = $1",
+            &[&intent],
+        )
+        .await
+        .unwrap();
+
+    let mut want = vec![(lost_expiry, 120), (intent, 120)];
+    want.sort();
+    assert_eq!(stuck(&client).await, want, "default threshold: one hour");
+
+    client
+        .batch_execute("SET pay.stuck_after = '5 minutes'")
+        .await
+        .unwrap();
+    let mut want = vec![(lost_expiry, 120), (intent, 120), (just_expired, 10)];
+    want.sort();
+    assert_eq!(stuck(&client).await, want, "five minutes past the expiry");
+
+    // The view says which session to look up.
+    let row = client
+        .query_one(
+            "SELECT mode::text, stripe_checkout_session_id, checkout_expires_at < now()
+             FROM pay.stuck_payments WHERE id = $1",
+            &[&lost_expiry],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, bool>(2)
+        ),
+        ("session".to_owned(), "cs_test_lost".to_owned(), true)
+    );
+
+    // Once the expiry event arrives, the payment is finished and leaves the view.
+    let expired = session_event(
+        "evt_lost_expiry",
+        "checkout.session.expired",
+        lost_expiry,
+        "o-lost-expiry",
+        1000,
+        "cs_test_lost",
+        "expired",
+        "unpaid",
+        None,
+    );
+    assert_eq!(deliver(&client, &expired).await.0, "applied");
+    assert!(!stuck(&client)
+        .await
+        .iter()
+        .any(|(id, _)| *id == lost_expiry));
+}
