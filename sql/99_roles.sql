@@ -4,6 +4,7 @@
 --   pay_webhook  webhook ingest and nothing else
 --   pay_worker   the outbox and reconciliation evidence
 --   pay_auditor  read-only views and the audit log
+--   pay_operator incident response: replays held-back webhook events, closes a breaker by hand
 
 -- Roles are cluster-wide: another database's CREATE EXTENSION may have made them, or may be making
 -- them right now. An existing role is adopted only if it is a plain group role: one that can log
@@ -15,7 +16,7 @@ DECLARE
     v pg_catalog.pg_roles;
     v_unsafe text[];
 BEGIN
-    FOREACH r IN ARRAY ARRAY['pay_app', 'pay_webhook', 'pay_worker', 'pay_auditor'] LOOP
+    FOREACH r IN ARRAY ARRAY['pay_app', 'pay_webhook', 'pay_worker', 'pay_auditor', 'pay_operator'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r) THEN
             BEGIN
                 EXECUTE format('CREATE ROLE %I NOLOGIN', r);
@@ -52,7 +53,7 @@ REVOKE ALL ON SCHEMA pay FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA pay FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pay FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pay FROM PUBLIC;
-GRANT USAGE ON SCHEMA pay TO pay_app, pay_webhook, pay_worker, pay_auditor;
+GRANT USAGE ON SCHEMA pay TO pay_app, pay_webhook, pay_worker, pay_auditor, pay_operator;
 
 -- Pure helpers, safe for everyone who has a role.
 GRANT EXECUTE ON FUNCTION pay.idempotency_key(text, jsonb) TO pay_app, pay_worker, pay_auditor;
@@ -108,9 +109,20 @@ GRANT SELECT ON pay.reconciliation_runs, pay.findings, pay.reconciliation_findin
 GRANT EXECUTE ON FUNCTION pay.resolve_finding(bigint, text) TO pay_auditor;
 GRANT SELECT ON pay.reconciliation_runs, pay.findings, pay.reconciliation_findings TO pay_worker;
 
--- The safety net (sql/11_safety.sql). pay.replay_events and pay.reset_event_type stay with the
--- extension's owner (a DBA); the worker checks anomalies on its schedule.
+-- The safety net (sql/11_safety.sql). The worker checks anomalies on its schedule. Replaying held
+-- events and closing a breaker by hand change payments through the transition rule (nothing a
+-- replay applies is not signed by Stripe), so they belong to neither the read-only auditor nor
+-- the application: pay_operator, for whoever answers the incident, with what it needs to decide.
 GRANT SELECT ON pay.quarantined_events, pay.event_type_health, pay.anomalies TO pay_auditor, pay_worker;
+-- A function a view calls is checked against the reader, not the view's owner: whoever may read
+-- pay.anomalies needs its two tail probabilities (pure arithmetic, the one exception to
+-- "pay._* is the owner's").
+GRANT EXECUTE ON FUNCTION pay._binomial_upper_tail(bigint, bigint, float8), pay._poisson_upper_tail(bigint, float8)
+    TO pay_auditor, pay_worker, pay_operator;
+GRANT EXECUTE ON FUNCTION pay.replay_events(text, timestamptz, boolean) TO pay_operator;
+GRANT EXECUTE ON FUNCTION pay.reset_event_type(text) TO pay_operator;
+GRANT SELECT ON pay.quarantined_events, pay.event_type_health, pay.anomalies, pay.webhook_stats
+    TO pay_operator;
 GRANT EXECUTE ON FUNCTION pay.check_anomalies() TO pay_worker;
 -- The relay's ingest, with the event type and the payment row's lock wait for its metrics.
 GRANT EXECUTE ON FUNCTION pay.ingest_webhook_measured(text, text) TO pay_worker;

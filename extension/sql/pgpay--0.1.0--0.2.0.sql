@@ -2895,3 +2895,49 @@ CREATE OR REPLACE VIEW pay.stuck_payments AS
       AND (p.mode <> 'session' OR p.status <> 'requires_payment_method' OR p.checkout_expires_at IS NULL
            OR p.checkout_expires_at < now() - coalesce(nullif(current_setting('pay.stuck_after', true), ''), '1 hour')::interval);
 
+-- ==== finish-b: pay_operator, the role that replays held events and resets breakers ====
+-- Created and checked as sql/99_roles.sql does for every pay_* role (a role that can log in, is
+-- or can become a superuser, creates roles or bypasses row security is not adopted).
+DO $roles$
+DECLARE
+    v pg_catalog.pg_roles;
+    v_unsafe text[];
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pay_operator') THEN
+        BEGIN
+            CREATE ROLE pay_operator NOLOGIN;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL;
+        END;
+    END IF;
+    SELECT * INTO v FROM pg_catalog.pg_roles WHERE rolname = 'pay_operator';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgpay: role pay_operator is being created by another transaction that has not finished'
+            USING ERRCODE = 'serialization_failure', HINT = 'Run ALTER EXTENSION pgpay UPDATE again.';
+    END IF;
+    v_unsafe := array_remove(ARRAY[
+        CASE WHEN v.rolcanlogin THEN 'LOGIN' END,
+        CASE WHEN v.rolsuper THEN 'SUPERUSER' END,
+        CASE WHEN v.rolcreaterole THEN 'CREATEROLE' END,
+        CASE WHEN v.rolbypassrls THEN 'BYPASSRLS' END,
+        CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles s
+                          WHERE s.rolsuper AND s.oid <> v.oid AND pg_catalog.pg_has_role(v.oid, s.oid, 'MEMBER'))
+             THEN 'membership in a superuser role' END], NULL);
+    IF cardinality(v_unsafe) > 0 THEN
+        RAISE EXCEPTION 'pgpay: role pay_operator exists already with %, so ALTER EXTENSION pgpay UPDATE will not adopt it',
+            array_to_string(v_unsafe, ', ')
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'pgpay''s roles are group roles shared by every database of the cluster: make it one (ALTER ROLE pay_operator NOLOGIN NOSUPERUSER NOCREATEROLE NOBYPASSRLS, and revoke superuser memberships) or drop it, then run ALTER EXTENSION pgpay UPDATE again.';
+    END IF;
+END
+$roles$;
+
+GRANT USAGE ON SCHEMA pay TO pay_operator;
+GRANT EXECUTE ON FUNCTION pay.replay_events(text, timestamptz, boolean) TO pay_operator;
+GRANT EXECUTE ON FUNCTION pay.reset_event_type(text) TO pay_operator;
+GRANT SELECT ON pay.quarantined_events, pay.event_type_health, pay.anomalies, pay.webhook_stats
+    TO pay_operator;
+-- A function a view calls is checked against the reader: whoever may read pay.anomalies needs its
+-- two tail probabilities (pay_auditor could not read it before).
+GRANT EXECUTE ON FUNCTION pay._binomial_upper_tail(bigint, bigint, float8), pay._poisson_upper_tail(bigint, float8)
+    TO pay_auditor, pay_worker, pay_operator;

@@ -292,6 +292,144 @@ async fn a_raising_trigger_quarantines_opens_the_breaker_and_replay_applies_each
     );
 }
 
+/// `err` is a permission refusal (42501).
+fn refused(err: &tokio_postgres::Error, role: &str, sql: &str) {
+    assert_eq!(sqlstate(err), Some("42501"), "{role}: {sql}: {err}");
+}
+
+#[tokio::test]
+async fn pay_operator_replays_and_resets_breakers_and_no_other_role_can() {
+    let (_db, client) = setup().await;
+    client
+        .batch_execute("SET pay.breaker_failures = 1; SET pay.breaker_cooldown = '1 hour'")
+        .await
+        .unwrap();
+    break_fulfillments(&client, "P0001").await;
+    let payment = open_payment(&client, "order-op").await;
+    let delivered = deliver(
+        &client,
+        "evt_op",
+        "order-op",
+        payment,
+        "succeeded",
+        1_700_000_000,
+    )
+    .await;
+    assert_eq!(delivered, ("quarantined".into(), 200));
+    assert_eq!(breaker(&client, "payment_intent.succeeded").await.0, "open");
+
+    // The application, the auditor, the worker and the webhook role may not change payments
+    // through a replay, nor close a breaker.
+    for role in ["pay_app", "pay_auditor", "pay_worker", "pay_webhook"] {
+        for sql in [
+            "SELECT * FROM pay.replay_events()",
+            "SELECT pay.reset_event_type('payment_intent.succeeded')",
+        ] {
+            client
+                .batch_execute(&format!("SET ROLE {role}"))
+                .await
+                .unwrap();
+            refused(&client.batch_execute(sql).await.expect_err(sql), role, sql);
+            client.batch_execute("RESET ROLE").await.unwrap();
+        }
+    }
+    // Whoever may read pay.anomalies can (its tail probabilities are functions, checked
+    // against the reader).
+    for role in ["pay_auditor", "pay_worker"] {
+        client
+            .batch_execute(&format!("SET ROLE {role}"))
+            .await
+            .unwrap();
+        count(&client, "SELECT count(*) FROM pay.anomalies").await;
+        client.batch_execute("RESET ROLE").await.unwrap();
+    }
+    // The operator sees what it needs to decide, and nothing else.
+    client.batch_execute("SET ROLE pay_operator").await.unwrap();
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.quarantined_events").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.event_type_health WHERE state = 'open'"
+        )
+        .await,
+        1
+    );
+    count(&client, "SELECT count(*) FROM pay.anomalies").await;
+    count(&client, "SELECT count(*) FROM pay.webhook_stats").await;
+    for sql in [
+        "SELECT * FROM pay.payments",
+        "SELECT * FROM pay.webhook_events",
+        "SELECT pay.begin_checkout('op-1', 100, 'usd')",
+        "SELECT * FROM pay.claim_outbox('w')",
+        "SELECT * FROM pay.claim_fulfillments('c')",
+        "SELECT * FROM pay.ingest_webhook('{}', 't=1,v1=00')",
+        "SELECT pay.add_webhook_secret('whsec_0123456789abcdef')",
+        "SELECT * FROM pay._replay_event('evt_op', false)",
+    ] {
+        refused(
+            &client.batch_execute(sql).await.expect_err(sql),
+            "pay_operator",
+            sql,
+        );
+    }
+    client.batch_execute("RESET ROLE").await.unwrap();
+
+    // The cause is fixed (by the application's owner); the operator closes the breaker and
+    // replays: applied once, fulfilled once; a second replay changes nothing.
+    fix_fulfillments(&client).await;
+    client.batch_execute("SET ROLE pay_operator").await.unwrap();
+    let reset: bool = client
+        .query_one(
+            "SELECT pay.reset_event_type('payment_intent.succeeded')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reset);
+    let replayed: Vec<(String, String)> = client
+        .query("SELECT event_id, outcome FROM pay.replay_events()", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(replayed, [("evt_op".to_owned(), "applied".to_owned())]);
+    assert!(client
+        .query("SELECT * FROM pay.replay_events()", &[])
+        .await
+        .unwrap()
+        .is_empty());
+    client.batch_execute("RESET ROLE").await.unwrap();
+    assert_eq!(
+        breaker(&client, "payment_intent.succeeded").await.0,
+        "closed"
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.payments WHERE status = 'succeeded'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.fulfillments").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.audit_log WHERE cause LIKE 'replay%'"
+        )
+        .await,
+        1
+    );
+}
+
 #[tokio::test]
 async fn the_half_open_probe_closes_on_success_and_reopens_on_failure() {
     let (_db, client) = setup().await;

@@ -423,6 +423,10 @@ async fn d02_every_public_function_works_for_every_role_it_is_granted_to() {
         ("pay.ingest_webhook(text,text)", format!("SELECT * FROM pay.ingest_webhook($e${event}$e$, '{header}')")),
         ("pay.ingest_webhook_measured(text,text)", format!("SELECT * FROM pay.ingest_webhook_measured($e${event}$e$, '{header}')")),
         ("pay.check_anomalies()", "SELECT * FROM pay.check_anomalies()".into()),
+        ("pay.replay_events(text,timestamp with time zone,boolean)", "SELECT * FROM pay.replay_events()".into()),
+        ("pay._binomial_upper_tail(bigint,bigint,double precision)", "SELECT count(*) FROM pay.anomalies".into()),
+        ("pay._poisson_upper_tail(bigint,double precision)", "SELECT count(*) FROM pay.anomalies".into()),
+        ("pay.reset_event_type(text)", "SELECT pay.reset_event_type('payment_intent.succeeded')".into()),
         ("pay.payment_timeline(uuid)", format!("SELECT * FROM pay.payment_timeline('{open}')")),
         ("pay.progress_reconciliation(bigint,integer,integer,integer,integer,integer,integer,interval)", format!("SELECT pay.progress_reconciliation({run}, 1, 1, 1, 0, 0, 0)")),
         ("pay.record_missing_at_stripe(bigint,text[])", format!("SELECT pay.record_missing_at_stripe({run}, '{{}}')")),
@@ -442,7 +446,7 @@ async fn d02_every_public_function_works_for_every_role_it_is_granted_to() {
     let granted = owner
         .query(
             "SELECT r, p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace,
-                    unnest(ARRAY['pay_app', 'pay_webhook', 'pay_worker', 'pay_auditor']) r
+                    unnest(ARRAY['pay_app', 'pay_webhook', 'pay_worker', 'pay_auditor', 'pay_operator']) r
              WHERE n.nspname = 'pay' AND has_function_privilege(r, p.oid, 'EXECUTE') ORDER BY 2, 1",
             &[],
         )
@@ -1136,7 +1140,7 @@ async fn d12_create_extension_refuses_unsafe_pay_roles_and_survives_a_concurrent
     drop(d1);
     for sql in [
         "DROP DATABASE d1 WITH (FORCE)",
-        "DROP ROLE pay_app, pay_webhook, pay_worker, pay_auditor",
+        "DROP ROLE pay_app, pay_webhook, pay_worker, pay_auditor, pay_operator",
     ] {
         admin.batch_execute(sql).await.unwrap();
     }
@@ -1170,6 +1174,6 @@ async fn d12_create_extension_refuses_unsafe_pay_roles_and_survives_a_concurrent
             "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pay\\_%' AND NOT rolcanlogin"
         )
         .await,
-        4
+        5
     );
 }

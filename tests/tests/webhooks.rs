@@ -1283,7 +1283,13 @@ async fn the_webhook_role_can_deliver_and_read_nothing() {
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "stored");
     client.batch_execute("RESET ROLE").await.unwrap();
-    for role in ["pay_webhook", "pay_app", "pay_worker", "pay_auditor"] {
+    for role in [
+        "pay_webhook",
+        "pay_app",
+        "pay_worker",
+        "pay_auditor",
+        "pay_operator",
+    ] {
         for sql in [
             "SELECT * FROM pay.webhook_secrets",
             "SELECT pay.add_webhook_secret('whsec_0123456789abcdef')",
