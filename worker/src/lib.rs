@@ -41,7 +41,7 @@ pub use crate::config::{ConfigError, RunArgs, WorkerConfig};
 pub use crate::db::DbError;
 pub use crate::error_chain::ErrorChain;
 pub use crate::jobs::JobError;
-pub use crate::metrics::{Metrics, Outcome};
+pub use crate::metrics::{Metrics, Outcome, StripePhase};
 pub use crate::secret::SecretString;
 
 use crate::outbox::Dispatcher;

@@ -83,6 +83,30 @@ struct EventLabels {
 struct EndpointLabels {
     endpoint: String,
     status: String,
+    phase: String,
+}
+
+/// Which part of the worker sent a request to Stripe (the `phase` label of
+/// `pgpay_worker_stripe_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripePhase {
+    /// Outbox commands, and the key-retention lookups made before re-sending a create.
+    Outbox,
+    /// Reconciliation's list pages (PaymentIntents, Checkout Sessions, events).
+    Reconcile,
+    /// The refresh of stuck payments (one GET each).
+    Refresh,
+}
+
+impl StripePhase {
+    /// Stable label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StripePhase::Outbox => "outbox",
+            StripePhase::Reconcile => "reconcile",
+            StripePhase::Refresh => "refresh",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,6 +142,10 @@ pub fn endpoint_label(method: &str, path: &str) -> String {
         })
         .collect();
     format!("{method} {}", segments.join("/"))
+}
+
+fn status_label(status: Option<u16>) -> String {
+    status.map_or_else(|| "error".to_owned(), |s| s.to_string())
 }
 
 fn apply_histogram() -> Histogram {
@@ -210,7 +238,8 @@ impl Metrics {
     /// - `pgpay_worker_webhook_events_total{event_type,outcome}` (signed deliveries relayed)
     /// - `pgpay_worker_webhook_apply_duration_seconds{event_type,outcome}` (histogram)
     /// - `pgpay_worker_webhook_lock_wait_seconds` (histogram)
-    /// - `pgpay_worker_stripe_requests_total{endpoint,status}`
+    /// - `pgpay_worker_stripe_requests_total{endpoint,status,phase}` (phase: outbox, reconcile,
+    ///   refresh)
     /// - `pgpay_worker_stripe_idempotent_replayed_total{endpoint}`
     /// - `pgpay_worker_outbox_lag_seconds` (gauge, refreshed on scrape)
     /// - `pgpay_worker_anomaly_score{kind,subject}` (gauge, refreshed by the anomaly check)
@@ -326,7 +355,7 @@ impl Metrics {
             );
             r.register(
                 "stripe_requests",
-                "Outbox requests to Stripe, by endpoint and HTTP status (error: no answer)",
+                "Requests to Stripe, by endpoint, HTTP status (error: no answer) and phase (outbox, reconcile, refresh)",
                 m.stripe_requests.clone(),
             );
             r.register(
@@ -444,9 +473,11 @@ impl Metrics {
             self.lock_wait.observe(wait.as_secs_f64());
         }
     }
-    /// One request to Stripe: `status` is the HTTP status, `None` when no answer came.
+    /// One request to Stripe from `phase`: `status` is the HTTP status, `None` when no answer
+    /// came.
     pub(crate) fn stripe_request(
         &self,
+        phase: StripePhase,
         method: &str,
         path: &str,
         status: Option<u16>,
@@ -456,7 +487,8 @@ impl Metrics {
         self.stripe_requests
             .get_or_create(&EndpointLabels {
                 endpoint: endpoint.clone(),
-                status: status.map_or_else(|| "error".to_owned(), |s| s.to_string()),
+                status: status_label(status),
+                phase: phase.as_str().to_owned(),
             })
             .inc();
         if replayed {
@@ -487,6 +519,17 @@ impl Metrics {
                 result: result.to_owned(),
             })
             .inc();
+    }
+    /// Requests to Stripe counted for `endpoint` (as [`endpoint_label`] writes it), `status`
+    /// (`None`: no answer) and `phase`.
+    pub fn stripe_requests(&self, endpoint: &str, status: Option<u16>, phase: StripePhase) -> u64 {
+        self.stripe_requests
+            .get(&EndpointLabels {
+                endpoint: endpoint.to_owned(),
+                status: status_label(status),
+                phase: phase.as_str().to_owned(),
+            })
+            .map_or(0, |c| c.get())
     }
     /// Key-retention lookups with `result` (`adopted`, `rekeyed`, `failed`).
     pub fn key_lookups(&self, result: &str) -> u64 {
@@ -575,8 +618,28 @@ mod tests {
             std::time::Duration::from_millis(3),
             Some(std::time::Duration::from_micros(50)),
         );
-        m.stripe_request("POST", "/v1/payment_intents/pi_123/cancel", Some(200), true);
-        m.stripe_request("POST", "/v1/refunds", None, false);
+        m.stripe_request(
+            StripePhase::Outbox,
+            "POST",
+            "/v1/payment_intents/pi_123/cancel",
+            Some(200),
+            true,
+        );
+        m.stripe_request(StripePhase::Outbox, "POST", "/v1/refunds", None, false);
+        m.stripe_request(
+            StripePhase::Reconcile,
+            "GET",
+            "/v1/checkout/sessions",
+            Some(200),
+            false,
+        );
+        m.stripe_request(
+            StripePhase::Refresh,
+            "GET",
+            "/v1/payment_intents/pi_9",
+            Some(404),
+            false,
+        );
         m.set_outbox_lag(12.5);
         m.set_anomalies(&[("silence".into(), "payment successes".into(), 4.5)]);
         let text = m.encode();
@@ -596,8 +659,10 @@ mod tests {
             "pgpay_worker_webhook_events_total{event_type=\"payment_intent.succeeded\",outcome=\"quarantined\"} 1",
             "pgpay_worker_webhook_apply_duration_seconds_count{event_type=\"payment_intent.succeeded\",outcome=\"quarantined\"} 1",
             "pgpay_worker_webhook_lock_wait_seconds_count 1",
-            "pgpay_worker_stripe_requests_total{endpoint=\"POST /v1/payment_intents/{id}/cancel\",status=\"200\"} 1",
-            "pgpay_worker_stripe_requests_total{endpoint=\"POST /v1/refunds\",status=\"error\"} 1",
+            "pgpay_worker_stripe_requests_total{endpoint=\"POST /v1/payment_intents/{id}/cancel\",status=\"200\",phase=\"outbox\"} 1",
+            "pgpay_worker_stripe_requests_total{endpoint=\"POST /v1/refunds\",status=\"error\",phase=\"outbox\"} 1",
+            "pgpay_worker_stripe_requests_total{endpoint=\"GET /v1/checkout/sessions\",status=\"200\",phase=\"reconcile\"} 1",
+            "pgpay_worker_stripe_requests_total{endpoint=\"GET /v1/payment_intents/{id}\",status=\"404\",phase=\"refresh\"} 1",
             "pgpay_worker_stripe_idempotent_replayed_total{endpoint=\"POST /v1/payment_intents/{id}/cancel\"} 1",
             "pgpay_worker_outbox_lag_seconds 12.5",
             "pgpay_worker_anomaly_score{kind=\"silence\",subject=\"payment successes\"} 4.5",
@@ -607,6 +672,19 @@ mod tests {
         assert_eq!(m.commands("create_payment_intent", Outcome::Completed), 1);
         assert_eq!(m.commands_with(Outcome::Fenced), 1);
         assert_eq!(m.fenced_completions(), 1);
+        assert_eq!(
+            m.stripe_requests(
+                "GET /v1/checkout/sessions",
+                Some(200),
+                StripePhase::Reconcile
+            ),
+            1
+        );
+        assert_eq!(
+            m.stripe_requests("GET /v1/checkout/sessions", Some(200), StripePhase::Outbox),
+            0,
+            "phases are apart"
+        );
         m.set_anomalies(&[]);
         assert!(
             !m.encode().contains("anomaly_score{"),

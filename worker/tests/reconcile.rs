@@ -11,7 +11,7 @@ use common::{checkout, config, count, init_tracing, wait_for_count, WAIT};
 use pgpay_tests::tokio_postgres::Client;
 use pgpay_tests::{wait_until, TestDb};
 use pgpay_worker::jobs::reconcile::{reconcile_with_config, ReconcileOptions, Report, Started};
-use pgpay_worker::{CancellationToken, WorkerConfig};
+use pgpay_worker::{CancellationToken, StripePhase, WorkerConfig};
 use serde_json::Value;
 use stripe_fake::{Config as FakeConfig, DeliveryOptionsPatch, FaultAction, FaultRule, StripeFake};
 
@@ -243,6 +243,169 @@ async fn one_reconcile_repairs_dropped_webhooks_and_fulfils_each_success_once() 
     assert_eq!(run, (N as i32, 0, None));
 }
 
+/// A session-mode payment's (status, Checkout Session id, PaymentIntent id).
+async fn session_payment(client: &Client, payment: &str) -> (String, String, Option<String>) {
+    let r = client
+        .query_one(
+            "SELECT status::text, stripe_checkout_session_id, stripe_payment_intent_id
+             FROM pay.payments WHERE id = $1::text::uuid",
+            &[&payment],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reconcile_repairs_checkout_sessions_whose_webhooks_were_all_lost() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    client
+        .execute(
+            "SELECT pay.add_webhook_secret($1, 'fake')",
+            &[&WEBHOOK_SECRET],
+        )
+        .await
+        .unwrap();
+    let fake = fake().await;
+    let mut cfg = worker_config(&db, &fake);
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    // Every delivery is lost: the relay is there, nothing reaches it.
+    fake.set_webhook(
+        format!("http://{}/webhooks/stripe", worker.http_addr().unwrap()),
+        WEBHOOK_SECRET,
+    )
+    .unwrap();
+    fake.update_webhook_options(DeliveryOptionsPatch {
+        drop_probability: Some(1.0),
+        ..DeliveryOptionsPatch::default()
+    })
+    .unwrap();
+
+    // Two hosted checkouts: one customer pays by card, the other walks away.
+    let mut sessions = Vec::new();
+    for (order, amount) in [("session-paid", 4100_i64), ("session-abandoned", 4200)] {
+        let payment: String = client
+            .query_one(
+                "SELECT id::text FROM pay.begin_checkout($1, $2, 'usd', mode => 'session',
+                                                         success_url => 'https://shop.example/thanks')",
+                &[&order, &amount],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let session: String = client
+            .query_one(
+                "SELECT stripe_checkout_session_id FROM pay.wait_for_checkout($1::text::uuid, 10000)",
+                &[&payment],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        sessions.push((payment, session));
+    }
+    let [(paid, paid_session), (abandoned, abandoned_session)] =
+        <[_; 2]>::try_from(sessions).unwrap();
+    fake.pay_checkout(
+        &paid_session,
+        stripe_fake::CheckoutPayment::Card("pm_card_visa".into()),
+    )
+    .await
+    .unwrap();
+    fake.abandon_checkout(&abandoned_session).await.unwrap();
+    let ledger = fake
+        .wait_for(WAIT, |l| {
+            l.webhooks.held == 0 && l.webhooks.ok + l.webhooks.dropped >= l.webhooks.queued
+        })
+        .await
+        .expect("every webhook dropped");
+    assert_eq!(ledger.webhooks.ok, 0, "{:?}", ledger.webhooks);
+    assert!(
+        ledger
+            .events
+            .by_type
+            .contains_key("checkout.session.completed")
+            && ledger
+                .events
+                .by_type
+                .contains_key("checkout.session.expired"),
+        "{:?}",
+        ledger.events.by_type
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    // The database never heard: both still wait for their customer.
+    for payment in [&paid, &abandoned] {
+        assert_eq!(
+            session_payment(&client, payment).await.0,
+            "requires_payment_method"
+        );
+    }
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.webhook_events").await,
+        0
+    );
+
+    let report = reconcile(&db, &fake, false).await;
+    let c = &report.counts;
+    assert_eq!(c.flagged + c.not_ours + c.missing_at_stripe, 0, "{c:?}");
+    assert!(c.applied >= 2, "{c:?}");
+    // The paid session: succeeded, its PaymentIntent recorded, fulfilled once.
+    let paid_pi = fake
+        .checkout_session(&paid_session)
+        .and_then(|s| s["payment_intent"].as_str().map(str::to_owned))
+        .expect("the paid session has a PaymentIntent");
+    assert_eq!(
+        session_payment(&client, &paid).await,
+        ("succeeded".into(), paid_session.clone(), Some(paid_pi))
+    );
+    // The expired session: canceled, nothing to fulfil.
+    assert_eq!(
+        session_payment(&client, &abandoned).await,
+        ("canceled".into(), abandoned_session.clone(), None)
+    );
+    let fulfilled = client
+        .query("SELECT payment_id::text FROM pay.fulfillments", &[])
+        .await
+        .unwrap();
+    assert_eq!(fulfilled.len(), 1);
+    assert_eq!(fulfilled[0].get::<_, String>(0), paid);
+    // Findings say what was repaired; none asks a human for anything.
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pay.findings WHERE kind <> 'status_drift_fixed'"
+        )
+        .await,
+        0,
+        "{:?}",
+        report.findings
+    );
+
+    // A second run finds everything in place and changes nothing.
+    let before = snapshot(&client).await;
+    let again = reconcile(&db, &fake, false).await;
+    assert_eq!(
+        again.counts.applied + again.counts.adopted,
+        0,
+        "{:?}",
+        again.counts
+    );
+    let (mut after, mut before) = (snapshot(&client).await, before);
+    // Everything but the count of runs (index 2: the second run's own row).
+    after.remove(2);
+    before.remove(2);
+    assert_eq!(before, after, "the second run changed nothing");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.fulfillments").await,
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_are_adopted_drift_is_a_finding_foreign_intents_are_counted_and_dry_run_changes_nothing(
 ) {
@@ -442,8 +605,33 @@ async fn run_refreshes_stuck_payments_and_reconciles_on_a_schedule() {
         0,
         "a GET by id, not a listing"
     );
+    let m = worker.metrics().clone();
     worker.shutdown();
     worker.wait().await.unwrap();
+    // The refresh's reads are counted, under their own phase: every GET the fake saw.
+    let gets = fake.ledger().requests_to("GET /v1/payment_intents/:id");
+    assert!(gets >= 1);
+    assert_eq!(
+        m.stripe_requests(
+            "GET /v1/payment_intents/{id}",
+            Some(200),
+            StripePhase::Refresh
+        ),
+        gets
+    );
+    assert_eq!(
+        m.stripe_requests(
+            "GET /v1/payment_intents/{id}",
+            Some(200),
+            StripePhase::Outbox
+        ),
+        0
+    );
+    assert_eq!(
+        m.stripe_requests("POST /v1/payment_intents", Some(200), StripePhase::Outbox),
+        1,
+        "the create, as before"
+    );
 
     // Scheduled reconciliation adopts an orphan without anyone running `reconcile`.
     let orphan = checkout(&client, "scheduled-orphan", 800).await;
@@ -493,6 +681,7 @@ async fn run_refreshes_stuck_payments_and_reconciles_on_a_schedule() {
             .len(),
         1
     );
+    let m = worker.metrics().clone();
     worker.shutdown();
     worker.wait().await.unwrap();
     assert_eq!(
@@ -503,6 +692,32 @@ async fn run_refreshes_stuck_payments_and_reconciles_on_a_schedule() {
         .await,
         0,
         "shutdown closes a run in progress"
+    );
+    // Reconciliation's reads are counted under phase="reconcile", one per list page: at least
+    // one page of each list per finished run, and never more than the fake saw (a request cut
+    // short by the shutdown reached the fake but got no answer to count).
+    let ledger = fake.ledger();
+    for (endpoint, route) in [
+        ("GET /v1/payment_intents", "GET /v1/payment_intents"),
+        ("GET /v1/checkout/sessions", "GET /v1/checkout/sessions"),
+        ("GET /v1/events", "GET /v1/events"),
+    ] {
+        let counted = m.stripe_requests(endpoint, Some(200), StripePhase::Reconcile);
+        assert!(
+            counted >= 2 && counted <= ledger.requests_to(route),
+            "{endpoint}: counted {counted}, the fake saw {}",
+            ledger.requests_to(route)
+        );
+        assert_eq!(
+            m.stripe_requests(endpoint, Some(200), StripePhase::Outbox),
+            0
+        );
+    }
+    assert!(
+        m.encode().contains(
+            "pgpay_worker_stripe_requests_total{endpoint=\"GET /v1/checkout/sessions\",status=\"200\",phase=\"reconcile\"}"
+        ),
+        "exported with its labels"
     );
 }
 

@@ -15,6 +15,7 @@ use super::reconcile::{self, ReconcileOptions, Started};
 use super::refresh::refresh_stuck;
 use super::{connect, JobError};
 use crate::error_chain::ErrorChain;
+use crate::metrics::StripePhase;
 use crate::shared::Shared;
 use crate::stripe::{ReadError, StripeReader};
 
@@ -62,8 +63,14 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     debug!("schedule stopped");
 }
 
-fn reader<'a>(shared: &'a Shared, cancel: &'a CancellationToken) -> StripeReader<'a> {
+/// A reader over the dispatcher's client and rate limit, its requests counted under `phase`.
+fn reader<'a>(
+    shared: &'a Shared,
+    cancel: &'a CancellationToken,
+    phase: StripePhase,
+) -> StripeReader<'a> {
     StripeReader::new(&shared.stripe, &shared.limiter, &shared.cfg.retry, cancel)
+        .counted(&shared.metrics, phase)
 }
 
 async fn scheduled_reconcile(shared: &Shared, cancel: &CancellationToken) {
@@ -71,7 +78,7 @@ async fn scheduled_reconcile(shared: &Shared, cancel: &CancellationToken) {
         let client = connect(&shared.cfg.database, "pgpay-worker reconcile").await?;
         reconcile::reconcile(
             &client,
-            &reader(shared, cancel),
+            &reader(shared, cancel, StripePhase::Reconcile),
             &shared.cfg.worker_id,
             &ReconcileOptions::new(shared.cfg.reconcile_window),
             &|_, _| {},
@@ -96,7 +103,12 @@ async fn scheduled_reconcile(shared: &Shared, cancel: &CancellationToken) {
 async fn refresh(shared: &Shared, cancel: &CancellationToken) {
     let result = async {
         let client = connect(&shared.cfg.database, "pgpay-worker refresh").await?;
-        refresh_stuck(&client, &reader(shared, cancel), REFRESH_BATCH).await
+        refresh_stuck(
+            &client,
+            &reader(shared, cancel, StripePhase::Refresh),
+            REFRESH_BATCH,
+        )
+        .await
     }
     .await;
     match result {

@@ -15,6 +15,7 @@ use super::sql::{self, ClaimedRow};
 use super::write_back::{finish, release};
 use crate::config::LEASE_MARGIN;
 use crate::error_chain::ErrorChain;
+use crate::metrics::StripePhase;
 use crate::shared::Shared;
 use crate::stripe::{
     decide, Decision, Method, RetryReason, SendError, StripeRequest, StripeResponse,
@@ -135,9 +136,13 @@ async fn send_timed(
         Ok(resp) => (Some(resp.status), resp.replayed),
         Err(_) => (None, false),
     };
-    shared
-        .metrics
-        .stripe_request(req.method.as_str(), &req.path, status, replayed);
+    shared.metrics.stripe_request(
+        StripePhase::Outbox,
+        req.method.as_str(),
+        &req.path,
+        status,
+        replayed,
+    );
     match &result {
         Ok(resp) => debug!(
             status = resp.status,

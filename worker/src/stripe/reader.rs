@@ -11,6 +11,7 @@ use super::classify::{decide, Decision};
 use super::client::StripeClient;
 use super::ratelimit::RateLimiter;
 use super::request::StripeRequest;
+use crate::metrics::{Metrics, StripePhase};
 
 /// Objects per list page (Stripe's maximum).
 pub const PAGE_SIZE: u32 = 100;
@@ -72,6 +73,9 @@ pub struct StripeReader<'a> {
     limiter: &'a RateLimiter,
     retry: &'a RetryPolicy,
     cancel: &'a CancellationToken,
+    /// Where each request is counted (`pgpay_worker_stripe_requests_total{phase}`); `None`
+    /// for the one-shot CLI, which has no metrics endpoint.
+    metrics: Option<(&'a Metrics, StripePhase)>,
 }
 
 impl<'a> StripeReader<'a> {
@@ -86,7 +90,14 @@ impl<'a> StripeReader<'a> {
             limiter,
             retry,
             cancel,
+            metrics: None,
         }
+    }
+
+    /// Counts every request (each attempt, whatever its answer) in `metrics` under `phase`.
+    pub(crate) fn counted(mut self, metrics: &'a Metrics, phase: StripePhase) -> Self {
+        self.metrics = Some((metrics, phase));
+        self
     }
 
     /// Whether shutdown was requested.
@@ -120,6 +131,13 @@ impl<'a> StripeReader<'a> {
                 _ = self.cancel.cancelled() => return Err(ReadError::Canceled),
                 r = self.stripe.send(&req, url.clone(), self.stripe.request_timeout()) => r,
             };
+            if let Some((metrics, phase)) = self.metrics {
+                let (status, replayed) = match &result {
+                    Ok(resp) => (Some(resp.status), resp.replayed),
+                    Err(_) => (None, false),
+                };
+                metrics.stripe_request(phase, req.method.as_str(), &req.path, status, replayed);
+            }
             if matches!(&result, Ok(resp) if resp.status == 401) {
                 return Err(ReadError::Unauthorized(self.stripe.unauthorized()));
             }
