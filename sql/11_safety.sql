@@ -42,6 +42,14 @@ CREATE TABLE pay.event_type_health (
     CONSTRAINT event_type_health_open_has_opened_at CHECK ((state = 'closed') = (opened_at IS NULL))
 );
 
+-- Backends keep "no breaker is open" in memory, so an event costs no lookup while every type is
+-- closed (extension/src/breaker.rs); every change makes them drop that copy before their next
+-- transaction. ALWAYS: also under session_replication_role = replica (a hand edit, a restore).
+CREATE TRIGGER event_type_health_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pay.event_type_health
+    FOR EACH STATEMENT EXECUTE FUNCTION pay._event_type_health_changed();
+ALTER TABLE pay.event_type_health ENABLE ALWAYS TRIGGER event_type_health_changed;
+
 -- The breaker's settings, validated (a bad value names the setting):
 --   pay.breaker_failures  failures of one type within the window that open it (default 5)
 --   pay.breaker_window    the window (default 1 minute)

@@ -2941,3 +2941,16 @@ GRANT SELECT ON pay.quarantined_events, pay.event_type_health, pay.anomalies, pa
 -- two tail probabilities (pay_auditor could not read it before).
 GRANT EXECUTE ON FUNCTION pay._binomial_upper_tail(bigint, bigint, float8), pay._poisson_upper_tail(bigint, float8)
     TO pay_auditor, pay_worker, pay_operator;
+
+-- ==== finish-b: backends keep "no breaker is open" in memory, dropped when pay.event_type_health changes ====
+CREATE OR REPLACE FUNCTION pay."_event_type_health_changed"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_event_type_health_changed_wrapper';
+REVOKE EXECUTE ON FUNCTION pay._event_type_health_changed() FROM PUBLIC;
+
+DROP TRIGGER IF EXISTS event_type_health_changed ON pay.event_type_health;
+CREATE TRIGGER event_type_health_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pay.event_type_health
+    FOR EACH STATEMENT EXECUTE FUNCTION pay._event_type_health_changed();
+ALTER TABLE pay.event_type_health ENABLE ALWAYS TRIGGER event_type_health_changed;

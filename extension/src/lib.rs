@@ -81,7 +81,8 @@ extension_sql_file!(
     requires = [
         "backups",
         stats::poisson_upper_tail,
-        stats::binomial_upper_tail
+        stats::binomial_upper_tail,
+        breaker::_event_type_health_changed
     ]
 );
 extension_sql_file!("../../sql/99_roles.sql", name = "roles", finalize);

@@ -128,7 +128,7 @@ pub fn live_secrets(client: &mut SpiClient<'_>) -> Vec<String> {
 
 /// Whether statements see the transaction's snapshot (REPEATABLE READ and SERIALIZABLE), taken
 /// when it began, rather than a new one each (READ COMMITTED).
-fn uses_transaction_snapshot() -> bool {
+pub(crate) fn uses_transaction_snapshot() -> bool {
     // SAFETY: reads the backend's current isolation level, set for the running transaction.
     let level = unsafe { pg_sys::XactIsoLevel };
     level >= pg_sys::XACT_REPEATABLE_READ as i32

@@ -292,6 +292,77 @@ async fn a_raising_trigger_quarantines_opens_the_breaker_and_replay_applies_each
     );
 }
 
+#[tokio::test]
+async fn a_breaker_opened_by_another_session_is_seen_by_the_next_delivery() {
+    // Each backend keeps "no breaker is open" in memory; any change to pay.event_type_health,
+    // by any session, any statement, any replication role, must reach it before its next event.
+    let (db, owner) = setup().await;
+    let (a, b) = (db.connect().await, db.connect().await);
+    a.batch_execute("SET pay.breaker_cooldown = '1 hour'")
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(open_payment(&owner, &format!("order-c{i}")).await);
+    }
+    let go = |i: usize, status: &'static str| {
+        let (a, id) = (&a, ids[i]);
+        async move {
+            deliver(
+                a,
+                &format!("evt_c{i}"),
+                &format!("order-c{i}"),
+                id,
+                status,
+                1_700_000_000 + i as i64,
+            )
+            .await
+            .0
+        }
+    };
+    // Session a applies twice: the second from its copy.
+    assert_eq!(go(0, "processing").await, "applied");
+    assert_eq!(go(1, "processing").await, "applied");
+
+    // Session b opens a breaker by hand: a's next event of that type is deferred.
+    b.batch_execute(
+        "INSERT INTO pay.event_type_health (event_type, state, failures, opened_at)
+         VALUES ('payment_intent.succeeded', 'open', 5, now())",
+    )
+    .await
+    .unwrap();
+    assert_eq!(go(2, "succeeded").await, "deferred");
+    // Other types still flow (each looks its own type up while something is open).
+    assert_eq!(go(3, "processing").await, "applied");
+
+    // Closed again by pay_operator's function: applied.
+    b.batch_execute("SELECT pay.reset_event_type('payment_intent.succeeded')")
+        .await
+        .unwrap();
+    assert_eq!(go(4, "succeeded").await, "applied");
+
+    // A hand edit under session_replication_role = replica (where ordinary triggers sleep).
+    b.batch_execute(
+        "SET session_replication_role = replica;
+         UPDATE pay.event_type_health SET state = 'open', opened_at = now()
+         WHERE event_type = 'payment_intent.succeeded';
+         RESET session_replication_role",
+    )
+    .await
+    .unwrap();
+    assert_eq!(go(5, "succeeded").await, "deferred");
+
+    // TRUNCATE closes everything.
+    b.batch_execute("TRUNCATE pay.event_type_health")
+        .await
+        .unwrap();
+    assert_eq!(go(6, "succeeded").await, "applied");
+    assert_eq!(
+        count(&owner, "SELECT count(*) FROM pay.fulfillments").await,
+        2
+    );
+}
+
 /// `err` is a permission refusal (42501).
 fn refused(err: &tokio_postgres::Error, role: &str, sql: &str) {
     assert_eq!(sqlstate(err), Some("42501"), "{role}: {sql}: {err}");
