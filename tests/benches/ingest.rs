@@ -8,6 +8,18 @@
 //! Run: `scripts/bench-ingest` (installs a release build of the extension first).
 //! 8 clients on one warm pool, realistic ~2.5 KB signed events, 90 % new and 10 % duplicate
 //! deliveries; rounds alternate between the paths so machine noise hits all alike; medians.
+//!
+//! Two more runs of `pay.ingest_webhook` measure the safety net's costs in the same run, on the
+//! same build (the database state picks the code path):
+//! - "a breaker open": another event type's breaker is open for the round, so every event looks
+//!   its own type up in pay.event_type_health — what each applied event cost before backends
+//!   kept "no breaker is open" in memory;
+//! - "no BRIN": the three BRIN indexes of pay.anomalies are dropped for the round.
+//!
+//! Besides events/s (wall clock, which other load on the machine moves by 10 % or more), each
+//! round reports the CPU time the 8 server backends spent per delivery (/proc/<pid>/schedstat,
+//! nanoseconds on the CPU): the cost of the code path itself, much less moved by other load.
+//! `PGPAY_BENCH_ROUNDS` sets the rounds per path (default 5).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,8 +31,29 @@ use tokio_postgres::Client;
 
 const CLIENTS: usize = 8;
 const EVENTS_PER_ROUND: usize = 6_000;
-const ROUNDS: usize = 5;
-const PATHS: [Path; 3] = [Path::Statements, Path::OneStatement, Path::Ingest];
+const DEFAULT_ROUNDS: usize = 5;
+const PATHS: [Path; 5] = [
+    Path::Statements,
+    Path::OneStatement,
+    Path::Ingest,
+    Path::IngestBreakerOpen,
+    Path::IngestNoBrin,
+];
+/// The BRIN indexes of sql/11_safety.sql, dropped for the "no BRIN" rounds and made again.
+const BRIN: [(&str, &str); 3] = [
+    (
+        "webhook_events_received_brin",
+        "pay.webhook_events USING brin (received_at)",
+    ),
+    (
+        "payments_created_brin",
+        "pay.payments USING brin (created_at)",
+    ),
+    (
+        "fulfillments_created_brin",
+        "pay.fulfillments USING brin (created_at)",
+    ),
+];
 const SECRET: &str = "whsec_bench_0123456789abcdef";
 
 struct Delivery {
@@ -35,6 +68,10 @@ struct Delivery {
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     Ingest,
+    /// `pay.ingest_webhook` while another type's breaker is open.
+    IngestBreakerOpen,
+    /// `pay.ingest_webhook` without the BRIN indexes.
+    IngestNoBrin,
     Statements,
     OneStatement,
 }
@@ -43,8 +80,53 @@ impl Path {
     fn name(self) -> &'static str {
         match self {
             Path::Ingest => "pay.ingest_webhook",
+            Path::IngestBreakerOpen => "ingest, a breaker open",
+            Path::IngestNoBrin => "ingest, no BRIN",
             Path::Statements => "plain SQL, statements",
             Path::OneStatement => "plain SQL, one statement",
+        }
+    }
+
+    /// Sets the database up for this path's round.
+    async fn before(self, admin: &Client) {
+        match self {
+            Path::IngestBreakerOpen => admin
+                .batch_execute(
+                    "INSERT INTO pay.event_type_health (event_type, state, failures, opened_at)
+                     VALUES ('bench.other_type', 'open', 5, now())",
+                )
+                .await
+                .unwrap(),
+            Path::IngestNoBrin => {
+                for (name, _) in BRIN {
+                    admin
+                        .batch_execute(&format!("DROP INDEX pay.{name}"))
+                        .await
+                        .unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Puts the database back after this path's round.
+    async fn after(self, admin: &Client) {
+        match self {
+            Path::IngestBreakerOpen => admin
+                .batch_execute(
+                    "DELETE FROM pay.event_type_health WHERE event_type = 'bench.other_type'",
+                )
+                .await
+                .unwrap(),
+            Path::IngestNoBrin => {
+                for (name, on) in BRIN {
+                    admin
+                        .batch_execute(&format!("CREATE INDEX {name} ON {on}"))
+                        .await
+                        .unwrap();
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -193,7 +275,7 @@ async fn run_round(pool: &[Arc<Client>], path: Path, work: Vec<Delivery>) -> (f6
                 let t = Instant::now();
                 let kind = format!("payment_intent.{}", d.status);
                 match path {
-                    Path::Ingest => {
+                    Path::Ingest | Path::IngestBreakerOpen | Path::IngestNoBrin => {
                         let row = client
                             .query_one(&ingest, &[&d.payload, &d.header])
                             .await
@@ -258,12 +340,27 @@ async fn run_round(pool: &[Arc<Client>], path: Path, work: Vec<Delivery>) -> (f6
     (rate, latencies)
 }
 
+/// Nanoseconds the backends `pids` have spent on a CPU so far (`/proc/<pid>/schedstat`, first
+/// field); `None` where that is not readable (not Linux, or the server on another machine).
+fn backends_cpu_ns(pids: &[i32]) -> Option<u64> {
+    pids.iter()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
@@ -276,19 +373,35 @@ async fn main() {
         .await
         .unwrap();
     let now = pgpay_tests::stripe_sdk::unix_now();
+    let rounds: usize = std::env::var("PGPAY_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(DEFAULT_ROUNDS);
     let mut pool = Vec::new();
+    let mut pids = Vec::new();
     for _ in 0..CLIENTS {
-        pool.push(Arc::new(db.connect().await));
+        let client = db.connect().await;
+        pids.push(
+            client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get::<_, i32>(0),
+        );
+        pool.push(Arc::new(client));
     }
     // Warm both paths on every connection (plans, function caches, the extension's library).
     for (k, path) in PATHS.into_iter().enumerate() {
         let prefix = format!("warm{k}");
         let intents = seed_payments(&admin, &prefix, CLIENTS * 20).await;
+        path.before(&admin).await;
         run_round(&pool, path, deliveries_for(&prefix, &intents, now)).await;
+        path.after(&admin).await;
     }
-    println!("ingest benchmark (cargo bench -p pgpay-tests --bench ingest): {CLIENTS} clients, {EVENTS_PER_ROUND} deliveries per round (10 % duplicates), {ROUNDS} rounds per path, alternating");
-    let mut results: Vec<(Path, f64, Duration, Duration)> = Vec::new();
-    for round in 0..ROUNDS {
+    println!("ingest benchmark (cargo bench -p pgpay-tests --bench ingest): {CLIENTS} clients, {EVENTS_PER_ROUND} deliveries per round (10 % duplicates), {rounds} rounds per path, alternating");
+    let mut results: Vec<(Path, f64, Duration, Duration, f64)> = Vec::new();
+    for round in 0..rounds {
         for (k, path) in PATHS.into_iter().enumerate() {
             let prefix = format!("r{round}p{k}");
             let intents = seed_payments(&admin, &prefix, EVENTS_PER_ROUND).await;
@@ -298,13 +411,23 @@ async fn main() {
                 .batch_execute("VACUUM ANALYZE pay.payments")
                 .await
                 .unwrap();
+            path.before(&admin).await;
+            let deliveries = work.len() as f64;
+            let cpu_before = backends_cpu_ns(&pids);
             let (rate, mut latencies) = run_round(&pool, path, work).await;
+            let cpu_after = backends_cpu_ns(&pids);
+            path.after(&admin).await;
+            // µs of backend CPU per delivery (NaN where /proc cannot be read).
+            let cpu = match (cpu_before, cpu_after) {
+                (Some(b), Some(a)) => a.saturating_sub(b) as f64 / 1e3 / deliveries,
+                _ => f64::NAN,
+            };
             latencies.sort();
             let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
             let name = path.name();
-            println!("round {round} {name:<25} {rate:>8.0} events/s  p50 {:>6.2} ms  p99 {:>6.2} ms  (avg payload {size} B)",
+            println!("round {round} {name:<25} {rate:>8.0} events/s  p50 {:>6.2} ms  p99 {:>6.2} ms  backend CPU {cpu:>6.1} µs/delivery  (avg payload {size} B)",
                 p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
-            results.push((path, rate, p50, p99));
+            results.push((path, rate, p50, p99, cpu));
         }
     }
     let summary = |want: Path| {
@@ -313,13 +436,41 @@ async fn main() {
             median(picked.iter().map(|r| r.1).collect()),
             median(picked.iter().map(|r| r.2.as_secs_f64() * 1e3).collect()),
             median(picked.iter().map(|r| r.3.as_secs_f64() * 1e3).collect()),
+            median(picked.iter().map(|r| r.4).collect()),
         )
     };
     for path in PATHS {
-        let (rate, p50, p99) = summary(path);
+        let (rate, p50, p99, cpu) = summary(path);
         println!(
-            "median {:<25} {rate:>8.0} events/s  p50 {p50:.2} ms  p99 {p99:.2} ms",
+            "median {:<25} {rate:>8.0} events/s  p50 {p50:.2} ms  p99 {p99:.2} ms  backend CPU {cpu:.1} µs/delivery",
             path.name()
+        );
+    }
+    // Paired: each variant against the ingest round run just before it (same round), so a
+    // machine that slows down over the run moves both sides of each ratio alike.
+    let paired = |variant: Path, metric: fn(&(Path, f64, Duration, Duration, f64)) -> f64| {
+        let of = |path: Path| -> Vec<f64> {
+            results.iter().filter(|r| r.0 == path).map(metric).collect()
+        };
+        median(
+            of(Path::Ingest)
+                .iter()
+                .zip(of(variant))
+                .map(|(ingest, other)| ingest / other)
+                .collect(),
+        )
+    };
+    for (variant, what) in [
+        (
+            Path::IngestBreakerOpen,
+            "with a breaker open (a lookup per event)",
+        ),
+        (Path::IngestNoBrin, "without the BRIN indexes"),
+    ] {
+        println!(
+            "paired median, ingest / ingest {what}: events/s {:.3}, backend CPU per delivery {:.3}",
+            paired(variant, |r| r.1),
+            paired(variant, |r| r.4),
         );
     }
     let ingest = summary(Path::Ingest).0;
@@ -330,6 +481,19 @@ async fn main() {
     println!(
         "ratio ingest / plain SQL, one statement: {:.2}",
         ingest / summary(Path::OneStatement).0
+    );
+    let breaker_open = summary(Path::IngestBreakerOpen).0;
+    println!(
+        "ratio ingest with a breaker open (a lookup per event) / plain SQL, statements: {:.2}",
+        breaker_open / summary(Path::Statements).0
+    );
+    println!(
+        "ratio ingest / ingest with a breaker open: {:.3} (the lookup the per-backend copy saves)",
+        ingest / breaker_open
+    );
+    println!(
+        "ratio ingest / ingest without the BRIN indexes: {:.3}",
+        ingest / summary(Path::IngestNoBrin).0
     );
     let sends: i64 = admin
         .query_one("SELECT count(*) FROM pay.outbox", &[])
