@@ -721,6 +721,72 @@ async fn run_refreshes_stuck_payments_and_reconciles_on_a_schedule() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refresh_finds_a_session_whose_expiry_event_was_lost() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let fake = fake().await;
+    let mut cfg = worker_config(&db, &fake);
+    cfg.refresh_stuck_every = Some(Duration::from_millis(200));
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    // A hosted checkout the customer walked away from; no webhook reaches the database.
+    let payment: String = client
+        .query_one(
+            "SELECT id::text FROM pay.begin_checkout('walked-away', 3300, 'usd', mode => 'session',
+                                                     success_url => 'https://shop.example/thanks')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let session: String = client
+        .query_one(
+            "SELECT stripe_checkout_session_id FROM pay.wait_for_checkout($1::text::uuid, 10000)",
+            &[&payment],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    fake.abandon_checkout(&session).await.unwrap();
+    // Its expiry passed two hours ago with no checkout.session.expired: stuck.
+    client
+        .execute(
+            "UPDATE pay.payments SET updated_at = now() - interval '3 hours',
+                    checkout_expires_at = now() - interval '2 hours'
+             WHERE id = $1::text::uuid",
+            &[&payment],
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || async {
+            session_payment(&client, &payment).await.0 == "canceled"
+        })
+        .await,
+        "the refresh read the session and applied its expiry"
+    );
+    let m = worker.metrics().clone();
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    let gets = fake.ledger().requests_to("GET /v1/checkout/sessions/:id");
+    assert!(gets >= 1);
+    assert_eq!(
+        m.stripe_requests(
+            "GET /v1/checkout/sessions/{id}",
+            Some(200),
+            StripePhase::Refresh
+        ),
+        gets
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.stuck_payments").await,
+        0
+    );
+}
+
 struct Output {
     code: Option<i32>,
     stdout: String,
