@@ -321,7 +321,11 @@ BEGIN
     IF v_result IN ('applied', 'flagged') AND v_status IS DISTINCT FROM v_before::text AND NOT v_adopted THEN
         PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v_status,
             'missed by webhooks; fixed from the API');
-    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text THEN
+    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text
+          -- A session's delayed payment that failed ends the attempt (its Checkout Session speaks
+          -- for it) and leaves the PaymentIntent at requires_payment_method, which nobody can pay
+          -- any more: Stripe does not contradict the cancel.
+          AND NOT (v.mode = 'session' AND v_before = 'canceled' AND v_status = 'requires_payment_method') THEN
         -- A terminal status here that Stripe contradicts: only a human can say which is right.
         PERFORM pay._record_finding(p_run_id, 'status_mismatch', v.id, v_id, v_before::text, v_status,
             'the payment is terminal here but Stripe reports another status');

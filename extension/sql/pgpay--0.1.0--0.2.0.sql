@@ -2879,6 +2879,8 @@ $$;
 -- serde_json, which stops at 128 levels with an internal error (XX000). An unknown reconciliation
 -- run is P0002 (pay._require_run) instead of the findings' foreign key (23503). A create answer
 -- naming another payment's PaymentIntent or Checkout Session is refused in Rust (22023, naming both).
+-- Reconciliation no longer reports a session-mode payment canceled by a failed delayed payment as
+-- a status_mismatch with its PaymentIntent (left at requires_payment_method; found by the chaos run).
 CREATE OR REPLACE FUNCTION pay._bounded_json_text(p_value jsonb, p_field text, p_max_bytes int) RETURNS text
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
@@ -3053,7 +3055,11 @@ BEGIN
     IF v_result IN ('applied', 'flagged') AND v_status IS DISTINCT FROM v_before::text AND NOT v_adopted THEN
         PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v_status,
             'missed by webhooks; fixed from the API');
-    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text THEN
+    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text
+          -- A session's delayed payment that failed ends the attempt (its Checkout Session speaks
+          -- for it) and leaves the PaymentIntent at requires_payment_method, which nobody can pay
+          -- any more: Stripe does not contradict the cancel.
+          AND NOT (v.mode = 'session' AND v_before = 'canceled' AND v_status = 'requires_payment_method') THEN
         -- A terminal status here that Stripe contradicts: only a human can say which is right.
         PERFORM pay._record_finding(p_run_id, 'status_mismatch', v.id, v_id, v_before::text, v_status,
             'the payment is terminal here but Stripe reports another status');

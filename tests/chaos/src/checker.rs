@@ -689,8 +689,12 @@ fn status_equals_stripe(history: &History, index: &Index) -> Verdict {
             });
         }
     }
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for finding in &history.db.open_findings {
+        *kinds.entry(finding.kind.as_str()).or_default() += 1;
+    }
     v.checked = format!(
-        "{} payments ({sessions} in session mode), {} explained by open findings",
+        "{} payments ({sessions} in session mode), {} explained by open findings {kinds:?}",
         history.db.payments.len(),
         explained.len()
     );
