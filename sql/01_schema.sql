@@ -177,7 +177,9 @@ CREATE INDEX audit_log_by_payment ON pay.audit_log (payment_id, id);
 -- was checked here, on jsonb's own binary form first: a 2 MB jsonb of big numbers is 120 MB of
 -- text. Numbers beyond 1e30 in magnitude (or nonzero below 1e-30) are refused for the same reason:
 -- one stored in a few bytes can print as 131,072 digits. Stripe's own limits are far smaller than
--- the ones callers pass here. Raises 22023 naming the field; returns the value's text, for Rust.
+-- the ones callers pass here. Nesting is bounded too: Rust reads a jsonb argument with serde_json,
+-- which stops at 128 levels with an error PostgreSQL would report as an internal one (XX000); no
+-- Stripe object comes near it. Raises 22023 naming the field; returns the value's text, for Rust.
 CREATE FUNCTION pay._bounded_json_text(p_value jsonb, p_field text, p_max_bytes int) RETURNS text
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
@@ -194,6 +196,11 @@ BEGIN
     IF jsonb_path_exists(p_value,
         'strict $.** ? (@.type() == "number" && (@ >= 1e30 || @ <= -1e30 || (@ != 0 && @ < 1e-30 && @ > -1e-30)))') THEN
         RAISE EXCEPTION '% holds a number beyond 1e30 in magnitude or nonzero below 1e-30', p_field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Level 0 is the value itself: an array or object at level 100 is the 101st one nested.
+    IF jsonb_path_exists(p_value, 'strict $.**{100 to last} ? (@.type() == "array" || @.type() == "object")') THEN
+        RAISE EXCEPTION '% is nested deeper than 100 levels', p_field
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- A stored (compressed) value can be far larger once expanded: check the text too.

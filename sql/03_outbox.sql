@@ -83,6 +83,28 @@ AS $$
     WHERE o.payment_id = p_payment_id AND o.status = 'waiting';
 $$;
 
+-- Takes commands p_ids in flight for p_worker: a lease of p_lease and one more attempt (the number
+-- every completion is fenced by). Commands that are no longer pending or in flight are left alone.
+-- The one place a command is leased: pay.claim_outbox picks which, and tests that play the worker
+-- for one payment's command take it through here too.
+CREATE FUNCTION pay._lease_commands(p_ids bigint[], p_worker text, p_lease interval)
+RETURNS SETOF pay.outbox
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RETURN QUERY
+    UPDATE pay.outbox o
+    SET status = 'in_flight',
+        lease_owner = p_worker,
+        lease_expires = now() + p_lease,
+        attempts = o.attempts + 1,
+        first_attempt_at = coalesce(o.first_attempt_at, now()),
+        updated_at = now()
+    WHERE o.id = ANY (p_ids) AND o.status IN ('pending', 'in_flight')
+    RETURNING o.*;
+END;
+$$;
+
 CREATE FUNCTION pay.claim_outbox(worker text, max_rows int DEFAULT 32, lease interval DEFAULT '60 seconds')
 RETURNS SETOF pay.outbox
 LANGUAGE plpgsql
@@ -100,35 +122,26 @@ BEGIN
         RAISE EXCEPTION 'claim_outbox: lease must be between 1 second and 1 hour, got %', lease USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN QUERY
-    WITH expired AS (
-        -- A crashed worker's commands: sent again, with the same key, once the lease has run out.
-        SELECT o.id FROM pay.outbox o
-        WHERE o.status = 'in_flight' AND o.lease_expires < now()
-        ORDER BY o.lease_expires
-        LIMIT max_rows
-        FOR UPDATE SKIP LOCKED
-    ), due AS (
-        SELECT o.id FROM pay.outbox o
-        WHERE o.status = 'pending' AND o.run_after <= now()
-        ORDER BY o.run_after, o.id
-        LIMIT max_rows
-        FOR UPDATE SKIP LOCKED
-    ), picked AS (
+    SELECT * FROM pay._lease_commands(ARRAY(
+        WITH expired AS (
+            -- A crashed worker's commands: sent again, with the same key, once the lease has run out.
+            SELECT o.id FROM pay.outbox o
+            WHERE o.status = 'in_flight' AND o.lease_expires < now()
+            ORDER BY o.lease_expires
+            LIMIT max_rows
+            FOR UPDATE SKIP LOCKED
+        ), due AS (
+            SELECT o.id FROM pay.outbox o
+            WHERE o.status = 'pending' AND o.run_after <= now()
+            ORDER BY o.run_after, o.id
+            LIMIT max_rows
+            FOR UPDATE SKIP LOCKED
+        )
         SELECT id FROM expired
         UNION ALL
         SELECT id FROM due
         LIMIT max_rows
-    )
-    UPDATE pay.outbox o
-    SET status = 'in_flight',
-        lease_owner = worker,
-        lease_expires = now() + lease,
-        attempts = o.attempts + 1,
-        first_attempt_at = coalesce(o.first_attempt_at, now()),
-        updated_at = now()
-    FROM picked
-    WHERE o.id = picked.id
-    RETURNING o.*;
+    ), worker, lease);
 END;
 $$;
 

@@ -96,6 +96,19 @@ BEGIN
 END;
 $$;
 
+-- Raises no_data_found (P0002) unless run p_run_id exists (NULL: no run, nothing to check), so
+-- that a caller naming an unknown run hears so instead of meeting the findings' foreign key.
+CREATE FUNCTION pay._require_run(p_run_id bigint, p_caller text) RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF p_run_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pay.reconciliation_runs r WHERE r.id = p_run_id) THEN
+        RAISE EXCEPTION '%: no reconciliation run %', p_caller, p_run_id
+            USING ERRCODE = 'no_data_found', HINT = 'Pass the id pay.start_reconciliation returned, or NULL.';
+    END IF;
+END;
+$$;
+
 -- Records a finding once; returns whether it was new.
 CREATE FUNCTION pay._record_finding(p_run_id bigint, p_kind text, p_payment_id uuid, p_stripe_id text,
     p_expected text, p_actual text, p_detail text) RETURNS boolean
@@ -118,6 +131,7 @@ LANGUAGE sql
 SECURITY DEFINER
 SET search_path = pg_catalog, pay, pg_temp
 AS $$
+    SELECT pay._require_run(run_id, 'record_reconciliation_finding');
     SELECT pay._record_finding(run_id, kind, payment_id, stripe_object_id, expected, actual, detail);
 $$;
 
@@ -202,6 +216,7 @@ DECLARE
     v_before pay.payment_status;
     v_result text;
 BEGIN
+    PERFORM pay._require_run(p_run_id, 'apply_stripe_object');
     PERFORM pay._bounded_json_text(p_object, 'object', 1048576);
     IF p_object ->> 'object' = 'refund' THEN
         payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
@@ -306,7 +321,11 @@ BEGIN
     IF v_result IN ('applied', 'flagged') AND v_status IS DISTINCT FROM v_before::text AND NOT v_adopted THEN
         PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v_status,
             'missed by webhooks; fixed from the API');
-    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text THEN
+    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text
+          -- A session's delayed payment that failed ends the attempt (its Checkout Session speaks
+          -- for it) and leaves the PaymentIntent at requires_payment_method, which nobody can pay
+          -- any more: Stripe does not contradict the cancel.
+          AND NOT (v.mode = 'session' AND v_before = 'canceled' AND v_status = 'requires_payment_method') THEN
         -- A terminal status here that Stripe contradicts: only a human can say which is right.
         PERFORM pay._record_finding(p_run_id, 'status_mismatch', v.id, v_id, v_before::text, v_status,
             'the payment is terminal here but Stripe reports another status');

@@ -2954,3 +2954,262 @@ CREATE TRIGGER event_type_health_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pay.event_type_health
     FOR EACH STATEMENT EXECUTE FUNCTION pay._event_type_health_changed();
 ALTER TABLE pay.event_type_health ENABLE ALWAYS TRIGGER event_type_health_changed;
+
+
+-- ==== finish-a: issue 15, refusals the SQL fuzz found, each with a documented SQLSTATE ====
+-- pay._bounded_json_text also bounds nesting (100 levels): pgrx reads a jsonb argument with
+-- serde_json, which stops at 128 levels with an internal error (XX000). An unknown reconciliation
+-- run is P0002 (pay._require_run) instead of the findings' foreign key (23503). A create answer
+-- naming another payment's PaymentIntent or Checkout Session is refused in Rust (22023, naming both).
+-- Reconciliation no longer reports a session-mode payment canceled by a failed delayed payment as
+-- a status_mismatch with its PaymentIntent (left at requires_payment_method; found by the chaos run).
+CREATE OR REPLACE FUNCTION pay._bounded_json_text(p_value jsonb, p_field text, p_max_bytes int) RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+    v_text text;
+BEGIN
+    IF p_value IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF pg_column_size(p_value) > p_max_bytes THEN
+        RAISE EXCEPTION '% is larger than % bytes', p_field, p_max_bytes
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_path_exists(p_value,
+        'strict $.** ? (@.type() == "number" && (@ >= 1e30 || @ <= -1e30 || (@ != 0 && @ < 1e-30 && @ > -1e-30)))') THEN
+        RAISE EXCEPTION '% holds a number beyond 1e30 in magnitude or nonzero below 1e-30', p_field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Level 0 is the value itself: an array or object at level 100 is the 101st one nested.
+    IF jsonb_path_exists(p_value, 'strict $.**{100 to last} ? (@.type() == "array" || @.type() == "object")') THEN
+        RAISE EXCEPTION '% is nested deeper than 100 levels', p_field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A stored (compressed) value can be far larger once expanded: check the text too.
+    v_text := p_value::text;
+    IF octet_length(v_text) > p_max_bytes THEN
+        RAISE EXCEPTION '% is larger than % bytes as text', p_field, p_max_bytes
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN v_text;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay._require_run(p_run_id bigint, p_caller text) RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF p_run_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pay.reconciliation_runs r WHERE r.id = p_run_id) THEN
+        RAISE EXCEPTION '%: no reconciliation run %', p_caller, p_run_id
+            USING ERRCODE = 'no_data_found', HINT = 'Pass the id pay.start_reconciliation returned, or NULL.';
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay.record_reconciliation_finding(run_id bigint, kind text, payment_id uuid, stripe_object_id text,
+    expected text, actual text, detail text DEFAULT NULL) RETURNS boolean
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+    SELECT pay._require_run(run_id, 'record_reconciliation_finding');
+    SELECT pay._record_finding(run_id, kind, payment_id, stripe_object_id, expected, actual, detail);
+$$;
+
+CREATE OR REPLACE FUNCTION pay._apply_stripe_object(p_object jsonb, p_source text, p_run_id bigint,
+    OUT outcome text, OUT payment_id uuid, OUT detail text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v pay.payments;
+    v_id text := p_object ->> 'id';
+    v_claimed text := p_object #>> '{metadata,pgpay_payment_id}';
+    v_status text := p_object ->> 'status';
+    v_amount bigint;
+    v_currency text := lower(p_object ->> 'currency');
+    v_adopted boolean := false;
+    v_before pay.payment_status;
+    v_result text;
+BEGIN
+    PERFORM pay._require_run(p_run_id, 'apply_stripe_object');
+    PERFORM pay._bounded_json_text(p_object, 'object', 1048576);
+    IF p_object ->> 'object' = 'refund' THEN
+        payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
+        IF payment_id IS NULL THEN
+            outcome := 'not_ours';
+            RETURN;
+        END IF;
+        outcome := pay._apply_refund_answer(payment_id, p_object, p_source);
+        RETURN;
+    END IF;
+    IF p_object ->> 'object' = 'checkout.session' AND v_id IS NOT NULL AND v_status IS NOT NULL THEN
+        payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
+        IF payment_id IS NULL THEN
+            outcome := 'not_ours';
+            detail := 'no pgpay metadata';
+            RETURN;
+        END IF;
+        detail := v_status || '/' || coalesce(p_object ->> 'payment_status', '');
+        SELECT * INTO v FROM pay.payments p WHERE p.id = payment_id;
+        -- An open session the payment already knows, still open: nothing to write.
+        IF v.stripe_checkout_session_id = v_id AND v_status = 'open' AND v.status = 'requires_payment_method' THEN
+            outcome := 'unchanged';
+            RETURN;
+        END IF;
+        v := pay._lock_payment(v.id);
+        v_before := v.status;
+        IF v.stripe_checkout_session_id IS NULL THEN
+            -- A crash between Stripe's create and our commit: adopt the session, and close the
+            -- create command so it is never sent again.
+            v_adopted := true;
+            UPDATE pay.outbox o
+            SET status = 'done', response = p_object, last_http_status = 200, lease_owner = NULL, lease_expires = NULL,
+                last_error = 'adopted by ' || p_source, completed_at = now(), updated_at = now(),
+                attempts = greatest(o.attempts, 1), first_attempt_at = coalesce(o.first_attempt_at, now())
+            WHERE o.payment_id = v.id AND o.kind = 'create_checkout_session' AND o.status IN ('pending', 'in_flight');
+            PERFORM pay._record_finding(p_run_id, 'orphan_adopted', v.id, v_id, NULL, v_id,
+                'Checkout Session created at Stripe but never recorded; adopted');
+        END IF;
+        v_result := pay._apply_checkout_session(v.id, p_object, p_source, p_source || ':' || v_id,
+                                                floor(extract(epoch FROM now()))::bigint, NULL);
+        SELECT * INTO v FROM pay.payments p WHERE p.id = v.id;
+        IF v_result IN ('applied', 'flagged') AND v.status <> v_before AND NOT v_adopted THEN
+            PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v.status::text,
+                'missed by webhooks; fixed from the API');
+        END IF;
+        outcome := CASE WHEN v_adopted THEN 'adopted' ELSE v_result END;
+        RETURN;
+    END IF;
+    IF p_object ->> 'object' IS DISTINCT FROM 'payment_intent' OR v_id IS NULL OR v_status IS NULL THEN
+        RAISE EXCEPTION 'apply_stripe_object: expected a PaymentIntent, Checkout Session or Refund object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_amount := CASE WHEN p_object ->> 'amount' ~ '^[0-9]{1,18}$' THEN (p_object ->> 'amount')::bigint END;
+
+    -- Read first without a lock: an unchanged payment (the common case) writes nothing.
+    payment_id := pay._payment_for(v_id, v_claimed);
+    IF payment_id IS NULL THEN
+        IF pay._claimed_payment_id(v_claimed) IS NULL THEN
+            outcome := 'not_ours';
+            detail := 'no pgpay metadata';
+            RETURN;
+        END IF;
+        PERFORM pay._record_finding(p_run_id, 'unknown_payment', NULL, v_id, v_claimed, NULL,
+            'the PaymentIntent names a pgpay payment this database does not have');
+        outcome := 'not_ours';
+        detail := 'names an unknown payment';
+        RETURN;
+    END IF;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = payment_id;
+    IF v.stripe_payment_intent_id = v_id AND v.status::text = v_status AND v.amount = v_amount
+       AND v.currency = v_currency AND v.client_secret IS NOT NULL THEN
+        outcome := 'unchanged';
+        RETURN;
+    END IF;
+
+    v := pay._lock_payment(v.id);
+    v_before := v.status;
+    IF v.stripe_payment_intent_id IS NOT NULL AND v.stripe_payment_intent_id <> v_id THEN
+        PERFORM pay._record_finding(p_run_id, 'second_payment_intent', v.id, v_id, v.stripe_payment_intent_id, v_id,
+            'a second PaymentIntent carries this payment''s id');
+    ELSIF v.stripe_payment_intent_id IS NULL AND v.mode = 'payment_intent' THEN
+        -- (In session mode the PaymentIntent is the session's, made by Stripe: not an orphan.)
+        -- A crash between Stripe's create and our commit: adopt it, and close the create command so
+        -- it is never sent again (past Stripe's key retention it would create a second one).
+        v_adopted := true;
+        UPDATE pay.outbox o
+        SET status = 'done', response = p_object, last_http_status = 200, lease_owner = NULL, lease_expires = NULL,
+            last_error = 'adopted by ' || p_source, completed_at = now(), updated_at = now(),
+            attempts = greatest(o.attempts, 1), first_attempt_at = coalesce(o.first_attempt_at, now())
+        WHERE o.payment_id = v.id AND o.kind = 'create_payment_intent' AND o.status IN ('pending', 'in_flight');
+        PERFORM pay._record_finding(p_run_id, 'orphan_adopted', v.id, v_id, NULL, v_id,
+            'PaymentIntent created at Stripe but never recorded; adopted');
+    END IF;
+    IF v_amount IS DISTINCT FROM v.amount THEN
+        PERFORM pay._record_finding(p_run_id, 'amount_drift', v.id, v_id, v.amount::text, v_amount::text, NULL);
+    END IF;
+    IF v_currency IS DISTINCT FROM v.currency THEN
+        PERFORM pay._record_finding(p_run_id, 'currency_drift', v.id, v_id, v.currency, v_currency, NULL);
+    END IF;
+    v_result := pay._apply_payment_intent(v.id, p_object, p_source, p_source || ':' || v_id,
+                                          floor(extract(epoch FROM now()))::bigint);
+    IF v_result IN ('applied', 'flagged') AND v_status IS DISTINCT FROM v_before::text AND NOT v_adopted THEN
+        PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v_status,
+            'missed by webhooks; fixed from the API');
+    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text
+          -- A session's delayed payment that failed ends the attempt (its Checkout Session speaks
+          -- for it) and leaves the PaymentIntent at requires_payment_method, which nobody can pay
+          -- any more: Stripe does not contradict the cancel.
+          AND NOT (v.mode = 'session' AND v_before = 'canceled' AND v_status = 'requires_payment_method') THEN
+        -- A terminal status here that Stripe contradicts: only a human can say which is right.
+        PERFORM pay._record_finding(p_run_id, 'status_mismatch', v.id, v_id, v_before::text, v_status,
+            'the payment is terminal here but Stripe reports another status');
+    END IF;
+    outcome := CASE WHEN v_adopted THEN 'adopted' ELSE v_result END;
+    detail := v_status;
+END;
+$$;
+
+REVOKE EXECUTE ON FUNCTION pay._require_run(bigint, text) FROM PUBLIC;
+
+-- ==== finish-a: issue 11, one place leases an outbox command (pay._lease_commands) ====
+CREATE OR REPLACE FUNCTION pay._lease_commands(p_ids bigint[], p_worker text, p_lease interval)
+RETURNS SETOF pay.outbox
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RETURN QUERY
+    UPDATE pay.outbox o
+    SET status = 'in_flight',
+        lease_owner = p_worker,
+        lease_expires = now() + p_lease,
+        attempts = o.attempts + 1,
+        first_attempt_at = coalesce(o.first_attempt_at, now()),
+        updated_at = now()
+    WHERE o.id = ANY (p_ids) AND o.status IN ('pending', 'in_flight')
+    RETURNING o.*;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pay.claim_outbox(worker text, max_rows int DEFAULT 32, lease interval DEFAULT '60 seconds')
+RETURNS SETOF pay.outbox
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+BEGIN
+    IF worker IS NULL OR length(worker) = 0 OR length(worker) > 200 THEN
+        RAISE EXCEPTION 'claim_outbox: worker must be a name of 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF max_rows IS NULL OR max_rows < 1 OR max_rows > 1000 THEN
+        RAISE EXCEPTION 'claim_outbox: max_rows must be between 1 and 1000, got %', max_rows USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF lease IS NULL OR lease < interval '1 second' OR lease > interval '1 hour' THEN
+        RAISE EXCEPTION 'claim_outbox: lease must be between 1 second and 1 hour, got %', lease USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    SELECT * FROM pay._lease_commands(ARRAY(
+        WITH expired AS (
+            -- A crashed worker's commands: sent again, with the same key, once the lease has run out.
+            SELECT o.id FROM pay.outbox o
+            WHERE o.status = 'in_flight' AND o.lease_expires < now()
+            ORDER BY o.lease_expires
+            LIMIT max_rows
+            FOR UPDATE SKIP LOCKED
+        ), due AS (
+            SELECT o.id FROM pay.outbox o
+            WHERE o.status = 'pending' AND o.run_after <= now()
+            ORDER BY o.run_after, o.id
+            LIMIT max_rows
+            FOR UPDATE SKIP LOCKED
+        )
+        SELECT id FROM expired
+        UNION ALL
+        SELECT id FROM due
+        LIMIT max_rows
+    ), worker, lease);
+END;
+$$;
+
+REVOKE EXECUTE ON FUNCTION pay._lease_commands(bigint[], text, interval) FROM PUBLIC;

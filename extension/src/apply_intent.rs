@@ -97,6 +97,10 @@ impl LockedPayment {
     }
 }
 
+static INTENT_HOLDER: Statement = Statement {
+    sql: "SELECT p.id FROM pay.payments p WHERE p.stripe_payment_intent_id = $1 AND p.id <> $2",
+    args: &[TEXTOID, UUIDOID],
+};
 static RELEASE_WAITING: Statement = Statement {
     sql: "SELECT pay._release_waiting_commands($1, $2)",
     args: &[UUIDOID, TEXTOID],
@@ -163,6 +167,24 @@ static ENQUEUE_DUPLICATE_REFUND: Statement = Statement {
               jsonb_build_object('why', 'superseded_attempt_succeeded'))",
     args: &[UUIDOID, TEXTOID],
 };
+
+/// One Stripe object, one payment: evidence about `payment` that names a `what` (`id`) another
+/// payment already holds (`holder`: a statement selecting that payment's id from `id` and
+/// `payment`) is refused with 22023 naming both payments, before anything is written. Otherwise
+/// the unique constraint would refuse the write as a bare 23505.
+pub(crate) fn refuse_if_held_elsewhere(
+    client: &mut SpiClient<'_>,
+    holder: &'static Statement,
+    what: &str,
+    id: &str,
+    payment: Uuid,
+) {
+    if let Some(other) = first::<Uuid>(run(client, holder, &[id.into(), payment.into()])) {
+        raise_invalid_parameter(format!(
+            "evidence for payment {payment} names {what} {id}, which belongs to payment {other}"
+        ));
+    }
+}
 
 /// One audit row, from `from` to `to`; `proposed` is what the evidence asked for when it was not
 /// applied.
@@ -298,6 +320,13 @@ impl<'a> Evidence<'a> {
         };
         match self.payment.intent_id.as_deref() {
             None => {
+                refuse_if_held_elsewhere(
+                    client,
+                    &INTENT_HOLDER,
+                    "PaymentIntent",
+                    intent_id,
+                    self.payment.id,
+                );
                 run(client, &RELEASE_WAITING, &[self.id(), intent_id.into()]);
                 if self.decision == Decision::Apply {
                     return Link::WithTransition;

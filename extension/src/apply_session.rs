@@ -14,7 +14,7 @@ use pgrx::spi::SpiClient;
 use pgrx::{JsonB, Uuid};
 use serde_json::Value;
 
-use crate::apply_intent::{audit, Evidence, LockedPayment, SessionFacts};
+use crate::apply_intent::{audit, refuse_if_held_elsewhere, Evidence, LockedPayment, SessionFacts};
 use crate::errors::raise_invalid_parameter;
 use crate::plans::{first, run, Statement};
 
@@ -23,6 +23,10 @@ use crate::plans::{first, run, Statement};
 static SESSION_OF: Statement = Statement {
     sql: "SELECT p.stripe_checkout_session_id FROM pay.payments p WHERE p.id = $1",
     args: &[UUIDOID],
+};
+static SESSION_HOLDER: Statement = Statement {
+    sql: "SELECT p.id FROM pay.payments p WHERE p.stripe_checkout_session_id = $1 AND p.id <> $2",
+    args: &[TEXTOID, UUIDOID],
 };
 static RECORD_SESSION: Statement = Statement {
     sql: "UPDATE pay.payments p \
@@ -59,6 +63,13 @@ pub fn apply_session(
     let known: Option<String> = first(run(client, &SESSION_OF, &[payment.id.into()]));
     match known.as_deref() {
         None => {
+            refuse_if_held_elsewhere(
+                client,
+                &SESSION_HOLDER,
+                "Checkout Session",
+                &session_id,
+                payment.id,
+            );
             let url = field_text(session, "url");
             let expires_at = field_i64(session, "expires_at").ok().flatten();
             run(

@@ -99,31 +99,45 @@ pub async fn answer_create(
     .await
 }
 
-/// Plays the worker for one payment's open command of `kind`: takes it in flight and records
-/// `answer(amount, currency)` (the payment's own) as Stripe's 200 answer. Returns what
-/// `pay.complete_outbox` answered.
+/// Plays the worker's claim for one payment's open (pending or in-flight) command of `kind`: takes
+/// exactly that command in flight through `pay._lease_commands`, the lease `pay.claim_outbox`
+/// gives (one more attempt), leaving every other command as it is. Returns (command id, attempt).
+pub async fn claim_command(
+    client: &tokio_postgres::Client,
+    payment: uuid::Uuid,
+    kind: &str,
+) -> (i64, i32) {
+    let row = client
+        .query_one(
+            "SELECT id, attempts FROM pay._lease_commands(ARRAY(
+                 SELECT o.id FROM pay.outbox o
+                 WHERE o.payment_id = $1 AND o.kind::text = $2 AND o.status IN ('pending', 'in_flight')),
+                 'test-worker', interval '1 minute')",
+            &[&payment, &kind],
+        )
+        .await
+        .expect("the payment has a command of this kind to claim");
+    (row.get(0), row.get(1))
+}
+
+/// Plays the worker for one payment's open command of `kind`: takes it in flight
+/// ([`claim_command`]) and records `answer(amount, currency)` (the payment's own) as Stripe's 200
+/// answer. Returns what `pay.complete_outbox` answered.
 pub async fn answer_command(
     client: &tokio_postgres::Client,
     payment: uuid::Uuid,
     kind: &str,
     answer: impl FnOnce(i64, &str) -> Value,
 ) -> bool {
+    let (command, attempt) = claim_command(client, payment, kind).await;
     let row = client
         .query_one(
-            "UPDATE pay.outbox o
-             SET status = 'in_flight', lease_owner = 'test-worker', lease_expires = now() + interval '1 minute',
-                 attempts = o.attempts + 1, first_attempt_at = coalesce(o.first_attempt_at, now())
-             FROM pay.payments p
-             WHERE o.payment_id = $1 AND o.kind::text = $2 AND p.id = o.payment_id
-               AND o.status IN ('pending', 'in_flight')
-             RETURNING o.id, o.attempts, p.amount, p.currency",
-            &[&payment, &kind],
+            "SELECT amount::bigint, currency::text FROM pay.payments WHERE id = $1",
+            &[&payment],
         )
         .await
-        .expect("the payment has a command of this kind to answer");
-    let (command, attempt, amount, currency): (i64, i32, i64, String) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    let answer = answer(amount, &currency);
+        .expect("the payment exists");
+    let answer = answer(row.get(0), &row.get::<_, String>(1));
     client
         .query_one(
             "SELECT pay.complete_outbox($1, $2, 200, $3)",

@@ -46,6 +46,10 @@ async fn bad_input_is_22023_naming_the_field_and_writes_nothing() {
         ("metadata reserved", r#"SELECT pay.begin_checkout('o', 100, 'usd', metadata => '{"pgpay_payment_id":"x"}')"#.into(), "metadata"),
         ("too many keys", "SELECT pay.begin_checkout('o', 100, 'usd', metadata => (SELECT jsonb_object_agg('k' || i, 'v') FROM generate_series(1, 48) i))".to_string(), "metadata"),
         ("description", format!("SELECT pay.begin_checkout('o', 100, 'usd', description => '{}')", "d".repeat(1001)), "description"),
+        // Refused by pgpay before Rust reads the jsonb (serde_json stops at 128 levels and at
+        // numbers beyond f64; that error would be an internal XX000).
+        ("metadata 129 levels deep", format!(r#"SELECT pay.begin_checkout('o', 100, 'usd', metadata => '{}"x"{}')"#, r#"{"a":"#.repeat(129), "}".repeat(129)), "metadata"),
+        ("metadata beyond f64", r#"SELECT pay.begin_checkout('o', 100, 'usd', metadata => '{"a":1e400}')"#.into(), "metadata"),
     ];
     for (name, sql, field) in cases {
         let err = client.query(sql.as_str(), &[]).await.expect_err(name);

@@ -487,6 +487,28 @@ async fn a_failed_delayed_payment_ends_the_attempt_and_the_order_can_begin_again
     );
     deliver(&client, &pi_failed).await;
     assert_eq!(status_of(&client, p).await, "canceled");
+    // Reconciliation reads that PaymentIntent, left at requires_payment_method: nobody can pay it
+    // any more, so it does not contradict the cancel (no finding for a human). One that took the
+    // money would.
+    let reconciled = |status: &str| {
+        let intent = fixtures::payment_intent("pi_fail", &p.to_string(), 3000, "usd", status);
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT outcome FROM pay.apply_stripe_object($1)",
+                    &[&intent],
+                )
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(reconciled("requires_payment_method").await, "ignored");
+    let findings = "SELECT count(*) FROM pay.findings WHERE kind = 'status_mismatch'";
+    assert_eq!(count(&client, findings).await, 0);
+    assert_eq!(reconciled("succeeded").await, "ignored");
+    assert_eq!(count(&client, findings).await, 1);
     let again = begin_session(&client, "o-fail", 3000).await;
     assert_ne!(again, p, "a new attempt");
     let keys = count(&client, "SELECT count(DISTINCT idempotency_key) FROM pay.outbox WHERE kind = 'create_checkout_session'").await;

@@ -261,6 +261,133 @@ async fn bad_arguments_are_22023() {
     }
 }
 
+/// An answer Rust could not read (nested beyond serde_json's 128 levels, a number beyond f64) is
+/// refused with 22023 naming `response` before it is read, and the command stays in flight.
+#[tokio::test]
+async fn an_unreadable_answer_is_22023_and_the_command_stays_in_flight() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    new_payment(&client, "unreadable").await;
+    let (id, attempt, _) = claim(&client, "w", "60 seconds").await[0].clone();
+    let deep = format!(
+        r#"{{"id": "pi_x", "object": "payment_intent", "x": {}1{}}}"#,
+        "[".repeat(129),
+        "]".repeat(129)
+    );
+    for response in [
+        deep.as_str(),
+        r#"{"id": "pi_x", "object": "payment_intent", "amount": 1e400}"#,
+    ] {
+        let err = client
+            .query_one(
+                "SELECT pay.complete_outbox($1, $2, 200, $3::text::jsonb)",
+                &[&id, &attempt, &response],
+            )
+            .await
+            .expect_err(response);
+        assert_eq!(sqlstate(&err), Some("22023"), "{err}");
+        let message = err.as_db_error().unwrap().message().to_owned();
+        assert!(message.starts_with("response "), "{message}");
+    }
+    let status: String = client
+        .query_one("SELECT status FROM pay.outbox WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "in_flight");
+}
+
+/// A create answer naming a PaymentIntent (or Checkout Session) that another payment already
+/// holds is refused with 22023 naming both payments, not a bare unique violation; nothing is
+/// written and the command stays in flight.
+#[tokio::test]
+async fn a_create_answer_naming_another_payments_object_names_both_payments() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let first = new_payment(&client, "holder").await;
+    assert!(fixtures::answer_create(&client, first, "pi_shared", "requires_payment_method").await);
+    let second = new_payment(&client, "intruder").await;
+    let (id, attempt, _) = claim(&client, "w", "60 seconds").await[0].clone();
+    let answer = fixtures::payment_intent(
+        "pi_shared",
+        &second.to_string(),
+        1000,
+        "usd",
+        "requires_payment_method",
+    );
+    let err = client
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&id, &attempt, &answer],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), Some("22023"), "{err}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    for named in [first.to_string(), second.to_string(), "pi_shared".into()] {
+        assert!(message.contains(&named), "{message}");
+    }
+    let row = client
+        .query_one(
+            "SELECT p.stripe_payment_intent_id, o.status FROM pay.payments p JOIN pay.outbox o ON o.payment_id = p.id
+             WHERE p.id = $1",
+            &[&second],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0), None);
+    assert_eq!(row.get::<_, String>(1), "in_flight");
+
+    // The same for a Checkout Session.
+    let open_session = |payment: Uuid, order: &str| {
+        fixtures::checkout_session(
+            "cs_shared",
+            &payment.to_string(),
+            order,
+            1000,
+            "usd",
+            "open",
+            "unpaid",
+            None,
+        )
+    };
+    let session_payment = |order: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT id FROM pay.begin_checkout($1, 1000, 'usd', mode => 'session',
+                                                       success_url => 'https://shop.example/done')",
+                    &[&order],
+                )
+                .await
+                .unwrap()
+                .get::<_, Uuid>(0)
+        }
+    };
+    let holder = session_payment("s-holder").await;
+    assert!(
+        fixtures::answer_command(&client, holder, "create_checkout_session", |_, _| {
+            open_session(holder, "s-holder")
+        })
+        .await
+    );
+    let intruder = session_payment("s-intruder").await;
+    let (id, attempt) = fixtures::claim_command(&client, intruder, "create_checkout_session").await;
+    let err = client
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&id, &attempt, &open_session(intruder, "s-intruder")],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), Some("22023"), "{err}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    for named in [holder.to_string(), intruder.to_string(), "cs_shared".into()] {
+        assert!(message.contains(&named), "{message}");
+    }
+}
+
 #[tokio::test]
 async fn wait_for_intent_returns_once_the_worker_has_answered() {
     let db = TestDb::create().await;

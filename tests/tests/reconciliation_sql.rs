@@ -245,6 +245,87 @@ async fn unknown_payments_are_findings_and_bad_objects_are_22023() {
     assert_eq!(sqlstate(&err), Some("22023"));
 }
 
+/// What the worker reads from Stripe and pgpay cannot use is refused with a documented SQLSTATE
+/// before anything is written: an object Rust could not read (nested beyond serde_json's 128
+/// levels, a number beyond f64) or a Refund whose amount is not a whole positive number is 22023;
+/// a run that does not exist is P0002 (it used to meet the findings' foreign key, 23503).
+#[tokio::test]
+async fn unreadable_objects_are_22023_and_an_unknown_run_is_p0002() {
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let payment = checkout(&client, "r-unreadable", 1000).await;
+    assert!(fixtures::answer_create(&client, payment, "pi_unreadable", "succeeded").await);
+    let refund = |amount: Value| {
+        json!({"object": "refund", "id": "re_odd", "payment_intent": "pi_unreadable", "amount": amount,
+               "status": "succeeded", "metadata": {"pgpay_payment_id": payment.to_string()}})
+    };
+    let deep = format!(
+        r#"{{"object": "payment_intent", "id": "pi_unreadable", "status": "succeeded", "x": {}1{}}}"#,
+        "[".repeat(129),
+        "]".repeat(129)
+    );
+    let mut objects: Vec<(String, &str)> = vec![
+        (deep, "object is nested deeper"),
+        (
+            r#"{"object": "payment_intent", "id": "pi_unreadable", "status": "succeeded", "amount": 1e400}"#.into(),
+            "object holds a number",
+        ),
+    ];
+    for amount in [
+        json!(1.5),
+        json!(-1),
+        json!(0),
+        serde_json::from_str("1e29").unwrap(),
+    ] {
+        objects.push((refund(amount).to_string(), "no whole positive amount"));
+    }
+    let huge: Value = serde_json::from_str("1e30").unwrap();
+    objects.push((refund(huge).to_string(), "object holds a number"));
+    for (object, expected) in &objects {
+        let err = client
+            .query(
+                "SELECT * FROM pay.apply_stripe_object($1::text::jsonb)",
+                &[object],
+            )
+            .await
+            .expect_err(object);
+        assert_eq!(sqlstate(&err), Some("22023"), "{object}: {err}");
+        let message = err.as_db_error().unwrap().message().to_owned();
+        assert!(message.contains(expected), "{object}: {message}");
+    }
+    let refunds = count(&client, "SELECT count(*) FROM pay.refunds").await;
+    assert_eq!(refunds, 0);
+
+    let intent = fixtures::payment_intent(
+        "pi_unreadable",
+        &payment.to_string(),
+        1000,
+        "usd",
+        "succeeded",
+    );
+    for sql in [
+        "SELECT * FROM pay.apply_stripe_object($1, 'reconcile', 424242)",
+        "SELECT * FROM pay.apply_stripe_objects(jsonb_build_array($1::jsonb), 'reconcile', 424242)",
+        "SELECT pay.record_reconciliation_finding(424242, 'amount_drift', NULL, $1::jsonb ->> 'id', '1', '2')",
+    ] {
+        let err = client.query(sql, &[&intent]).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), Some("P0002"), "{sql}: {err}");
+        let message = err.as_db_error().unwrap().message().to_owned();
+        assert!(message.contains("no reconciliation run 424242"), "{message}");
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM pay.findings").await, 0);
+    // A run that exists is taken.
+    let run: i64 = client
+        .query_one(
+            "SELECT pay.start_reconciliation('test', now() - interval '1 day')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(apply(&client, &intent, Some(run)).await.0, "unchanged");
+}
+
 #[tokio::test]
 async fn api_events_replay_through_the_webhook_dedup() {
     let db = TestDb::create().await;

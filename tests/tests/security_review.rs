@@ -706,6 +706,23 @@ async fn d03_no_signed_event_about_a_payment_makes_ingest_raise() {
         ("refund.created", refund("re_x3", pi, json!("x"), "pending")),
         ("refund.created", refund("re_x4", pi, json!(2.5), "pending")),
         (
+            "refund.updated",
+            refund("re_x7", pi, json!(-1), "succeeded"),
+        ),
+        (
+            "refund.updated",
+            refund(
+                "re_x8",
+                pi,
+                serde_json::from_str("1e30").unwrap(),
+                "succeeded",
+            ),
+        ),
+        (
+            "refund.updated",
+            refund("re_x9", pi, json!(1.5), "succeeded"),
+        ),
+        (
             "refund.created",
             refund(&"r".repeat(300), pi, json!(100), "pending"),
         ),

@@ -35,55 +35,6 @@ const RAISED_READING_ARGUMENTS: &[&str] = &[
     "54001", // statement_too_complex: JSON nested beyond the stack limit
 ];
 
-/// Refusals this test found that pgpay does not yet turn into a documented SQLSTATE (function,
-/// SQLSTATE, a fragment of the message). Reported on issue #15; delete an entry once it is fixed.
-/// Anything else undocumented fails the test.
-const KNOWN_OPEN: &[(&str, &str, &str)] = &[
-    // pgrx reads a jsonb argument through serde_json: nesting beyond 128 levels or a number
-    // beyond f64 (`1e400`) fails there, as XX000, before pgpay's own checks run.
-    (
-        "begin_checkout",
-        "XX000",
-        "a text version of jsonb must be a valid json",
-    ),
-    (
-        "complete_outbox",
-        "XX000",
-        "a text version of jsonb must be a valid json",
-    ),
-    (
-        "apply_stripe_object",
-        "XX000",
-        "a text version of jsonb must be a valid json",
-    ),
-    // pay._apply_refund_answer casts a Refund's amount to bigint and sums it unchecked, for a
-    // reconciled Refund and for a signed refund event alike (ingest_webhook then answers 5xx).
-    (
-        "apply_stripe_object",
-        "22P02",
-        "invalid input syntax for type bigint",
-    ),
-    ("apply_stripe_object", "22003", "out of range"),
-    ("apply_stripe_object", "23514", "refunds_amount_check"),
-    (
-        "ingest_webhook",
-        "22P02",
-        "invalid input syntax for type bigint",
-    ),
-    ("ingest_webhook", "22003", "out of range"),
-    ("ingest_webhook", "23514", "refunds_amount_check"),
-    // pay._apply_stripe_object casts metadata.pgpay_payment_id to uuid after a loose regex.
-    (
-        "apply_stripe_object",
-        "22P02",
-        "invalid input syntax for type uuid",
-    ),
-    // An unknown run_id reaches the findings table's foreign key.
-    ("apply_stripe_object", "23503", "findings_run_id_fkey"),
-    // A create answer naming a PaymentIntent another payment already has.
-    ("complete_outbox", "23505", "payments_payment_intent_unique"),
-];
-
 const SECRET: &str = "whsec_sql_fuzz_0123456789abcdef";
 const CALLS: usize = 3000;
 
@@ -121,7 +72,6 @@ async fn adversarial_inputs_never_crash_the_server_and_refusals_are_documented()
     let mut calls: BTreeMap<&str, usize> = BTreeMap::new();
     let mut refusals: BTreeMap<(&str, String), usize> = BTreeMap::new();
     let mut undocumented: BTreeMap<(&str, String), String> = BTreeMap::new();
-    let mut known_seen: BTreeMap<(&str, String), usize> = BTreeMap::new();
     let began = Instant::now();
     for i in 0..CALLS {
         // Keep commands in flight so that complete_outbox meets real rows.
@@ -156,14 +106,7 @@ async fn adversarial_inputs_never_crash_the_server_and_refusals_are_documented()
                 let reading_argument = db_error.is_some() && !inside;
                 let documented = RAISED_BY_PGPAY.contains(&code)
                     || (reading_argument && RAISED_READING_ARGUMENTS.contains(&code));
-                let known = KNOWN_OPEN.iter().any(|&(function, known_code, fragment)| {
-                    function == call.function && known_code == code && message.contains(fragment)
-                });
-                if known {
-                    *known_seen
-                        .entry((call.function, code.to_owned()))
-                        .or_default() += 1;
-                } else if !documented {
+                if !documented {
                     let (code, message) = if inside {
                         (
                             format!("{code} inside pgpay"),
@@ -193,7 +136,6 @@ async fn adversarial_inputs_never_crash_the_server_and_refusals_are_documented()
         began.elapsed().as_secs_f64()
     );
     println!("refusals by function and SQLSTATE: {refusals:?}");
-    println!("known open findings met: {known_seen:?}");
     assert_eq!(
         before, after,
         "the server restarted (or the session was replaced)"

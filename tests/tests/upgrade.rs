@@ -79,9 +79,31 @@ async fn use_the_released_api(client: &Client) -> Uuid {
         .await
         .expect("begin_checkout")
         .get(0);
-    assert!(
-        fixtures::answer_create(client, paid, "pi_upgrade_paid", "requires_payment_method").await
+    // The worker's part through the 0.1.0 API too: the one command there is, claimed and answered.
+    let claimed = client
+        .query_one(
+            "SELECT id, attempts FROM pay.claim_outbox('upgrade-worker', 1)",
+            &[],
+        )
+        .await
+        .expect("claim_outbox");
+    let (command, attempt): (i64, i32) = (claimed.get(0), claimed.get(1));
+    let created = fixtures::payment_intent(
+        "pi_upgrade_paid",
+        &paid.to_string(),
+        2500,
+        "eur",
+        "requires_payment_method",
     );
+    let completed: bool = client
+        .query_one(
+            "SELECT pay.complete_outbox($1, $2, 200, $3)",
+            &[&command, &attempt, &created],
+        )
+        .await
+        .expect("complete_outbox")
+        .get(0);
+    assert!(completed);
     let succeeded = fixtures::payment_intent(
         "pi_upgrade_paid",
         &paid.to_string(),

@@ -442,9 +442,15 @@ impl PgTls {
             // libpq: with a root certificate, prefer and require check like verify-ca.
             _ => Check::Chain,
         };
+        let any_certificate = || {
+            Arc::new(PartialCheck {
+                chain: None,
+                provider: provider.clone(),
+            })
+        };
         let verifier: Arc<dyn ServerCertVerifier> = match roots {
-            _ if check == Check::Nothing => Arc::new(NoCheck(provider.clone())),
-            RootCerts::None => Arc::new(NoCheck(provider.clone())),
+            _ if check == Check::Nothing => any_certificate(),
+            RootCerts::None => any_certificate(),
             RootCerts::System => webpki(
                 RootCertStore {
                     roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -498,7 +504,10 @@ fn webpki(
         .build()
         .map_err(|e| DatabaseUrlError::Tls(rustls::Error::General(e.to_string())))?;
     Ok(match check {
-        Check::Chain => Arc::new(ChainOnly(inner)),
+        Check::Chain => Arc::new(PartialCheck {
+            chain: Some(inner),
+            provider: provider.clone(),
+        }),
         _ => inner,
     })
 }
@@ -540,62 +549,18 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, DatabaseUrlError> {
     })
 }
 
-/// `require`/`prefer` without root certificates: any certificate, but the handshake
-/// signatures are still checked (the connection is encrypted to whoever answered).
+/// The certificate checks below `verify-full` (which is rustls' own WebPKI verifier, host name
+/// included). `chain` None: `require`/`prefer` without root certificates accept any certificate
+/// (the connection is encrypted to whoever answered). `chain` Some: `verify-ca`, the full WebPKI
+/// check (chain, validity, key usage) except the host name. Either way the handshake signatures
+/// are checked, with the provider's algorithms (as the WebPKI verifier checks them).
 #[derive(Debug)]
-struct NoCheck(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct PartialCheck {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
 }
 
-/// `verify-ca`: the full WebPKI check (chain, validity, key usage) except the host name.
-/// webpki checks the name last, so a name error means everything else passed.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for PartialCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -604,10 +569,11 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        // webpki checks the name last, so a name error means everything else passed.
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -621,7 +587,12 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -630,11 +601,18 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -85,6 +85,10 @@ struct Index<'h> {
     refunded_at_stripe: HashMap<&'h str, i64>,
     /// PaymentIntents at Stripe by `metadata.pgpay_payment_id`.
     intents_by_payment: HashMap<&'h str, Vec<&'h stripe_fake::PaymentIntentSummary>>,
+    /// Checkout Sessions at Stripe by `metadata.pgpay_payment_id`, and by id.
+    sessions_by_payment: HashMap<&'h str, Vec<&'h stripe_fake::CheckoutSessionSummary>>,
+    sessions: HashMap<&'h str, &'h stripe_fake::CheckoutSessionSummary>,
+    intents: HashMap<&'h str, &'h stripe_fake::PaymentIntentSummary>,
     payments: HashMap<&'h str, &'h Payment>,
 }
 
@@ -105,6 +109,29 @@ impl<'h> Index<'h> {
                     .push(pi);
             }
         }
+        let mut sessions_by_payment: HashMap<&str, Vec<_>> = HashMap::new();
+        for session in &history.ledger.checkout_sessions.list {
+            if let Some(payment) = session.metadata.get("pgpay_payment_id") {
+                sessions_by_payment
+                    .entry(payment.as_str())
+                    .or_default()
+                    .push(session);
+            }
+        }
+        let sessions = history
+            .ledger
+            .checkout_sessions
+            .list
+            .iter()
+            .map(|s| (s.id.as_str(), s))
+            .collect();
+        let intents = history
+            .ledger
+            .payment_intents
+            .list
+            .iter()
+            .map(|pi| (pi.id.as_str(), pi))
+            .collect();
         let payments = history
             .db
             .payments
@@ -114,7 +141,35 @@ impl<'h> Index<'h> {
         Index {
             refunded_at_stripe,
             intents_by_payment,
+            sessions_by_payment,
+            sessions,
+            intents,
             payments,
+        }
+    }
+
+    /// What Stripe says of a session-mode payment, as pgpay's rule reads a Checkout Session
+    /// (`pgpay_core::session::session_status`): open waits for the customer, expired ends the
+    /// attempt, complete is paid (succeeded), a delayed payment on its way (processing), or one
+    /// that failed (canceled: its PaymentIntent is no longer processing).
+    fn session_status(&self, session: &stripe_fake::CheckoutSessionSummary) -> &'static str {
+        match (session.status.as_str(), session.payment_status.as_str()) {
+            ("open", _) => "requires_payment_method",
+            ("expired", _) => "canceled",
+            ("complete", "paid" | "no_payment_required") => "succeeded",
+            ("complete", _) => {
+                let processing = session
+                    .payment_intent
+                    .as_deref()
+                    .and_then(|pi| self.intents.get(pi))
+                    .is_some_and(|pi| pi.status == "processing");
+                if processing {
+                    "processing"
+                } else {
+                    "canceled"
+                }
+            }
+            _ => "unknown",
         }
     }
 
@@ -162,10 +217,14 @@ fn one_kept_charge_per_order(history: &History, index: &Index) -> Verdict {
 }
 
 /// Every create reached Stripe under the one key its command holds; no attempt has two
-/// PaymentIntents; no PaymentIntent of ours belongs to no payment; no key was ever sent with other
-/// parameters.
+/// PaymentIntents or two Checkout Sessions; no PaymentIntent or session of ours belongs to no
+/// payment; no key was ever sent with other parameters. In session mode Stripe makes the
+/// PaymentIntent when the customer pays: it must be the session's, and the payment's session the
+/// one Stripe holds for it.
 fn one_create_per_attempt(history: &History, index: &Index) -> Verdict {
-    let mut v = Verdict::new("one PaymentIntent per attempt, created under its one key");
+    let mut v = Verdict::new(
+        "one PaymentIntent or Checkout Session per attempt, created under its one key",
+    );
     let create_key: HashMap<&str, &str> = history
         .db
         .outbox
@@ -197,6 +256,10 @@ fn one_create_per_attempt(history: &History, index: &Index) -> Verdict {
                 )
             });
         }
+        if payment.mode == "session" {
+            session_created_once(&mut v, payment, intents, index);
+            continue;
+        }
         for pi in intents {
             let expected = create_key.get(payment.id.as_str()).copied();
             let used = created_with.get(pi.id.as_str()).copied().flatten();
@@ -220,16 +283,75 @@ fn one_create_per_attempt(history: &History, index: &Index) -> Verdict {
             });
         }
     }
+    for (payment, sessions) in &index.sessions_by_payment {
+        if !index.payments.contains_key(payment) {
+            v.violation(|| {
+                format!(
+                    "{} names payment {payment}, which the database does not have",
+                    sessions[0].id
+                )
+            });
+        }
+    }
     let conflicts = history.ledger.idempotency.conflicts;
     if conflicts > 0 {
         v.violation(|| format!("{conflicts} requests reused a key with other parameters"));
     }
     v.checked = format!(
-        "{} payments, {} PaymentIntents",
+        "{} payments, {} PaymentIntents, {} Checkout Sessions",
         history.db.payments.len(),
-        history.ledger.payment_intents.list.len()
+        history.ledger.payment_intents.list.len(),
+        history.ledger.checkout_sessions.list.len()
     );
     v
+}
+
+/// A session-mode payment: at most one Checkout Session at Stripe, the one the payment records,
+/// and its PaymentIntent (if the customer got that far) the session's own.
+fn session_created_once(
+    v: &mut Verdict,
+    payment: &Payment,
+    intents: &[&stripe_fake::PaymentIntentSummary],
+    index: &Index,
+) {
+    let sessions = index
+        .sessions_by_payment
+        .get(payment.id.as_str())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if sessions.len() > 1 {
+        let ids: Vec<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
+        v.violation(|| {
+            format!(
+                "payment {} has {} Checkout Sessions: {ids:?}",
+                payment.id,
+                ids.len()
+            )
+        });
+    }
+    if let Some(known) = payment.session.as_deref() {
+        if !sessions.iter().any(|s| s.id == known) {
+            v.violation(|| {
+                format!(
+                    "payment {} records Checkout Session {known}, which Stripe does not hold for it",
+                    payment.id
+                )
+            });
+        }
+    }
+    for pi in intents {
+        let of_a_session = sessions
+            .iter()
+            .any(|s| s.payment_intent.as_deref() == Some(pi.id.as_str()));
+        if !of_a_session {
+            v.violation(|| {
+                format!(
+                    "{} names session-mode payment {} but is not its Checkout Session's",
+                    pi.id, payment.id
+                )
+            });
+        }
+    }
 }
 
 /// Every event Stripe delivered with a 2xx answer is stored, once, as a webhook (not recovered
@@ -420,6 +542,46 @@ fn refunds_within_received(history: &History, index: &Index) -> Verdict {
             });
         }
     }
+    // A refund_ref is one refund: one command, which every call with it (the application's
+    // retries) answered, and which made one refund at Stripe (the key check above).
+    let mut by_ref: HashMap<(&str, &str), Vec<i64>> = HashMap::new();
+    for command in history.db.outbox.iter().filter(|c| c.kind == "refund") {
+        if let Some(r) = command.refund_ref.as_deref() {
+            by_ref
+                .entry((command.payment_id.as_str(), r))
+                .or_default()
+                .push(command.id);
+        }
+    }
+    for ((payment, r), ids) in &by_ref {
+        if ids.len() > 1 {
+            v.violation(|| {
+                format!(
+                    "refund_ref {r} of payment {payment} has {} refund commands: {ids:?}",
+                    ids.len()
+                )
+            });
+        }
+    }
+    let mut calls_with_ref = 0;
+    for asked in &history.app.refunds {
+        let (Some(r), Some(id)) = (asked.refund_ref.as_deref(), asked.command_id) else {
+            continue;
+        };
+        let commands = by_ref
+            .get(&(asked.payment_id.as_str(), r))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if commands != [id] {
+            v.violation(|| {
+                format!(
+                    "pay.refund answered command {id} for refund_ref {r} of payment {}, the outbox holds {commands:?} for it",
+                    asked.payment_id
+                )
+            });
+        }
+        calls_with_ref += 1;
+    }
     let asked: HashSet<i64> = history
         .app
         .refunds
@@ -435,8 +597,9 @@ fn refunds_within_received(history: &History, index: &Index) -> Verdict {
         }
     }
     v.checked = format!(
-        "{} refunds at Stripe, {commands} refund commands, {} asked by the application",
+        "{} refunds at Stripe, {commands} refund commands ({} refund_refs, answered to {calls_with_ref} calls), {} asked by the application",
         history.ledger.refunds.list.len(),
+        by_ref.len(),
         history.app.refunds.len()
     );
     v
@@ -444,7 +607,8 @@ fn refunds_within_received(history: &History, index: &Index) -> Verdict {
 
 /// After the final reconciliation every payment's status is Stripe's (superseded counts as
 /// canceled, or as a double charge refunded in full), or an open finding says why not; a payment
-/// without a PaymentIntent has none at Stripe either.
+/// without a PaymentIntent has none at Stripe either. A session-mode payment is held to its
+/// Checkout Session (read as pgpay's rule reads it), and knows the session Stripe holds for it.
 fn status_equals_stripe(history: &History, index: &Index) -> Verdict {
     let mut v = Verdict::new("after reconciliation every payment's status is Stripe's");
     let explained: HashSet<&str> = history
@@ -453,52 +617,84 @@ fn status_equals_stripe(history: &History, index: &Index) -> Verdict {
         .iter()
         .filter_map(|f| f.payment_id.as_deref())
         .collect();
-    let by_id: HashMap<&str, &stripe_fake::PaymentIntentSummary> = history
-        .ledger
-        .payment_intents
-        .list
-        .iter()
-        .map(|pi| (pi.id.as_str(), pi))
-        .collect();
+    let mut sessions = 0;
     for payment in &history.db.payments {
         if explained.contains(payment.id.as_str()) {
             continue;
         }
-        let Some(intent) = payment.intent.as_deref() else {
-            if let Some(pis) = index.intents_by_payment.get(payment.id.as_str()) {
+        // What Stripe says, and whether all the money it took was given back.
+        let (object, stripe_status, refunded_in_full) = if payment.mode == "session" {
+            sessions += 1;
+            let Some(known) = payment.session.as_deref() else {
+                if let Some(at_stripe) = index.sessions_by_payment.get(payment.id.as_str()) {
+                    v.violation(|| {
+                        format!(
+                            "payment {} ({}) knows no Checkout Session, Stripe has {}",
+                            payment.id, payment.status, at_stripe[0].id
+                        )
+                    });
+                }
+                continue;
+            };
+            let Some(session) = index.sessions.get(known) else {
                 v.violation(|| {
                     format!(
-                        "payment {} ({}) knows no PaymentIntent, Stripe has {}",
-                        payment.id, payment.status, pis[0].id
+                        "payment {} names {known}, which Stripe does not have",
+                        payment.id
                     )
                 });
-            }
-            continue;
-        };
-        let Some(pi) = by_id.get(intent) else {
-            v.violation(|| {
-                format!(
-                    "payment {} names {intent}, which Stripe does not have",
-                    payment.id
-                )
+                continue;
+            };
+            let refunded_in_full = session.payment_intent.as_deref().is_some_and(|pi| {
+                index.refunded(pi) >= index.intents.get(pi).map_or(0, |pi| pi.amount_received)
             });
-            continue;
+            (known, index.session_status(session), refunded_in_full)
+        } else {
+            let Some(intent) = payment.intent.as_deref() else {
+                if let Some(pis) = index.intents_by_payment.get(payment.id.as_str()) {
+                    v.violation(|| {
+                        format!(
+                            "payment {} ({}) knows no PaymentIntent, Stripe has {}",
+                            payment.id, payment.status, pis[0].id
+                        )
+                    });
+                }
+                continue;
+            };
+            let Some(pi) = index.intents.get(intent) else {
+                v.violation(|| {
+                    format!(
+                        "payment {} names {intent}, which Stripe does not have",
+                        payment.id
+                    )
+                });
+                continue;
+            };
+            (
+                intent,
+                pi.status.as_str(),
+                index.refunded(&pi.id) >= pi.amount_received,
+            )
         };
-        let same = payment.status == pi.status
+        let same = payment.status == stripe_status
             || (payment.status == "superseded"
-                && (pi.status == "canceled"
-                    || (pi.status == "succeeded" && index.refunded(&pi.id) >= pi.amount_received)));
+                && (stripe_status == "canceled"
+                    || (stripe_status == "succeeded" && refunded_in_full)));
         if !same {
             v.violation(|| {
                 format!(
-                    "payment {} is {}, Stripe's {} is {}",
-                    payment.id, payment.status, pi.id, pi.status
+                    "payment {} is {}, Stripe's {object} is {stripe_status}",
+                    payment.id, payment.status
                 )
             });
         }
     }
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for finding in &history.db.open_findings {
+        *kinds.entry(finding.kind.as_str()).or_default() += 1;
+    }
     v.checked = format!(
-        "{} payments, {} explained by open findings",
+        "{} payments ({sessions} in session mode), {} explained by open findings {kinds:?}",
         history.db.payments.len(),
         explained.len()
     );

@@ -43,6 +43,16 @@ pub struct Payment {
     pub amount_received: i64,
     pub amount_refunded: i64,
     pub flagged_reason: Option<String>,
+    /// `payment_intent` or `session` (a hosted Checkout Session, whose PaymentIntent Stripe makes).
+    #[serde(default = "payment_intent_mode")]
+    pub mode: String,
+    /// The Checkout Session the payment knows (session mode).
+    #[serde(default)]
+    pub session: Option<String>,
+}
+
+fn payment_intent_mode() -> String {
+    "payment_intent".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +65,9 @@ pub struct Command {
     pub status: String,
     /// In flight with a lease that has not expired (at snapshot time).
     pub lease_live: bool,
+    /// A refund command's `refund_ref` (the application's own reference), if it was given one.
+    #[serde(default)]
+    pub refund_ref: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,4 +146,7 @@ pub struct AskedRefund {
     pub amount: Option<i64>,
     /// The outbox command `pay.refund` returned, when the call answered.
     pub command_id: Option<i64>,
+    /// The application's own reference for the refund; a call again with it is a retry.
+    #[serde(default)]
+    pub refund_ref: Option<String>,
 }

@@ -336,57 +336,43 @@ mod tests {
         }
     }
 
+    /// Sends a create to the server listening at `addr` and returns how it failed.
+    async fn create_fails(addr: std::net::SocketAddr, timeout: Duration) -> SendError {
+        let c = client(&format!("http://{addr}"));
+        c.send(&create(), c.url_for(&create()).unwrap(), timeout)
+            .await
+            .unwrap_err()
+    }
+
     #[tokio::test]
     async fn transport_failures_are_told_apart() {
         // Nothing listens: connection refused.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let refused = format!("http://{}", closed.local_addr().unwrap());
+        let refused = closed.local_addr().unwrap();
         drop(closed);
-        let c = client(&refused);
-        let err = c
-            .send(
-                &create(),
-                c.url_for(&create()).unwrap(),
-                Duration::from_secs(1),
-            )
-            .await
-            .unwrap_err();
+        let err = create_fails(refused, Duration::from_secs(1)).await;
         assert!(matches!(err, SendError::Connect(_)), "{err:?}");
 
         // Accepts and never answers: timeout.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = client(&format!("http://{}", silent.local_addr().unwrap()));
+        let addr = silent.local_addr().unwrap();
         let hold = tokio::spawn(async move {
             let (sock, _) = silent.accept().await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
             drop(sock);
         });
-        let err = c
-            .send(
-                &create(),
-                c.url_for(&create()).unwrap(),
-                Duration::from_millis(200),
-            )
-            .await
-            .unwrap_err();
+        let err = create_fails(addr, Duration::from_millis(200)).await;
         assert!(matches!(err, SendError::Timeout(_)), "{err:?}");
         hold.abort();
 
         // Accepts and hangs up: transport error.
         let rude = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = client(&format!("http://{}", rude.local_addr().unwrap()));
+        let addr = rude.local_addr().unwrap();
         tokio::spawn(async move {
             let (sock, _) = rude.accept().await.unwrap();
             drop(sock);
         });
-        let err = c
-            .send(
-                &create(),
-                c.url_for(&create()).unwrap(),
-                Duration::from_secs(1),
-            )
-            .await
-            .unwrap_err();
+        let err = create_fails(addr, Duration::from_secs(1)).await;
         assert!(matches!(err, SendError::Transport(_)), "{err:?}");
         // No URL (which could carry query parameters) in the message.
         assert!(!crate::error_chain::ErrorChain(&err)

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use stripe_fake::{EventDelivery, EventSummary, PaymentIntentSummary, RefundSummary};
+use stripe_fake::{
+    CheckoutSessionSummary, EventDelivery, EventSummary, PaymentIntentSummary, RefundSummary,
+};
 
 use super::check;
 use crate::history::*;
@@ -50,6 +52,33 @@ fn payment(id: &str, order: &str, attempt: i32, status: &str, intent: Option<&st
         amount_received: 0,
         amount_refunded: 0,
         flagged_reason: None,
+        mode: "payment_intent".into(),
+        session: None,
+    }
+}
+
+fn session(
+    id: &str,
+    payment: &str,
+    order: &str,
+    status: &str,
+    paid: &str,
+    intent: Option<&str>,
+) -> CheckoutSessionSummary {
+    CheckoutSessionSummary {
+        id: id.into(),
+        status: status.into(),
+        payment_status: paid.into(),
+        amount_total: 1000,
+        currency: "usd".into(),
+        client_reference_id: Some(order.into()),
+        payment_intent: intent.map(str::to_owned),
+        created: 100,
+        expires_at: 86_500,
+        metadata: BTreeMap::from([
+            ("pgpay_payment_id".to_owned(), payment.to_owned()),
+            ("order_ref".to_owned(), order.to_owned()),
+        ]),
     }
 }
 
@@ -61,6 +90,7 @@ fn command(id: i64, payment: &str, kind: &str, key: &str) -> Command {
         idempotency_key: key.into(),
         status: "done".into(),
         lease_live: false,
+        refund_ref: None,
     }
 }
 
@@ -75,8 +105,10 @@ fn audit(id: i64, payment: &str, from: Option<&str>, to: &str, evidence: Option<
     }
 }
 
-/// Order o1: paid (p1, pi_1), 300 refunded by command 4. Order o2: attempt p2 superseded (pi_2
-/// canceled) by p3, still open (pi_3).
+/// Order o1: paid (p1, pi_1), 300 refunded by command 4 under refund_ref ret-1 (asked twice: a
+/// retry). Order o2: attempt p2 superseded (pi_2 canceled) by p3, still open (pi_3). Order o3:
+/// paid in session mode (p5, Checkout Session cs_5 by command 10, whose PaymentIntent pi_5 Stripe
+/// made).
 fn clean() -> History {
     let mut h = History::default();
     let mut p1 = payment("p1", "o1", 1, "succeeded", Some("pi_1"));
@@ -87,11 +119,25 @@ fn clean() -> History {
         payment("p2", "o2", 1, "superseded", Some("pi_2")),
         payment("p3", "o2", 2, "requires_payment_method", Some("pi_3")),
     ];
+    let mut p5 = payment("p5", "o3", 1, "succeeded", Some("pi_5"));
+    p5.amount_received = 1000;
+    p5.mode = "session".into();
+    p5.session = Some("cs_5".into());
+    h.db.payments.push(p5);
     h.ledger.payment_intents.list = vec![
         pi("pi_1", "p1", "o1", "succeeded", 1000),
         pi("pi_2", "p2", "o2", "canceled", 0),
         pi("pi_3", "p3", "o2", "requires_payment_method", 0),
+        pi("pi_5", "p5", "o3", "succeeded", 1000),
     ];
+    h.ledger.checkout_sessions.list = vec![session(
+        "cs_5",
+        "p5",
+        "o3",
+        "complete",
+        "paid",
+        Some("pi_5"),
+    )];
     h.ledger.refunds.list = vec![RefundSummary {
         id: "re_1".into(),
         payment_intent: "pi_1".into(),
@@ -106,6 +152,8 @@ fn clean() -> History {
         event("evt_4", "payment_intent.created", 120, "pi_3", Some("k3")),
         event("evt_5", "payment_intent.canceled", 121, "pi_2", Some("k2c")),
         event("evt_6", "refund.created", 130, "re_1", Some("kr1")),
+        event("evt_s1", "payment_intent.created", 140, "pi_5", None),
+        event("evt_s2", "checkout.session.completed", 141, "cs_5", None),
     ];
     h.db.events = h
         .ledger
@@ -121,18 +169,26 @@ fn clean() -> History {
         command(1, "p1", "create_payment_intent", "k1"),
         command(2, "p2", "create_payment_intent", "k2"),
         command(3, "p3", "create_payment_intent", "k3"),
-        command(4, "p1", "refund", "kr1"),
+        Command {
+            refund_ref: Some("ret-1".into()),
+            ..command(4, "p1", "refund", "kr1")
+        },
         command(5, "p2", "cancel_payment_intent", "k2c"),
+        command(10, "p5", "create_checkout_session", "kcs5"),
     ];
-    h.db.fulfillments = vec![Fulfillment {
-        payment_id: "p1".into(),
-        completed: true,
-        dead: false,
-    }];
-    h.db.provisions = vec![Provision {
-        payment_id: "p1".into(),
-        consumer: "c1".into(),
-    }];
+    h.db.fulfillments = ["p1", "p5"]
+        .map(|p| Fulfillment {
+            payment_id: p.into(),
+            completed: true,
+            dead: false,
+        })
+        .into();
+    h.db.provisions = ["p1", "p5"]
+        .map(|p| Provision {
+            payment_id: p.into(),
+            consumer: "c1".into(),
+        })
+        .into();
     h.db.refunds = vec![StoredRefund {
         refund_id: "re_1".into(),
         payment_id: "p1".into(),
@@ -177,17 +233,34 @@ fn clean() -> History {
             "requires_payment_method",
             Some("evt_4"),
         ),
+        audit(9, "p5", None, "creating", None),
+        audit(
+            10,
+            "p5",
+            Some("creating"),
+            "requires_payment_method",
+            Some("outbox:10#1"),
+        ),
+        audit(
+            11,
+            "p5",
+            Some("requires_payment_method"),
+            "succeeded",
+            Some("evt_s2"),
+        ),
     ];
     h.db.audit_chain = Some(AuditChain {
         ok: true,
         detail: None,
     });
-    h.app.orders = vec!["o1".into(), "o2".into()];
-    h.app.refunds = vec![AskedRefund {
+    h.app.orders = vec!["o1".into(), "o2".into(), "o3".into()];
+    let asked = AskedRefund {
         payment_id: "p1".into(),
         amount: Some(300),
         command_id: Some(4),
-    }];
+        refund_ref: Some("ret-1".into()),
+    };
+    h.app.refunds = vec![asked.clone(), asked];
     h
 }
 
@@ -267,7 +340,7 @@ fn two_payment_intents_for_one_attempt() {
         .push(pi("pi_9", "p3", "o2", "requires_payment_method", 0));
     reported(
         &h,
-        "one PaymentIntent per attempt",
+        "one PaymentIntent or Checkout Session per attempt",
         "payment p3 has 2 PaymentIntents",
     );
 }
@@ -278,7 +351,7 @@ fn a_create_under_another_key() {
     h.ledger.events.list[3].idempotency_key = Some("fresh-key".into());
     reported(
         &h,
-        "one PaymentIntent per attempt",
+        "one PaymentIntent or Checkout Session per attempt",
         "pi_3 of payment p3 was created under key",
     );
 }
@@ -287,7 +360,11 @@ fn a_create_under_another_key() {
 fn a_key_reused_with_other_parameters() {
     let mut h = clean();
     h.ledger.idempotency.conflicts = 1;
-    reported(&h, "one PaymentIntent per attempt", "reused a key");
+    reported(
+        &h,
+        "one PaymentIntent or Checkout Session per attempt",
+        "reused a key",
+    );
 }
 
 #[test]
@@ -505,4 +582,107 @@ fn a_payment_still_creating() {
     let mut h = clean();
     h.db.payments.push(payment("p5", "o2", 3, "creating", None));
     reported(&h, "nothing stuck", "payment p5 is still creating");
+}
+
+#[test]
+fn two_checkout_sessions_for_one_attempt() {
+    let mut h = clean();
+    h.ledger
+        .checkout_sessions
+        .list
+        .push(session("cs_9", "p5", "o3", "open", "unpaid", None));
+    reported(
+        &h,
+        "one PaymentIntent or Checkout Session per attempt",
+        "payment p5 has 2 Checkout Sessions",
+    );
+}
+
+#[test]
+fn a_session_payment_recording_a_session_stripe_does_not_hold_for_it() {
+    let mut h = clean();
+    h.db.payments[3].session = Some("cs_other".into());
+    reported(
+        &h,
+        "one PaymentIntent or Checkout Session per attempt",
+        "records Checkout Session cs_other",
+    );
+}
+
+#[test]
+fn a_payment_intent_that_is_not_its_sessions() {
+    let mut h = clean();
+    h.ledger.checkout_sessions.list[0].payment_intent = Some("pi_elsewhere".into());
+    reported(
+        &h,
+        "one PaymentIntent or Checkout Session per attempt",
+        "pi_5 names session-mode payment p5 but is not its Checkout Session's",
+    );
+}
+
+#[test]
+fn a_session_payment_whose_status_is_not_its_sessions() {
+    let mut h = clean();
+    h.ledger.checkout_sessions.list[0].status = "expired".into();
+    reported(
+        &h,
+        "after reconciliation",
+        "payment p5 is succeeded, Stripe's cs_5 is canceled",
+    );
+}
+
+#[test]
+fn a_session_payment_that_never_learned_its_session() {
+    let mut h = clean();
+    h.db.payments[3].session = None;
+    reported(
+        &h,
+        "after reconciliation",
+        "payment p5 (succeeded) knows no Checkout Session, Stripe has cs_5",
+    );
+}
+
+#[test]
+fn a_failed_bank_debit_is_canceled_not_processing() {
+    let mut h = clean();
+    // The customer paid by bank debit; it failed: the session stays complete and unpaid, its
+    // PaymentIntent is back at requires_payment_method, the payment is canceled.
+    h.ledger.checkout_sessions.list[0].payment_status = "unpaid".into();
+    h.ledger.payment_intents.list[3].status = "requires_payment_method".into();
+    h.ledger.payment_intents.list[3].amount_received = 0;
+    h.db.payments[3].status = "canceled".into();
+    let verdict = check(&h).remove(5);
+    assert!(verdict.ok(), "{verdict}");
+    h.db.payments[3].status = "processing".into();
+    reported(
+        &h,
+        "after reconciliation",
+        "payment p5 is processing, Stripe's cs_5 is canceled",
+    );
+}
+
+#[test]
+fn a_refund_ref_with_two_refund_commands() {
+    let mut h = clean();
+    h.db.outbox.push(Command {
+        refund_ref: Some("ret-1".into()),
+        status: "pending".into(),
+        ..command(11, "p1", "refund", "kr-again")
+    });
+    reported(
+        &h,
+        "refunds within",
+        "refund_ref ret-1 of payment p1 has 2 refund commands",
+    );
+}
+
+#[test]
+fn a_refund_ref_answered_with_another_command() {
+    let mut h = clean();
+    h.app.refunds[1].command_id = Some(5);
+    reported(
+        &h,
+        "refunds within",
+        "pay.refund answered command 5 for refund_ref ret-1 of payment p1",
+    );
 }

@@ -184,19 +184,26 @@ pub(crate) async fn reconcile(
     options: &ReconcileOptions,
     progress: &(dyn Fn(Phase, &Counts) + Send + Sync),
 ) -> Result<Started, JobError> {
+    let job = run::Job {
+        client,
+        reader,
+        worker_id,
+        options,
+        progress,
+    };
     if options.dry_run {
         client
             .batch_execute("BEGIN")
             .await
             .map_err(super::db_op("begin the dry run"))?;
-        let result = run::run(client, reader, worker_id, options, progress).await;
+        let result = run::run(&job).await;
         // Whatever happened, nothing of a dry run stays.
         let rollback = client.batch_execute("ROLLBACK").await;
         let started = result?;
         rollback.map_err(super::db_op("roll back the dry run"))?;
         Ok(started)
     } else {
-        run::run(client, reader, worker_id, options, progress).await
+        run::run(&job).await
     }
 }
 

@@ -32,13 +32,23 @@ fn int(n: u64) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-pub(super) async fn run(
-    client: &Client,
-    reader: &StripeReader<'_>,
-    worker_id: &str,
-    options: &ReconcileOptions,
-    progress: &(dyn Fn(Phase, &Counts) + Send + Sync),
-) -> Result<Started, JobError> {
+/// What one run works with: a dedicated connection, the Stripe reader, who runs it, how, and the
+/// callback told after every page.
+pub(super) struct Job<'a> {
+    pub client: &'a Client,
+    pub reader: &'a StripeReader<'a>,
+    pub worker_id: &'a str,
+    pub options: &'a ReconcileOptions,
+    pub progress: &'a (dyn Fn(Phase, &Counts) + Send + Sync),
+}
+
+pub(super) async fn run(job: &Job<'_>) -> Result<Started, JobError> {
+    let Job {
+        client,
+        worker_id,
+        options,
+        ..
+    } = *job;
     let started = Instant::now();
     let row = client
         .query_one(
@@ -66,9 +76,7 @@ pub(super) async fn run(
         changes: Vec::new(),
         seen: Vec::new(),
     };
-    let result = state
-        .pages(client, reader, run_id, window_start, options, progress)
-        .await;
+    let result = state.pages(job, run_id, window_start).await;
     let error = result.as_ref().err().map(|e| ErrorChain(e).to_string());
     let finished = client
         .query_one(FINISH, &[&run_id, &error])
@@ -143,14 +151,17 @@ struct RunState {
 impl RunState {
     async fn pages(
         &mut self,
-        client: &Client,
-        reader: &StripeReader<'_>,
+        job: &Job<'_>,
         run_id: i64,
         window_start: i64,
-        options: &ReconcileOptions,
-        progress: &(dyn Fn(Phase, &Counts) + Send + Sync),
     ) -> Result<(), JobError> {
         const EV: &str = "the event list";
+        let Job {
+            client,
+            reader,
+            progress,
+            ..
+        } = *job;
         let apply = client
             .prepare(APPLY_OBJECTS)
             .await
@@ -175,14 +186,11 @@ impl RunState {
             ),
         ] {
             self.object_pages(
-                client,
-                reader,
+                job,
                 &apply,
                 &progress_stmt,
                 run_id,
                 window_start,
-                options,
-                progress,
                 (what, path, phase),
             )
             .await?;
@@ -208,8 +216,7 @@ impl RunState {
                         != Some(Outcome::Duplicate)
                 })
                 .count() as u64;
-            self.save_progress(client, &progress_stmt, run_id, options)
-                .await?;
+            self.save_progress(job, &progress_stmt, run_id).await?;
             progress(Phase::Events, &self.counts);
             if cursor.is_none() {
                 break;
@@ -231,19 +238,21 @@ impl RunState {
     }
 
     /// Every page of one object list, each applied while the next is fetched.
-    #[allow(clippy::too_many_arguments)]
     async fn object_pages(
         &mut self,
-        client: &Client,
-        reader: &StripeReader<'_>,
+        job: &Job<'_>,
         apply: &tokio_postgres::Statement,
         progress_stmt: &tokio_postgres::Statement,
         run_id: i64,
         window_start: i64,
-        options: &ReconcileOptions,
-        progress: &(dyn Fn(Phase, &Counts) + Send + Sync),
         (what, path, phase): (&'static str, &str, Phase),
     ) -> Result<(), JobError> {
+        let Job {
+            client,
+            reader,
+            progress,
+            ..
+        } = *job;
         let mut page = reader.list_page(what, path, window_start, None).await?;
         loop {
             let Page { data, next: cursor } = page;
@@ -259,8 +268,7 @@ impl RunState {
             let (applied, next) =
                 tokio::join!(self.apply_objects(client, apply, run_id, data), fetch);
             applied?;
-            self.save_progress(client, progress_stmt, run_id, options)
-                .await?;
+            self.save_progress(job, progress_stmt, run_id).await?;
             progress(phase, &self.counts);
             match next? {
                 Some(p) => page = p,
@@ -324,13 +332,13 @@ impl RunState {
 
     async fn save_progress(
         &self,
-        client: &Client,
+        job: &Job<'_>,
         stmt: &tokio_postgres::Statement,
         run_id: i64,
-        options: &ReconcileOptions,
     ) -> Result<(), JobError> {
         let c = &self.counts;
-        let ours: bool = client
+        let ours: bool = job
+            .client
             .query_one(
                 stmt,
                 &[
@@ -341,7 +349,7 @@ impl RunState {
                     &int(c.adopted),
                     &int(c.not_ours),
                     &int(c.events_replayed),
-                    &options.lease.as_secs_f64(),
+                    &job.options.lease.as_secs_f64(),
                 ],
             )
             .await

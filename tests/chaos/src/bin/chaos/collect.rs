@@ -80,7 +80,8 @@ async fn snapshot(db: &Client) -> Result<DbSnapshot, tokio_postgres::Error> {
     let payments = db
         .query(
             "SELECT id::text, order_ref, attempt::int, amount::bigint, status::text, stripe_payment_intent_id,
-                    amount_received, amount_refunded, flagged_reason FROM pay.payments",
+                    amount_received, amount_refunded, flagged_reason, mode::text, stripe_checkout_session_id
+             FROM pay.payments",
             &[],
         )
         .await?
@@ -95,12 +96,15 @@ async fn snapshot(db: &Client) -> Result<DbSnapshot, tokio_postgres::Error> {
             amount_received: r.get(6),
             amount_refunded: r.get(7),
             flagged_reason: r.get(8),
+            mode: r.get(9),
+            session: r.get(10),
         })
         .collect();
     let outbox = db
         .query(
             "SELECT id, payment_id::text, kind::text, idempotency_key::text, status,
-                    coalesce(lease_expires > now(), false) FROM pay.outbox",
+                    coalesce(lease_expires > now(), false), request #>> '{params,metadata[pgpay_refund_ref]}'
+             FROM pay.outbox",
             &[],
         )
         .await?
@@ -112,6 +116,7 @@ async fn snapshot(db: &Client) -> Result<DbSnapshot, tokio_postgres::Error> {
             idempotency_key: r.get(3),
             status: r.get(4),
             lease_live: r.get(5),
+            refund_ref: r.get(6),
         })
         .collect();
     let events = db

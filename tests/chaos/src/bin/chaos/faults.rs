@@ -18,9 +18,11 @@ use crate::{clean_delivery, connect, Ctx, Phase};
 
 static PG_DOWN: AtomicBool = AtomicBool::new(false);
 
-const PATHS: [&str; 4] = [
+const PATHS: [&str; 6] = [
     "/v1/payment_intents",
     "/v1/payment_intents/*",
+    "/v1/checkout/sessions",
+    "/v1/checkout/sessions/*",
     "/v1/refunds",
     "*",
 ];

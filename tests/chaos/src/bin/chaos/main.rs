@@ -366,6 +366,7 @@ async fn exercise(ctx: &Arc<Ctx>, args: &Args) -> ExitCode {
         eprintln!("chaos: cannot turn faults off: {e}");
         return ExitCode::from(2);
     }
+    load::settle_every_debit(ctx).await;
     let drained = collect::drain(ctx, Duration::from_secs(180)).await;
     ctx.say(match &drained {
         Ok(()) => "drained".to_owned(),
@@ -399,9 +400,11 @@ async fn exercise(ctx: &Arc<Ctx>, args: &Args) -> ExitCode {
     println!("faults: {}", ctx.faults.line());
     let ledger = &history.ledger;
     println!(
-        "stripe: {} PaymentIntents ({} succeeded), {} refunds, {} events; deliveries {} ok, {} retried, {} dropped, {} duplicated, {} redelivered; faults fired {:?}",
+        "stripe: {} PaymentIntents ({} succeeded), {} Checkout Sessions {:?}, {} refunds, {} events; deliveries {} ok, {} retried, {} dropped, {} duplicated, {} redelivered; faults fired {:?}",
         ledger.payment_intents.list.len(),
         ledger.status_count("succeeded"),
+        ledger.checkout_sessions.list.len(),
+        ledger.checkout_sessions.by_status,
         ledger.refunds.list.len(),
         ledger.events.list.len(),
         ledger.webhooks.ok,
