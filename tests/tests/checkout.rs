@@ -488,20 +488,7 @@ async fn the_same_cart_after_a_cancel_or_a_refused_create_starts_a_new_attempt()
     assert_ne!(keys[0], keys[1], "a new attempt gets a new Idempotency-Key");
 
     // Stripe refused the create (a permanent 4xx): the same call starts attempt 3.
-    let command: (i64, i32) = {
-        let row = client
-            .query_one(
-                "SELECT id, attempts + 1 FROM pay.outbox WHERE payment_id = $1 AND kind = 'create_payment_intent'",
-                &[&second],
-            )
-            .await
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
-    client
-        .query("SELECT * FROM pay.claim_outbox('test-worker', 10)", &[])
-        .await
-        .unwrap();
+    let command = fixtures::claim_command(&client, second, "create_payment_intent").await;
     let refused = json!({"error": {"type": "invalid_request_error", "message": "Your account cannot charge in USD."}});
     client
         .execute(
