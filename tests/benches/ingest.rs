@@ -7,7 +7,8 @@
 //!
 //! Run: `scripts/bench-ingest` (installs a release build of the extension first).
 //! 8 clients on one warm pool, realistic ~2.5 KB signed events, 90 % new and 10 % duplicate
-//! deliveries; rounds alternate between the paths so machine noise hits all alike; medians.
+//! deliveries; rounds alternate between the paths (in reverse every other round) so machine
+//! noise hits all alike; medians.
 //!
 //! Two more runs of `pay.ingest_webhook` measure the safety net's costs in the same run, on the
 //! same build (the database state picks the code path):
@@ -402,7 +403,13 @@ async fn main() {
     println!("ingest benchmark (cargo bench -p pgpay-tests --bench ingest): {CLIENTS} clients, {EVENTS_PER_ROUND} deliveries per round (10 % duplicates), {rounds} rounds per path, alternating");
     let mut results: Vec<(Path, f64, Duration, Duration, f64)> = Vec::new();
     for round in 0..rounds {
-        for (k, path) in PATHS.into_iter().enumerate() {
+        // Odd rounds run the paths in reverse, so no path always comes first or last in a round
+        // (the tables grow as a round goes on).
+        let mut order: Vec<(usize, Path)> = PATHS.into_iter().enumerate().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (k, path) in order {
             let prefix = format!("r{round}p{k}");
             let intents = seed_payments(&admin, &prefix, EVENTS_PER_ROUND).await;
             let work = deliveries(&prefix, &intents, now);
