@@ -5,6 +5,8 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::api::payment_intents;
+use crate::api_version;
+use crate::billing::{self, BillingSettings};
 use crate::checkout_flow::{self, CheckoutPayment};
 use crate::error::ApiError;
 use crate::faults::{FaultError, FaultRule, FaultStatus};
@@ -151,6 +153,52 @@ impl Shared {
             checkout_flow::expire_due(s, ctx.now);
             checkout_flow::expire(s, &ctx, session)
         })
+    }
+
+    /// The customer pays a subscription-mode session by card, its customer on `test_clock`.
+    pub fn pay_subscription_checkout(
+        &self,
+        session: &str,
+        payment_method: &str,
+        test_clock: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let ctx = Ctx::internal(self.clock.now());
+        self.update(|s| {
+            checkout_flow::expire_due(s, ctx.now);
+            billing::pay_subscription_session(s, &ctx, session, payment_method, test_clock)
+        })
+    }
+
+    pub fn api_version(&self) -> String {
+        self.read(|s| s.api_version.clone())
+    }
+
+    /// Switches the account's API version: later events (and answers to requests without a
+    /// `Stripe-Version`) render in its shapes.
+    pub fn set_api_version(&self, version: &str) -> Result<(), ApiError> {
+        api_version::validate(version)?;
+        self.update(|s| s.api_version = version.to_owned());
+        Ok(())
+    }
+
+    pub fn billing(&self) -> BillingSettings {
+        self.read(|s| s.billing.clone())
+    }
+
+    pub fn set_billing(&self, settings: BillingSettings) -> Result<(), String> {
+        settings.validate()?;
+        self.update(|s| s.billing = settings);
+        Ok(())
+    }
+
+    /// A subscription's JSON in the account's API version.
+    pub fn subscription(&self, id: &str) -> Option<Value> {
+        self.read(|s| billing::subscription_json(s, id, s.event_shape()))
+    }
+
+    /// An invoice's JSON in the account's API version.
+    pub fn invoice(&self, id: &str) -> Option<Value> {
+        self.read(|s| billing::invoice_json(s, id, s.event_shape()))
     }
 
     pub fn checkout_session(&self, id: &str) -> Option<Value> {
