@@ -168,10 +168,29 @@ impl<'a> StripeReader<'a> {
         created_gte: i64,
         starting_after: Option<&str>,
     ) -> Result<Page, ReadError> {
+        self.list_page_with(what, path, &[], created_gte, starting_after)
+            .await
+    }
+
+    /// [`StripeReader::list_page`] with filters of the endpoint (`status=all` for
+    /// subscriptions, which Stripe otherwise lists without the canceled ones).
+    pub(crate) async fn list_page_with(
+        &self,
+        what: &'static str,
+        path: &str,
+        filters: &[(&str, &str)],
+        created_gte: i64,
+        starting_after: Option<&str>,
+    ) -> Result<Page, ReadError> {
         let mut params = vec![
             ("limit".to_owned(), PAGE_SIZE.to_string()),
             ("created[gte]".to_owned(), created_gte.to_string()),
         ];
+        params.extend(
+            filters
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         if let Some(after) = starting_after {
             params.push(("starting_after".to_owned(), after.to_owned()));
         }

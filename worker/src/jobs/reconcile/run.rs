@@ -1,4 +1,5 @@
-//! One run: start, the PaymentIntent pages, the event pages, the missing ones, finish.
+//! One run: start, the PaymentIntent, Checkout Session, subscription and invoice pages, the event
+//! pages, the missing ones, finish.
 
 use std::time::Instant;
 
@@ -161,18 +162,29 @@ impl RunState {
             .map_err(db_op("prepare"))?;
         let progress_stmt = client.prepare(PROGRESS).await.map_err(db_op("prepare"))?;
 
-        // PaymentIntents, then Checkout Sessions (adopting sessions whose create answer was lost).
-        for (what, path, phase) in [
+        // PaymentIntents, then Checkout Sessions (adopting sessions whose create answer was lost),
+        // then subscriptions (every status: Stripe leaves canceled ones out unless asked) and
+        // their invoices (a paid one whose webhooks were lost is provisioned here).
+        for (what, path, phase, filters) in [
             (
                 "the PaymentIntent list",
                 "/v1/payment_intents",
                 Phase::PaymentIntents,
+                &[][..],
             ),
             (
                 "the Checkout Session list",
                 "/v1/checkout/sessions",
                 Phase::CheckoutSessions,
+                &[][..],
             ),
+            (
+                "the subscription list",
+                "/v1/subscriptions",
+                Phase::Subscriptions,
+                &[("status", "all")][..],
+            ),
+            ("the invoice list", "/v1/invoices", Phase::Invoices, &[][..]),
         ] {
             self.object_pages(
                 client,
@@ -183,7 +195,7 @@ impl RunState {
                 window_start,
                 options,
                 progress,
-                (what, path, phase),
+                (what, path, phase, filters),
             )
             .await?;
         }
@@ -242,22 +254,26 @@ impl RunState {
         window_start: i64,
         options: &ReconcileOptions,
         progress: &(dyn Fn(Phase, &Counts) + Send + Sync),
-        (what, path, phase): (&'static str, &str, Phase),
+        (what, path, phase, filters): (&'static str, &str, Phase, &[(&str, &str)]),
     ) -> Result<(), JobError> {
-        let mut page = reader.list_page(what, path, window_start, None).await?;
+        let mut page = reader
+            .list_page_with(what, path, filters, window_start, None)
+            .await?;
         loop {
             let Page { data, next: cursor } = page;
             let fetch = async {
                 match &cursor {
                     Some(after) => reader
-                        .list_page(what, path, window_start, Some(after))
+                        .list_page_with(what, path, filters, window_start, Some(after))
                         .await
                         .map(Some),
                     None => Ok(None),
                 }
             };
-            let (applied, next) =
-                tokio::join!(self.apply_objects(client, apply, run_id, data), fetch);
+            let (applied, next) = tokio::join!(
+                self.apply_objects(client, apply, run_id, phase, data),
+                fetch
+            );
             applied?;
             self.save_progress(client, progress_stmt, run_id, options)
                 .await?;
@@ -277,13 +293,23 @@ impl RunState {
         client: &Client,
         stmt: &tokio_postgres::Statement,
         run_id: i64,
+        phase: Phase,
         data: Vec<Value>,
     ) -> Result<(), JobError> {
-        self.counts.pages += 1;
+        let n = data.len() as u64;
+        let c = &mut self.counts;
+        let (pages, objects) = match phase {
+            Phase::Subscriptions => (&mut c.subscription_pages, &mut c.subscriptions),
+            Phase::Invoices => (&mut c.invoice_pages, &mut c.invoices),
+            Phase::PaymentIntents | Phase::CheckoutSessions | Phase::Events => {
+                (&mut c.pages, &mut c.objects)
+            }
+        };
+        *pages += 1;
+        *objects += n;
         if data.is_empty() {
             return Ok(());
         }
-        self.counts.objects += data.len() as u64;
         self.seen.extend(
             data.iter()
                 .filter(|o| o["object"] == "payment_intent")
@@ -335,8 +361,8 @@ impl RunState {
                 stmt,
                 &[
                     &run_id,
-                    &int(c.pages + c.event_pages),
-                    &int(c.objects),
+                    &int(c.pages + c.subscription_pages + c.invoice_pages + c.event_pages),
+                    &int(c.objects + c.subscriptions + c.invoices),
                     &int(c.applied + c.flagged),
                     &int(c.adopted),
                     &int(c.not_ours),
