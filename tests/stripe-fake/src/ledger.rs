@@ -247,6 +247,29 @@ impl Ledger {
             .filter(|pi| pi.metadata.get(key).map(String::as_str) == Some(value))
             .collect()
     }
+
+    /// Subscriptions whose metadata has `key` = `value`.
+    pub fn subscriptions_with(&self, key: &str, value: &str) -> Vec<&SubscriptionSummary> {
+        self.subscriptions
+            .list
+            .iter()
+            .filter(|s| s.metadata.get(key).map(String::as_str) == Some(value))
+            .collect()
+    }
+
+    /// Invoices of one subscription, oldest first.
+    pub fn invoices_of(&self, subscription: &str) -> Vec<&InvoiceSummary> {
+        self.invoices
+            .list
+            .iter()
+            .filter(|i| i.subscription == subscription)
+            .collect()
+    }
+
+    /// How many events of this type were recorded.
+    pub fn event_count(&self, event_type: &str) -> u64 {
+        self.events.by_type.get(event_type).copied().unwrap_or(0)
+    }
 }
 
 /// Builds the snapshot; `lists` false leaves out the per-object lists (cheap for 100,000 objects).
