@@ -87,21 +87,45 @@ pub fn invoice_json(state: &State, id: &str, shape: Shape) -> Option<Value> {
     Some(invoice.to_json(shape, state.prices.get(&invoice.price), &state.base_url))
 }
 
-fn emit_subscription(state: &mut State, ctx: &Ctx, kind: &str, id: &str, previous: Option<Value>) {
+/// The context of an event about a subscription (or its invoice): its `created` never goes
+/// back in time for that subscription, so whoever orders its events by `created` sees Stripe's
+/// order.
+fn event_ctx(state: &mut State, ctx: &Ctx, sub_id: &str) -> Ctx {
+    let mut ctx = ctx.clone();
+    if let Some(sub) = state.subscriptions.get_mut(sub_id) {
+        ctx.now = ctx.now.max(sub.last_event_at);
+        sub.last_event_at = ctx.now;
+    }
+    ctx
+}
+
+/// Emits a `customer.subscription.*` event (with `previous_attributes` for updates).
+pub fn emit_subscription(
+    state: &mut State,
+    ctx: &Ctx,
+    kind: &str,
+    id: &str,
+    previous: Option<Value>,
+) {
     let shape = state.event_shape();
     let Some(json) = subscription_json(state, id, shape) else {
         return;
     };
+    let ctx = event_ctx(state, ctx, id);
     match previous {
-        Some(previous) => state.emit_update(ctx, kind, json, previous),
-        None => state.emit(ctx, kind, json),
+        Some(previous) => state.emit_update(&ctx, kind, json, previous),
+        None => state.emit(&ctx, kind, json),
     };
 }
 
 fn emit_invoice(state: &mut State, ctx: &Ctx, kind: &str, id: &str) {
     let shape = state.event_shape();
+    let Some(sub_id) = state.invoices.get(id).map(|i| i.subscription.clone()) else {
+        return;
+    };
     if let Some(json) = invoice_json(state, id, shape) {
-        state.emit(ctx, kind, json);
+        let ctx = event_ctx(state, ctx, &sub_id);
+        state.emit(&ctx, kind, json);
     }
 }
 
@@ -276,6 +300,8 @@ pub fn pay_subscription_session(
         metadata,
         latest_invoice: None,
         test_clock: clock.clone(),
+        failed_event_at: None,
+        last_event_at: 0,
     };
     state.subscriptions.insert(sub_id.clone(), at, sub);
     state.counters.subscriptions_created += 1;
@@ -450,7 +476,16 @@ fn attempt(state: &mut State, ctx: &Ctx, invoice_id: &str, at: i64) {
         .customers
         .get(&inv.customer)
         .and_then(|c| c.default_payment_method.clone());
+    let failed_event_at = state
+        .subscriptions
+        .get(&sub_id)
+        .and_then(|s| s.failed_event_at);
     if charge_succeeds(pm.as_deref()) {
+        // Stripe's events of a recovery are created after those of the failure (a retry comes
+        // days later); a fast test must not see both in one second.
+        if let (Some(failed), Some(sub)) = (failed_event_at, state.subscriptions.get_mut(&sub_id)) {
+            sub.last_event_at = sub.last_event_at.max(failed + 1);
+        }
         settle_paid(state, ctx, invoice_id, at);
         let still_owing = state.invoices.iter().any(|(_, i)| {
             i.subscription == sub_id && i.status == InvoiceStatus::Open && i.id != invoice_id
@@ -484,6 +519,7 @@ fn attempt(state: &mut State, ctx: &Ctx, invoice_id: &str, at: i64) {
     }
     emit_invoice(state, ctx, "invoice.payment_failed", invoice_id);
     if let Some(sub) = state.subscriptions.get_mut(&sub_id) {
+        sub.failed_event_at = Some(sub.last_event_at);
         if sub.status == SubStatus::Active {
             sub.status = SubStatus::PastDue;
             emit_subscription(

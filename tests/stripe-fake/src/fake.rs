@@ -353,6 +353,12 @@ impl StripeFake {
         self.shared.payment_intent(id)
     }
 
+    /// Every event recorded, in the order it was emitted (the order of delivery; `events` and
+    /// `GET /v1/events` order by `created`, which a recovery after a failure bumps a second).
+    pub fn events_emitted(&self) -> Vec<Value> {
+        self.shared.events_emitted()
+    }
+
     /// Every event recorded, oldest first.
     pub fn events(&self) -> Vec<Value> {
         self.shared.events()

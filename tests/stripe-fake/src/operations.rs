@@ -209,6 +209,19 @@ impl Shared {
         self.read(|s| s.payment_intents.get(id).map(|pi| pi.to_json()))
     }
 
+    /// Every event in the order it was emitted (and queued for delivery).
+    pub fn events_emitted(&self) -> Vec<Value> {
+        self.read(|s| {
+            let mut events: Vec<(u64, Value)> = s
+                .events
+                .iter()
+                .map(|(k, e)| (k.1, e.json.clone()))
+                .collect();
+            events.sort_by_key(|(seq, _)| *seq);
+            events.into_iter().map(|(_, e)| e).collect()
+        })
+    }
+
     /// Every event, oldest first.
     pub fn events(&self) -> Vec<Value> {
         self.read(|s| s.events.iter().map(|(_, e)| e.json.clone()).collect())

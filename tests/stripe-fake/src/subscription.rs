@@ -92,6 +92,11 @@ pub struct Subscription {
     pub metadata: BTreeMap<String, String>,
     pub latest_invoice: Option<String>,
     pub test_clock: Option<String>,
+    /// `created` of the newest failed-payment event: a recovery's events come at least a second
+    /// later, as they would on Stripe (where a retry is hours or days after the failure).
+    pub failed_event_at: Option<i64>,
+    /// `created` of its newest event: its events never go back in time.
+    pub last_event_at: i64,
 }
 
 impl Subscription {
@@ -247,6 +252,8 @@ mod tests {
             metadata: BTreeMap::new(),
             latest_invoice: None,
             test_clock: None,
+            failed_event_at: None,
+            last_event_at: 0,
         }
     }
 

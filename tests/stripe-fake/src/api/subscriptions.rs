@@ -203,7 +203,13 @@ pub fn update(state: &mut State, ctx: &Ctx, id: &str, params: Params) -> Result<
     let after = subscription_json(state, id, shape).unwrap_or(Value::Null);
     if after != before {
         let previous = crate::api::customers::previous_attributes(&before, &after);
-        state.emit_update(ctx, "customer.subscription.updated", after, previous);
+        billing::emit_subscription(
+            state,
+            ctx,
+            "customer.subscription.updated",
+            id,
+            Some(previous),
+        );
     }
     subscription_json(state, id, state.answer_shape(ctx))
         .ok_or_else(|| ApiError::no_such("subscription", id, "id"))

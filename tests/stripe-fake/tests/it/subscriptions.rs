@@ -3,6 +3,8 @@
 //! now, changes of quantity and price, lists, both API shapes, and idempotency and faults on the
 //! new routes.
 
+use std::collections::HashSet;
+
 use reqwest::Method;
 use serde_json::{json, Value};
 use stripe_fake::{AfterRetries, BillingSettings, FaultAction, FaultRule, StripeFake};
@@ -91,12 +93,33 @@ async fn advance(api: &Api, clock: &str, to: i64) {
     assert_eq!(now.json["frozen_time"], to);
 }
 
-/// Types of the events recorded after `from` (an index into the event list).
-fn types_since(fake: &StripeFake, from: usize) -> Vec<String> {
-    fake.events()[from..]
+/// The ids of every event so far.
+fn mark(fake: &StripeFake) -> HashSet<String> {
+    fake.events()
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The events recorded since `before`, in the order they were emitted (the event list is in
+/// `created` order, and a recovery's events are created a second later than a failure's).
+fn events_since(fake: &StripeFake, before: &HashSet<String>) -> Vec<Value> {
+    fake.events_emitted()
+        .into_iter()
+        .filter(|e| !before.contains(e["id"].as_str().unwrap_or_default()))
+        .filter(|e| {
+            !e["type"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("test_helpers.")
+        })
+        .collect()
+}
+
+fn types_since(fake: &StripeFake, before: &HashSet<String>) -> Vec<String> {
+    events_since(fake, before)
         .iter()
         .map(|e| e["type"].as_str().unwrap_or_default().to_owned())
-        .filter(|t| !t.starts_with("test_helpers."))
         .collect()
 }
 
@@ -156,7 +179,7 @@ async fn sign_up_renew_fail_recover_and_cancel_at_period_end() {
     let api = Api::new(&fake);
     let (clock, t0, sub_id, customer) = sign_up(&fake, &api, "2").await;
     assert_eq!(
-        types_since(&fake, 0),
+        types_since(&fake, &HashSet::new()),
         [
             "product.created",
             "price.created",
@@ -203,10 +226,10 @@ async fn sign_up_renew_fail_recover_and_cancel_at_period_end() {
     );
 
     // Renewal 1 succeeds: the period moves at period end, the draft is charged an hour later.
-    let mark = fake.events().len();
+    let before = mark(&fake);
     advance(&api, &clock, end1 + 2 * 3600).await;
     assert_eq!(
-        types_since(&fake, mark),
+        types_since(&fake, &before),
         [
             "customer.subscription.updated",
             "invoice.created",
@@ -215,11 +238,10 @@ async fn sign_up_renew_fail_recover_and_cancel_at_period_end() {
             "invoice.payment_succeeded",
         ]
     );
-    let update = &fake.events()[mark..]
-        .iter()
+    let update = events_since(&fake, &before)
+        .into_iter()
         .find(|e| e["type"] == "customer.subscription.updated")
-        .expect("update")
-        .clone();
+        .expect("update");
     assert_eq!(
         update["data"]["previous_attributes"]["current_period_end"],
         end1
@@ -247,10 +269,10 @@ async fn sign_up_renew_fail_recover_and_cancel_at_period_end() {
         .json["current_period_end"]
         .as_i64()
         .expect("end");
-    let mark = fake.events().len();
+    let before = mark(&fake);
     advance(&api, &clock, end2 + 2 * 3600).await;
     assert_eq!(
-        types_since(&fake, mark),
+        types_since(&fake, &before),
         [
             "customer.subscription.updated",
             "invoice.created",
@@ -274,11 +296,11 @@ async fn sign_up_renew_fail_recover_and_cancel_at_period_end() {
     let failed = &failed["data"][0];
     assert_eq!(failed["attempt_count"], 1);
     assert_eq!(failed["next_payment_attempt"], end2 + 3600 + 3 * DAY);
-    let mark = fake.events().len();
+    let before = mark(&fake);
     set_card(&api, &customer, "pm_card_visa").await;
     advance(&api, &clock, end2 + 3600 + 3 * DAY + 60).await;
     assert_eq!(
-        types_since(&fake, mark),
+        types_since(&fake, &before),
         [
             "customer.updated",
             "invoice.paid",
@@ -302,7 +324,7 @@ async fn sign_up_renew_fail_recover_and_cancel_at_period_end() {
     assert_eq!(paid["attempt_count"], 2);
 
     // Cancel at period end: an update now, the deletion at the period end, nothing after.
-    let mark = fake.events().len();
+    let before = mark(&fake);
     let answer = api
         .post(
             &format!("/v1/subscriptions/{sub_id}"),
@@ -316,7 +338,7 @@ async fn sign_up_renew_fail_recover_and_cancel_at_period_end() {
     assert_eq!(answer.json["cancel_at"], end3);
     advance(&api, &clock, end3 + 40 * DAY).await;
     assert_eq!(
-        types_since(&fake, mark),
+        types_since(&fake, &before),
         [
             "customer.subscription.updated",
             "customer.subscription.deleted"
@@ -368,9 +390,9 @@ async fn retries_run_out_then_canceled_or_unpaid() {
             .json["current_period_end"]
             .as_i64()
             .expect("end");
-        let mark = fake.events().len();
+        let before = mark(&fake);
         advance(&api, &clock, end + 3600 + 3 * DAY + 60).await;
-        let types = types_since(&fake, mark);
+        let types = types_since(&fake, &before);
         assert_eq!(
             types
                 .iter()
@@ -429,7 +451,7 @@ async fn quantity_change_cancel_now_and_idempotency() {
         ("items[0][price]", price.as_str()),
         ("items[0][quantity]", "5"),
     ];
-    let mark = fake.events().len();
+    let before = mark(&fake);
     let first = api.post(&path, Some("qty-5"), &form).await;
     assert_eq!(first.status, 200, "{}", first.json);
     assert_eq!(first.json["quantity"], 5);
@@ -440,7 +462,7 @@ async fn quantity_change_cancel_now_and_idempotency() {
     // The same change under a new key changes nothing, so Stripe emits nothing.
     let same = api.post(&path, Some("qty-5-b"), &form).await;
     assert_eq!(same.status, 200);
-    let updates = types_since(&fake, mark);
+    let updates = types_since(&fake, &before);
     assert_eq!(updates, ["customer.subscription.updated"]);
     let update = fake.events().last().expect("event").clone();
     assert_eq!(update["data"]["previous_attributes"]["quantity"], 1);
@@ -580,18 +602,9 @@ async fn both_api_shapes_and_runtime_switch() {
     let end = basil.json["items"]["data"][0]["current_period_end"]
         .as_i64()
         .expect("end");
-    let mark = fake.events().len();
+    let before = mark(&fake);
     advance(&api, &clock, end + 2 * 3600).await;
-    let events: Vec<Value> = fake.events()[mark..]
-        .iter()
-        .filter(|e| {
-            !e["type"]
-                .as_str()
-                .unwrap_or_default()
-                .starts_with("test_helpers.")
-        })
-        .cloned()
-        .collect();
+    let events = events_since(&fake, &before);
     assert!(events.iter().all(|e| e["api_version"] == BASIL));
     let update = &events[0];
     assert_eq!(update["type"], "customer.subscription.updated");
