@@ -134,10 +134,17 @@ pub fn billing_problem(object: &Value) -> Option<&'static str> {
     if field_text(object, "status").is_none() {
         return Some("the object has no status");
     }
+    if times(kind, object).any(|t| !(0..=MAX_TIME).contains(&t)) {
+        return Some("a time of the object is not a Unix time between 1970 and 9999");
+    }
     match kind {
         BillingKind::Subscription => {
-            if first_item(object).is_some_and(|item| field_i64(item, "quantity").is_err()) {
+            let quantity = first_item(object).map(|item| field_i64(item, "quantity"));
+            if matches!(quantity, Some(Err(_))) {
                 return Some("the subscription item's quantity is not an integer");
+            }
+            if matches!(quantity, Some(Ok(Some(q))) if q < 0) {
+                return Some("the subscription item's quantity is negative");
             }
             if period(object).is_err() {
                 return Some("the subscription's current period is not made of integers");
@@ -160,6 +167,40 @@ pub fn billing_problem(object: &Value) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// Latest Unix time pgpay stores (9999-12-31T23:59:59Z): PostgreSQL's timestamps reach further,
+/// but no Stripe time is anywhere near.
+const MAX_TIME: i64 = 253_402_300_799;
+
+/// Every integer time pgpay reads from `object` (unreadable ones are the other checks' business).
+fn times(kind: BillingKind, object: &Value) -> impl Iterator<Item = i64> + '_ {
+    let int = |o: Option<&Value>, key: &str| o.and_then(|o| field_i64(o, key).ok().flatten());
+    let mut found = Vec::new();
+    match kind {
+        BillingKind::Subscription => {
+            for key in ["current_period_start", "current_period_end", "canceled_at"] {
+                found.extend(int(Some(object), key));
+            }
+            if let Some(items) = object.pointer("/items/data").and_then(Value::as_array) {
+                for item in items {
+                    found.extend(int(Some(item), "current_period_start"));
+                    found.extend(int(Some(item), "current_period_end"));
+                }
+            }
+        }
+        BillingKind::Invoice => {
+            for key in ["period_start", "period_end"] {
+                found.extend(int(Some(object), key));
+            }
+            found.extend(int(object.get("status_transitions"), "paid_at"));
+            let line = object.pointer("/lines/data/0/period");
+            found.extend(int(line, "start"));
+            found.extend(int(line, "end"));
+        }
+        BillingKind::SubscriptionSession => found.extend(int(Some(object), "expires_at")),
+    }
+    found.into_iter()
 }
 
 fn first_item(subscription: &Value) -> Option<&Value> {
@@ -465,6 +506,15 @@ mod tests {
         i.as_object_mut().unwrap().remove("id");
         cases.push(i);
         cases.push(json!({"object": "customer", "id": "cus_1"}));
+        let mut s = new_subscription();
+        s["items"]["data"][0]["current_period_end"] = json!(i64::MAX);
+        cases.push(s);
+        let mut s = old_subscription();
+        s["items"]["data"][0]["quantity"] = json!(-1);
+        cases.push(s);
+        let mut i = old_invoice();
+        i["status_transitions"]["paid_at"] = json!(-5);
+        cases.push(i);
         for case in cases {
             assert!(billing_problem(&case).is_some(), "{case}");
             assert!(billing_facts(&case).get("problem").is_some());
