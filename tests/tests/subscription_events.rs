@@ -1001,3 +1001,155 @@ async fn events_not_about_our_subscriptions_or_broken_are_stored_and_answered_20
         2
     );
 }
+
+#[tokio::test]
+async fn a_quarantined_invoice_payment_is_replayed_into_one_fulfillment() {
+    let (_db, client) = setup().await;
+    let w = World::begin(&client, Shape::V2025, "acct-replay").await;
+    let t = unix_now() - 100;
+    let p = (t, t + 30 * DAY);
+    deliver(&client, &w.completed("evt_rp1", t)).await;
+    // The application's own trigger on the queue fails: the payment is quarantined, not lost.
+    client
+        .batch_execute(
+            "CREATE FUNCTION public.provision_down() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'billing system is down' USING ERRCODE = 'P0001'; END; $$;
+             CREATE TRIGGER provision_down BEFORE INSERT ON pay.invoice_fulfillments
+                 FOR EACH ROW EXECUTE FUNCTION public.provision_down();",
+        )
+        .await
+        .unwrap();
+    let paid = w.invoice_event(
+        "evt_rp2",
+        "invoice.paid",
+        t + 1,
+        "in_replay",
+        "paid",
+        "subscription_create",
+        p,
+    );
+    let (status, detail) = deliver(&client, &paid).await;
+    assert_eq!(status, "quarantined", "{detail}");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.invoices").await,
+        0,
+        "nothing of it stayed"
+    );
+    client
+        .batch_execute("DROP TRIGGER provision_down ON pay.invoice_fulfillments")
+        .await
+        .unwrap();
+    for expected in ["applied", "skipped"] {
+        let rows = client
+            .query("SELECT outcome FROM pay.replay_events()", &[])
+            .await
+            .unwrap();
+        let outcomes: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        if expected == "applied" {
+            assert_eq!(outcomes, ["applied"]);
+        } else {
+            assert!(outcomes.is_empty(), "{outcomes:?}");
+        }
+    }
+    assert_eq!(w.fulfillments(&client).await, 1);
+    // The late invoice.payment_succeeded for the same invoice: still one.
+    let succeeded = w.invoice_event(
+        "evt_rp3",
+        "invoice.payment_succeeded",
+        t + 1,
+        "in_replay",
+        "paid",
+        "subscription_create",
+        p,
+    );
+    deliver(&client, &succeeded).await;
+    assert_eq!(w.fulfillments(&client).await, 1);
+}
+
+#[tokio::test]
+async fn reconciliation_adopts_a_session_whose_create_answer_was_lost_and_rekeying_knows_the_kind()
+{
+    let (_db, client) = setup().await;
+    let id = billing::begin(&client, "acct-adopt", "price_pro", 1).await;
+    // The worker sent the create (in flight), Stripe made the session, the answer was lost.
+    let command: i64 = client
+        .query_one(
+            "SELECT id FROM pay.claim_outbox('w', 10, '1 minute') WHERE subscription_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Past Stripe's key retention, the worker found no session and asks for a new key.
+    let key: Option<String> = client
+        .query_one(
+            "SELECT pay.rekey_create_command($1, 1, 'no session found')",
+            &[&command],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let key = key.expect("a new key for the subscription's create");
+    assert!(key.starts_with("pgpay.sub_create.rekeyed:"), "{key}");
+    let session = Value::Array(vec![billing::subscription_session(
+        "cs_adopt",
+        id,
+        "acct-adopt",
+        "open",
+        None,
+    )]);
+    let outcome: String = client
+        .query_one(
+            "SELECT outcome FROM pay.apply_stripe_objects($1, 'reconcile', NULL)",
+            &[&session],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outcome, "adopted");
+    let row = client
+        .query_one(
+            "SELECT o.status, s.checkout_url FROM pay.outbox o JOIN pay.subscriptions s ON s.id = o.subscription_id
+             WHERE o.id = $1",
+            &[&command],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        "done",
+        "the create is never sent again"
+    );
+    assert_eq!(
+        row.get::<_, String>(1),
+        "https://checkout.stripe.com/c/pay/cs_adopt"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pay.findings WHERE kind = 'orphan_adopted' AND stripe_object_id = 'cs_adopt'").await,
+        1
+    );
+    // Known now: nothing left to re-key.
+    let again: Option<String> = client
+        .query_one(
+            "SELECT pay.rekey_create_command($1, 1, 'again')",
+            &[&command],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(again, None);
+    let causes: Vec<String> = client
+        .query(
+            "SELECT cause FROM pay.subscription_timeline('acct-adopt')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        causes.iter().any(|c| c.starts_with("create re-keyed")),
+        "{causes:?}"
+    );
+}
