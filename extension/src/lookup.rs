@@ -164,3 +164,26 @@ fn subscription_for(object: pgrx::JsonB) -> Option<Uuid> {
         )
     })
 }
+
+static SUBSCRIPTIONS_INSTALLED: Statement = Statement {
+    sql: "SELECT to_regclass('pay.subscriptions') IS NOT NULL",
+    args: &[],
+};
+
+thread_local! {
+    /// Once seen, the subscriptions' tables stay (a downgrade is not possible).
+    static SUBSCRIPTIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this database's schema has subscriptions (0.2.0 with issue 14). Between installing a
+/// new library and `ALTER EXTENSION pgpay UPDATE`, a 0.1.0 schema stores billing events as it
+/// always did (not about a payment) instead of failing on a missing table. Asked only for
+/// billing objects, and once per backend after it is true.
+pub fn subscriptions_installed(client: &mut SpiClient<'_>) -> bool {
+    if SUBSCRIPTIONS.get() {
+        return true;
+    }
+    let yes = first::<bool>(run(client, &SUBSCRIPTIONS_INSTALLED, &[])) == Some(true);
+    SUBSCRIPTIONS.set(yes);
+    yes
+}

@@ -15,7 +15,7 @@ use pgrx::spi::SpiClient;
 use pgrx::Uuid;
 use serde_json::Value;
 
-use crate::lookup::{lock_payment_for, lock_subscription_for};
+use crate::lookup::{lock_payment_for, lock_subscription_for, subscriptions_installed};
 use crate::plans::{first, run, Statement};
 use crate::subxact::tentatively;
 use crate::webhook::{apply_billing_event, apply_event, raise_if_infrastructure};
@@ -68,7 +68,7 @@ fn replay(
     let object = event.pointer("/data/object").unwrap_or(&Value::Null);
     // A billing object (subscription, invoice, subscription-mode session) is about a
     // subscription, never a payment: the same routing as a delivery.
-    let billing = subscription_ref(object);
+    let billing = subscription_ref(object).filter(|_| subscriptions_installed(client));
     let subscription = billing
         .as_ref()
         .and_then(|r| lock_subscription_for(client, r));

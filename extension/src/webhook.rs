@@ -22,7 +22,7 @@ use crate::apply_intent::{apply_intent, LockedPayment};
 use crate::apply_session::apply_session;
 use crate::breaker::{self, Admission};
 use crate::errors::{raise_internal, raise_with_hint};
-use crate::lookup::{lock_payment_for, lock_subscription_for};
+use crate::lookup::{lock_payment_for, lock_subscription_for, subscriptions_installed};
 use crate::plans::{first, run, Statement};
 use crate::secrets::live_secrets;
 use crate::signature::unix_now;
@@ -259,7 +259,7 @@ pub fn store_and_apply(
     let mut locked: Option<Uuid> = None;
     let mut locked_subscription: Option<Uuid> = None;
     let mut probe = false;
-    let billing = subscription_ref(object);
+    let billing = subscription_ref(object).filter(|_| subscriptions_installed(client));
     let attempt = if billing.is_none() && payment_ref(object).is_none() {
         Ok(Attempt::Done {
             outcome: Outcome::Stored,

@@ -1153,3 +1153,51 @@ async fn reconciliation_adopts_a_session_whose_create_answer_was_lost_and_rekeyi
         "{causes:?}"
     );
 }
+
+#[tokio::test]
+async fn a_database_still_at_0_1_0_stores_billing_events_as_it_always_did() {
+    // The new library serves a 0.1.0 schema until ALTER EXTENSION pgpay UPDATE: its billing
+    // events are stored (not about a payment), never a 5xx on a missing table.
+    let db = TestDb::create_at(Some("0.1.0")).await;
+    let client = db.connect().await;
+    client
+        .execute("SELECT pay.add_webhook_secret($1, 'primary')", &[&SECRET])
+        .await
+        .unwrap();
+    let t = unix_now();
+    let s = Sub {
+        id: "sub_old_schema",
+        pgpay_id: Uuid::new_v4(),
+        subscription_ref: "acct-old",
+        status: "active",
+        price: "price_pro",
+        quantity: 1,
+        period: (t, t + DAY),
+        cancel_at_period_end: false,
+    };
+    for (i, object) in [
+        billing::subscription(Shape::V2025, &s),
+        billing::invoice(
+            Shape::V2024,
+            "in_old",
+            &s,
+            "paid",
+            100,
+            "subscription_cycle",
+            (t, t + DAY),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let payload = billing::event(
+            Shape::V2025,
+            &format!("evt_old_{i}"),
+            "invoice.paid",
+            t,
+            object,
+        );
+        let (status, detail) = deliver(&client, &payload).await;
+        assert_eq!(status, "stored", "{detail}");
+    }
+}

@@ -67,20 +67,16 @@ pub fn validate_quantity(quantity: i64) -> Result<(), SubscribeError> {
     }
 }
 
-/// Stripe's metadata rules (as for a checkout), and none of pgpay's own keys.
+/// Stripe's metadata rules (as for a checkout, whose reserved keys stay reserved: a
+/// `pgpay_payment_id` on a subscription would claim a payment), and none of pgpay's
+/// subscription keys.
 pub fn validate_metadata(metadata: &Value) -> Result<(), SubscribeError> {
     if let Some(object) = metadata.as_object() {
         if let Some(key) = RESERVED_KEYS.iter().find(|k| object.contains_key(**k)) {
             return Err(SubscribeError::ReservedKey((*key).to_owned()));
         }
     }
-    // The payment keys checkout reserves are not written on a subscription; allow them.
-    let mut copy = metadata.clone();
-    if let Some(object) = copy.as_object_mut() {
-        object.remove("pgpay_payment_id");
-        object.remove("order_ref");
-    }
-    checkout::validate_metadata(&copy)?;
+    checkout::validate_metadata(metadata)?;
     Ok(())
 }
 
