@@ -137,12 +137,15 @@ fn lock_wait_histogram() -> Histogram {
 
 /// The outbox kinds (`pay.outbox_kind` in sql/01_schema.sql); anything else is counted as
 /// `other` to bound cardinality.
-const OUTBOX_KINDS: [&str; 5] = [
+const OUTBOX_KINDS: [&str; 8] = [
     "create_payment_intent",
     "cancel_payment_intent",
     "refund",
     "create_checkout_session",
     "expire_checkout_session",
+    "create_subscription_session",
+    "update_subscription",
+    "cancel_subscription",
 ];
 
 fn kind_label(kind: &str) -> &str {
