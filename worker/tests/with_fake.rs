@@ -822,3 +822,115 @@ async fn a_worker_sigkilled_mid_create_leaves_one_payment_intent_and_one_session
     rescuer.shutdown();
     rescuer.wait().await.unwrap();
 }
+
+/// A subscription's session create whose first attempt was a day ago: claimed, sent to the
+/// fake (or not), handed back, then aged past Stripe's key retention on both clocks.
+async fn subscription_create_a_day_ago(
+    client: &pgpay_tests::tokio_postgres::Client,
+    fake: &StripeFake,
+    subscription_ref: &str,
+    reached_stripe: bool,
+) -> (i64, String) {
+    let price = recurring_price(fake).await;
+    client
+        .execute(
+            "SELECT pay.begin_subscription($1, $2, 2, success_url => 'https://app.example/welcome')",
+            &[&subscription_ref, &price],
+        )
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT id, attempts, idempotency_key, request FROM pay.claim_outbox('first-attempt', 1, interval '60 seconds')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (id, attempt, key, request): (i64, i32, String, serde_json::Value) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if reached_stripe {
+        let req = pgpay_worker::outbox::parse_request(&request, Some(&key)).unwrap();
+        let resp = reqwest::Client::new()
+            .post(format!("{}{}", fake.base_url(), req.path))
+            .header("Authorization", format!("Bearer {FAKE_KEY}"))
+            .header("Idempotency-Key", &key)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(pgpay_worker::stripe::encode_form(&req.params))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    let handed_back: bool = client
+        .query_one(
+            "SELECT pay.retry_outbox($1, $2, NULL, 'the answer was lost', now())",
+            &[&id, &attempt],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(handed_back);
+    client
+        .execute(
+            "UPDATE pay.outbox SET first_attempt_at = now() - interval '25 hours' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    fake.advance_clock(25 * 3600);
+    (id, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_key_retention_a_lost_subscription_session_is_adopted_or_rekeyed() {
+    init_tracing();
+    for reached_stripe in [true, false] {
+        let db = TestDb::create().await;
+        let client = db.connect().await;
+        let fake = fake(None).await;
+        let (id, key) =
+            subscription_create_a_day_ago(&client, &fake, "late-sub", reached_stripe).await;
+        assert_eq!(
+            fake.ledger().checkout_sessions.created,
+            u64::from(reached_stripe)
+        );
+        let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(common::wait_for_status(&client, id, "done", WAIT).await);
+        let ledger = fake.ledger();
+        assert_eq!(
+            ledger.checkout_sessions.created, 1,
+            "one session either way"
+        );
+        assert!(ledger.requests_to("GET /v1/checkout/sessions") >= 1);
+        let row = client
+            .query_one(
+                "SELECT s.id::text, s.stripe_checkout_session_id, o.idempotency_key
+                 FROM pay.subscriptions s JOIN pay.outbox o ON o.subscription_id = s.id
+                 WHERE o.id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let (sub_id, session, now_key): (String, Option<String>, String) =
+            (row.get(0), row.get(1), row.get(2));
+        let at_fake = ledger.checkout_sessions_with("pgpay_subscription_id", &sub_id);
+        assert_eq!(at_fake.len(), 1);
+        assert_eq!(session.as_deref(), Some(at_fake[0].id.as_str()));
+        if reached_stripe {
+            assert_eq!(worker.metrics().key_lookups("adopted"), 1);
+            assert_eq!(
+                ledger.requests_to("POST /v1/checkout/sessions"),
+                1,
+                "the create was not re-sent"
+            );
+            assert_eq!(now_key, key, "not re-keyed");
+        } else {
+            assert_eq!(worker.metrics().key_lookups("rekeyed"), 1);
+            assert_ne!(now_key, key, "re-keyed");
+        }
+        worker.shutdown();
+        worker.wait().await.unwrap();
+    }
+}
