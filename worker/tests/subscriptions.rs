@@ -420,3 +420,48 @@ async fn a_renewal_whose_webhooks_are_all_lost_is_provisioned_once_by_reconcilia
     assert_eq!(paid, 2);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_switches_to_the_new_api_shape_between_renewals() {
+    let s = Setup::start().await;
+    let r = "acct-basil";
+    let (sub, _) = s.sign_up(r, 1).await;
+    assert!(s.wait_fulfillments(r, 1).await);
+    // The account's API version changes: events now name the invoice's subscription in
+    // `parent.subscription_details` and carry periods on the subscription items.
+    s.fake
+        .set_api_version(stripe_fake::BASIL_API_VERSION)
+        .unwrap();
+    let end1 = s.period_end(&sub).await;
+    s.advance_to(end1 + 2 * 3600).await;
+    assert!(
+        s.wait_fulfillments(r, 2).await,
+        "a basil renewal provisions once"
+    );
+    let end2 = s.period_end(&sub).await;
+    assert!(end2 > end1);
+    assert!(
+        wait_until(WAIT, || async {
+            count(
+                &s.client,
+                &format!(
+                    "SELECT count(*) FROM pay.subscriptions
+                     WHERE subscription_ref = 'acct-basil' AND current_period_end = to_timestamp({end2})"
+                ),
+            )
+            .await
+                == 1
+        })
+        .await,
+        "the period end was read from items.data[]"
+    );
+    let events = s.fake.events_emitted();
+    let paid = events
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "invoice.paid")
+        .unwrap();
+    assert_eq!(paid["api_version"], stripe_fake::BASIL_API_VERSION);
+    assert!(paid["data"]["object"].get("subscription").is_none());
+    s.stop().await;
+}
