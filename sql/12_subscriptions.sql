@@ -289,15 +289,15 @@ BEGIN
         IF NOT FOUND THEN
             RAISE EXCEPTION 'wait_for_subscription_checkout: no subscription %', subscription_ref USING ERRCODE = 'no_data_found';
         END IF;
-        IF v.checkout_url IS NOT NULL THEN
-            RETURN v;
-        END IF;
         IF v.checkout_status IN ('expired', 'create_failed') THEN
             RAISE EXCEPTION 'wait_for_subscription_checkout: the sign-up of subscription % is % and will get no Checkout Session',
                 subscription_ref, v.checkout_status
                 USING ERRCODE = 'object_not_in_prerequisite_state',
                       DETAIL = coalesce(v.last_error #>> '{error,message}', v.last_error::text, ''),
                       HINT = 'Call pay.begin_subscription again to start a new sign-up.';
+        END IF;
+        IF v.checkout_url IS NOT NULL THEN
+            RETURN v;
         END IF;
         IF EXISTS (SELECT 1 FROM pay.subscriptions s
                    WHERE s.id = v.id AND s.xmin::text::bigint = txid_current_if_assigned() % 4294967296) THEN
