@@ -60,7 +60,7 @@ async fn claims_fence_failures_back_off_die_and_come_back() {
     let db = TestDb::create().await;
     let client = db.connect().await;
     let invoice = paid_invoice(&client).await;
-    assert_eq!(claim(&client, "a").await, [invoice.clone()]);
+    assert_eq!(claim(&client, "a").await, [invoice.as_str()]);
     assert!(claim(&client, "b").await.is_empty(), "held by a");
     let fenced: bool = client
         .query_one(
@@ -82,7 +82,7 @@ async fn claims_fence_failures_back_off_die_and_come_back() {
     assert!(failed);
     assert_eq!(
         claim(&client, "b").await,
-        [invoice.clone()],
+        [invoice.as_str()],
         "due again at once"
     );
     client
@@ -122,7 +122,7 @@ async fn claims_fence_failures_back_off_die_and_come_back() {
         .unwrap()
         .get(0);
     assert!(retried);
-    assert_eq!(claim(&client, "a").await, [invoice.clone()]);
+    assert_eq!(claim(&client, "a").await, [invoice.as_str()]);
     let err = client
         .query_one(
             "SELECT pay.complete_invoice_fulfillment($1, 'b')",
