@@ -266,7 +266,8 @@ BEGIN
 END;
 $$;
 
--- Returns once the worker has stored the Checkout Session's URL (the customer is sent there).
+-- Returns once the worker has stored the Checkout Session's URL (the customer is sent there), or
+-- the checkout is complete already.
 -- Raises like pay.wait_for_checkout: 55000 when no session will come (or the row was made in
 -- this same transaction, which the worker cannot see), 57014 on timeout.
 CREATE OR REPLACE FUNCTION pay.wait_for_subscription_checkout(subscription_ref text, timeout_ms int DEFAULT 5000)
@@ -296,7 +297,9 @@ BEGIN
                       DETAIL = coalesce(v.last_error #>> '{error,message}', v.last_error::text, ''),
                       HINT = 'Call pay.begin_subscription again to start a new sign-up.';
         END IF;
-        IF v.checkout_url IS NOT NULL THEN
+        -- (A session whose completion arrived before the create's answer has no URL to give:
+        -- the customer is done with it.)
+        IF v.checkout_url IS NOT NULL OR v.checkout_status = 'complete' THEN
             RETURN v;
         END IF;
         IF EXISTS (SELECT 1 FROM pay.subscriptions s

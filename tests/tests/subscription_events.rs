@@ -1201,3 +1201,52 @@ async fn a_database_still_at_0_1_0_stores_billing_events_as_it_always_did() {
         assert_eq!(status, "stored", "{detail}");
     }
 }
+
+#[tokio::test]
+async fn a_completion_before_the_create_answer_links_everything_once() {
+    let (_db, client) = setup().await;
+    let id = billing::begin(&client, "acct-early", "price_pro", 1).await;
+    let w = World {
+        shape: Shape::V2024,
+        id,
+        reference: "acct-early".into(),
+        stripe_id: "sub_acct_early".into(),
+    };
+    let t = unix_now() - 10;
+    let p = (t, t + 30 * DAY);
+    // The customer finished before the worker's answer came back (it was slow, or lost).
+    for payload in [
+        w.subscription_event(
+            "evt_e1",
+            "customer.subscription.created",
+            t,
+            &w.sub("active", 1, p),
+        ),
+        w.completed("evt_e2", t),
+    ] {
+        assert_eq!(deliver(&client, &payload).await.0, "applied");
+    }
+    let session = billing::subscription_session("cs_acct-early", id, "acct-early", "open", None);
+    assert!(
+        billing::answer(&client, id, "create_subscription_session", session)
+            .await
+            .1
+    );
+    let row = client
+        .query_one(
+            "SELECT checkout_status, stripe_checkout_session_id, stripe_subscription_id, status
+             FROM pay.wait_for_subscription_checkout('acct-early', 100)",
+            &[],
+        )
+        .await
+        .expect("a completed checkout is not waited for");
+    assert_eq!(
+        row.get::<_, String>(0),
+        "complete",
+        "a late open never reopens it"
+    );
+    assert_eq!(row.get::<_, String>(1), "cs_acct-early");
+    assert_eq!(row.get::<_, String>(2), "sub_acct_early");
+    assert_eq!(row.get::<_, String>(3), "active");
+    assert_eq!(w.entitlement(&client).await, (true, "active".into()));
+}
