@@ -3049,14 +3049,14 @@ CREATE OR REPLACE FUNCTION pay."_subscription_validate"(
 	"price" text, /* Option < TextBytes < '_ > > */
 	"quantity" bigint, /* Option < i64 > */
 	"customer_ref" text, /* Option < TextBytes < '_ > > */
-	"metadata" jsonb /* Option < JsonB > */
+	"metadata" TEXT /* Option < & str > */
 ) RETURNS void
 IMMUTABLE PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'subscription_validate_wrapper';
 
 CREATE OR REPLACE FUNCTION pay."_billing_facts"(
-	"object" jsonb /* JsonB */
+	"object" TEXT /* & str */
 ) RETURNS jsonb /* JsonB */
 IMMUTABLE STRICT PARALLEL SAFE 
 LANGUAGE c /* Rust */
@@ -3083,7 +3083,7 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'invoice_decide_wrapper';
 
 CREATE OR REPLACE FUNCTION pay."_subscription_for"(
-	"object" jsonb /* pgrx :: JsonB */
+	"object" TEXT /* & str */
 ) RETURNS uuid /* Option < Uuid > */
 STRICT STABLE 
 LANGUAGE c /* Rust */
@@ -3283,8 +3283,8 @@ DECLARE
     v_fingerprint text;
     v pay.subscriptions;
 BEGIN
-    PERFORM pay._bounded_json_text(v_metadata, 'metadata', 131072);
-    PERFORM pay._subscription_validate(subscription_ref, price, quantity, customer_ref, v_metadata);
+    PERFORM pay._subscription_validate(subscription_ref, price, quantity, customer_ref,
+                                       pay._bounded_json_text(v_metadata, 'metadata', 131072));
     -- A hosted Checkout Session: the same URL rules as begin_checkout's session mode.
     PERFORM pay._checkout_validate_mode('session', success_url, cancel_url);
     v_fingerprint := pay.idempotency_key('pgpay.subscription', jsonb_build_object(
@@ -3671,7 +3671,7 @@ CREATE OR REPLACE FUNCTION pay._apply_billing_object(p_subscription_id uuid, p_o
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    f jsonb := pay._billing_facts(p_object);
+    f jsonb := pay._billing_facts(p_object::text);
     v_kind text := f ->> 'kind';
     v_id text := f ->> 'id';
     v_status text := f ->> 'status';
@@ -3912,7 +3912,7 @@ CREATE OR REPLACE FUNCTION pay._reconcile_billing_object(p_object jsonb, p_sourc
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    f jsonb := pay._billing_facts(p_object);
+    f jsonb := pay._billing_facts(p_object::text);
     v_id uuid;
     v_before pay.subscriptions;
     v_after pay.subscriptions;
@@ -3928,7 +3928,7 @@ BEGIN
         RAISE EXCEPTION 'apply_stripe_object: % %: %', p_object ->> 'object', coalesce(p_object ->> 'id', ''), f ->> 'problem'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_id := pay._subscription_for(p_object);
+    v_id := pay._subscription_for(p_object::text);
     IF v_id IS NULL THEN
         outcome := 'not_ours';
         IF f ? 'claimed' THEN
