@@ -1250,3 +1250,42 @@ async fn a_completion_before_the_create_answer_links_everything_once() {
     assert_eq!(row.get::<_, String>(3), "active");
     assert_eq!(w.entitlement(&client).await, (true, "active".into()));
 }
+
+#[tokio::test]
+async fn events_read_from_the_api_take_the_same_path_once() {
+    let (_db, client) = setup().await;
+    let w = World::begin(&client, Shape::V2025, "acct-api").await;
+    let t = unix_now() - 100;
+    let p = (t, t + 30 * DAY);
+    deliver(&client, &w.completed("evt_a1", t)).await;
+    let paid: Value = serde_json::from_str(&w.invoice_event(
+        "evt_a2",
+        "invoice.paid",
+        t + 1,
+        "in_api",
+        "paid",
+        "subscription_create",
+        p,
+    ))
+    .unwrap();
+    for expected in ["applied", "duplicate"] {
+        let status: String = client
+            .query_one("SELECT status FROM pay.apply_stripe_event($1)", &[&paid])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(status, expected);
+    }
+    // The webhook of the same event, delivered late: a duplicate too.
+    let payload = w.invoice_event(
+        "evt_a2",
+        "invoice.paid",
+        t + 1,
+        "in_api",
+        "paid",
+        "subscription_create",
+        p,
+    );
+    assert_eq!(deliver(&client, &payload).await.0, "duplicate");
+    assert_eq!(w.fulfillments(&client).await, 1);
+}
