@@ -3702,7 +3702,7 @@ BEGIN
         PERFORM pay._audit_subscription(v.id, v.status, v.status,
             format('flagged: %s about a second Stripe subscription %s (%s)', v_kind, v_stripe_sub, p_cause), p_evidence_id);
         outcome := 'flagged';
-        detail := v_what || ': a second Stripe subscription ' || v_stripe_sub;
+        detail := v_what || ' -> flagged: a second Stripe subscription ' || v_stripe_sub;
         RETURN;
     END IF;
     -- A session of an earlier sign-up attempt (one that expired): late news, nothing to apply.
@@ -3713,7 +3713,7 @@ BEGIN
                 format('ignored: Checkout Session %s (%s) is not this sign-up''s (%s)', v_id, v_status, p_cause),
                 p_evidence_id, 'checkout ' || v_status);
             outcome := 'ignored';
-            detail := v_what || ': a Checkout Session of an earlier sign-up';
+            detail := v_what || ' -> ignored: a Checkout Session of an earlier sign-up';
             RETURN;
         END IF;
     END IF;

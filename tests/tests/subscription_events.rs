@@ -1289,3 +1289,65 @@ async fn events_read_from_the_api_take_the_same_path_once() {
     assert_eq!(deliver(&client, &payload).await.0, "duplicate");
     assert_eq!(w.fulfillments(&client).await, 1);
 }
+
+#[tokio::test]
+async fn a_second_stripe_subscription_claiming_one_row_is_flagged_not_applied() {
+    let (_db, client) = setup().await;
+    let w = World::begin(&client, Shape::V2024, "acct-twice").await;
+    let t = unix_now() - 100;
+    let p = (t, t + 30 * DAY);
+    deliver(&client, &w.completed("evt_t1", t)).await;
+    deliver(
+        &client,
+        &w.subscription_event(
+            "evt_t2",
+            "customer.subscription.created",
+            t,
+            &w.sub("active", 1, p),
+        ),
+    )
+    .await;
+    let other = World {
+        shape: Shape::V2024,
+        id: w.id,
+        reference: w.reference.clone(),
+        stripe_id: "sub_someone_else".into(),
+    };
+    let (_, detail) = deliver(
+        &client,
+        &other.subscription_event(
+            "evt_t3",
+            "customer.subscription.updated",
+            t + 5,
+            &other.sub("canceled", 1, p),
+        ),
+    )
+    .await;
+    assert!(detail.contains("-> flagged"), "{detail}");
+    let paid = other.invoice_event(
+        "evt_t4",
+        "invoice.paid",
+        t + 6,
+        "in_other",
+        "paid",
+        "subscription_create",
+        p,
+    );
+    let (_, detail) = deliver(&client, &paid).await;
+    assert!(detail.contains("-> flagged"), "{detail}");
+    let row = client
+        .query_one(
+            "SELECT stripe_subscription_id, status, flagged_reason FROM pay.subscriptions WHERE id = $1",
+            &[&w.id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), w.stripe_id);
+    assert_eq!(row.get::<_, String>(1), "active");
+    assert!(row.get::<_, String>(2).contains("sub_someone_else"));
+    assert_eq!(
+        w.fulfillments(&client).await,
+        0,
+        "nothing provisioned for a stranger's invoice"
+    );
+}
