@@ -1052,3 +1052,37 @@ CREATE OR REPLACE VIEW pay.dead_invoice_fulfillments AS
     SELECT f.stripe_invoice_id, f.subscription_id, f.subscription_ref, f.attempts, f.last_error, f.dead_at, f.created_at
     FROM pay.invoice_fulfillments f
     WHERE f.dead_at IS NOT NULL AND f.completed_at IS NULL;
+
+-- Subscriptions reconciliation did not see in a complete listing of its window
+-- (GET /v1/subscriptions?status=all&created[gte]=...): a live subscription here that Stripe does
+-- not list is a finding (missing_at_stripe), as a PaymentIntent is (pay.record_missing_at_stripe).
+-- Returns how many were new.
+CREATE OR REPLACE FUNCTION pay.record_missing_subscriptions_at_stripe(run_id bigint, seen_subscriptions text[]) RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_run pay.reconciliation_runs;
+    v_count int := 0;
+    v record;
+BEGIN
+    SELECT * INTO v_run FROM pay.reconciliation_runs r WHERE r.id = run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'record_missing_subscriptions_at_stripe: no run %', run_id USING ERRCODE = 'no_data_found';
+    END IF;
+    FOR v IN
+        SELECT s.id, s.subscription_ref, s.stripe_subscription_id FROM pay.subscriptions s
+        WHERE s.stripe_subscription_id IS NOT NULL
+          AND s.status IS DISTINCT FROM 'canceled' AND s.status IS DISTINCT FROM 'incomplete_expired'
+          AND s.created_at >= v_run.window_start AND s.created_at < v_run.window_end - interval '1 minute'
+          AND NOT (s.stripe_subscription_id = ANY (coalesce(seen_subscriptions, '{}')))
+    LOOP
+        IF pay._record_finding(run_id, 'missing_at_stripe', NULL, v.stripe_subscription_id, 'listed by Stripe', 'absent',
+                               'subscription ' || v.subscription_ref || ': not in Stripe''s list for the window') THEN
+            v_count := v_count + 1;
+        END IF;
+    END LOOP;
+    RETURN v_count;
+END;
+$$;

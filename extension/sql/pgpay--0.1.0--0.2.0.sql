@@ -4145,6 +4145,40 @@ CREATE OR REPLACE VIEW pay.dead_invoice_fulfillments AS
     FROM pay.invoice_fulfillments f
     WHERE f.dead_at IS NOT NULL AND f.completed_at IS NULL;
 
+-- Subscriptions reconciliation did not see in a complete listing of its window
+-- (GET /v1/subscriptions?status=all&created[gte]=...): a live subscription here that Stripe does
+-- not list is a finding (missing_at_stripe), as a PaymentIntent is (pay.record_missing_at_stripe).
+-- Returns how many were new.
+CREATE OR REPLACE FUNCTION pay.record_missing_subscriptions_at_stripe(run_id bigint, seen_subscriptions text[]) RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_run pay.reconciliation_runs;
+    v_count int := 0;
+    v record;
+BEGIN
+    SELECT * INTO v_run FROM pay.reconciliation_runs r WHERE r.id = run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'record_missing_subscriptions_at_stripe: no run %', run_id USING ERRCODE = 'no_data_found';
+    END IF;
+    FOR v IN
+        SELECT s.id, s.subscription_ref, s.stripe_subscription_id FROM pay.subscriptions s
+        WHERE s.stripe_subscription_id IS NOT NULL
+          AND s.status IS DISTINCT FROM 'canceled' AND s.status IS DISTINCT FROM 'incomplete_expired'
+          AND s.created_at >= v_run.window_start AND s.created_at < v_run.window_end - interval '1 minute'
+          AND NOT (s.stripe_subscription_id = ANY (coalesce(seen_subscriptions, '{}')))
+    LOOP
+        IF pay._record_finding(run_id, 'missing_at_stripe', NULL, v.stripe_subscription_id, 'listed by Stripe', 'absent',
+                               'subscription ' || v.subscription_ref || ': not in Stripe''s list for the window') THEN
+            v_count := v_count + 1;
+        END IF;
+    END LOOP;
+    RETURN v_count;
+END;
+$$;
+
 -- Outbox answers and refusals, reconciliation and re-keying know subscriptions.
 CREATE OR REPLACE FUNCTION pay.complete_outbox(id bigint, attempt int, http_status int, response jsonb)
 RETURNS boolean
@@ -4444,3 +4478,4 @@ GRANT EXECUTE ON FUNCTION pay.fail_invoice_fulfillment(text, text, interval, tex
 GRANT EXECUTE ON FUNCTION pay.retry_invoice_fulfillment(text) TO pay_app;
 GRANT SELECT ON pay.subscriptions, pay.invoices, pay.invoice_fulfillments, pay.entitlements,
                 pay.dead_invoice_fulfillments TO pay_app, pay_auditor;
+GRANT EXECUTE ON FUNCTION pay.record_missing_subscriptions_at_stripe(bigint, text[]) TO pay_worker;

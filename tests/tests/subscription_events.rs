@@ -1351,3 +1351,66 @@ async fn a_second_stripe_subscription_claiming_one_row_is_flagged_not_applied() 
         "nothing provisioned for a stranger's invoice"
     );
 }
+
+#[tokio::test]
+async fn a_live_subscription_stripe_does_not_list_is_a_finding_once() {
+    let (_db, client) = setup().await;
+    let t = unix_now() - 100;
+    let p = (t, t + 30 * DAY);
+    let mut worlds = Vec::new();
+    for (reference, status) in [
+        ("acct-m1", "active"),
+        ("acct-m2", "active"),
+        ("acct-m3", "canceled"),
+    ] {
+        let w = World::begin(&client, Shape::V2025, reference).await;
+        deliver(&client, &w.completed(&format!("evt_{reference}_1"), t)).await;
+        deliver(
+            &client,
+            &w.subscription_event(
+                &format!("evt_{reference}_2"),
+                "customer.subscription.updated",
+                t,
+                &w.sub(status, 1, p),
+            ),
+        )
+        .await;
+        worlds.push(w);
+    }
+    client
+        .execute(
+            "UPDATE pay.subscriptions SET created_at = now() - interval '1 hour'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let run: i64 = client
+        .query_one(
+            "SELECT pay.start_reconciliation('test', now() - interval '1 day')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let seen = vec![worlds[0].stripe_id.clone()];
+    for expected in [1, 0] {
+        let missing: i32 = client
+            .query_one(
+                "SELECT pay.record_missing_subscriptions_at_stripe($1, $2)",
+                &[&run, &seen],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(missing, expected, "acct-m2 once; acct-m3 has ended");
+    }
+    let found: String = client
+        .query_one(
+            "SELECT stripe_object_id FROM pay.findings WHERE kind = 'missing_at_stripe'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(found, worlds[1].stripe_id);
+}
