@@ -191,8 +191,8 @@ DECLARE
     v_fingerprint text;
     v pay.subscriptions;
 BEGIN
-    PERFORM pay._bounded_json_text(v_metadata, 'metadata', 131072);
-    PERFORM pay._subscription_validate(subscription_ref, price, quantity, customer_ref, v_metadata);
+    PERFORM pay._subscription_validate(subscription_ref, price, quantity, customer_ref,
+                                       pay._bounded_json_text(v_metadata, 'metadata', 131072));
     -- A hosted Checkout Session: the same URL rules as begin_checkout's session mode.
     PERFORM pay._checkout_validate_mode('session', success_url, cancel_url);
     v_fingerprint := pay.idempotency_key('pgpay.subscription', jsonb_build_object(
@@ -266,7 +266,8 @@ BEGIN
 END;
 $$;
 
--- Returns once the worker has stored the Checkout Session's URL (the customer is sent there).
+-- Returns once the worker has stored the Checkout Session's URL (the customer is sent there), or
+-- the checkout is complete already.
 -- Raises like pay.wait_for_checkout: 55000 when no session will come (or the row was made in
 -- this same transaction, which the worker cannot see), 57014 on timeout.
 CREATE OR REPLACE FUNCTION pay.wait_for_subscription_checkout(subscription_ref text, timeout_ms int DEFAULT 5000)
@@ -289,15 +290,17 @@ BEGIN
         IF NOT FOUND THEN
             RAISE EXCEPTION 'wait_for_subscription_checkout: no subscription %', subscription_ref USING ERRCODE = 'no_data_found';
         END IF;
-        IF v.checkout_url IS NOT NULL THEN
-            RETURN v;
-        END IF;
         IF v.checkout_status IN ('expired', 'create_failed') THEN
             RAISE EXCEPTION 'wait_for_subscription_checkout: the sign-up of subscription % is % and will get no Checkout Session',
                 subscription_ref, v.checkout_status
                 USING ERRCODE = 'object_not_in_prerequisite_state',
                       DETAIL = coalesce(v.last_error #>> '{error,message}', v.last_error::text, ''),
                       HINT = 'Call pay.begin_subscription again to start a new sign-up.';
+        END IF;
+        -- (A session whose completion arrived before the create's answer has no URL to give:
+        -- the customer is done with it.)
+        IF v.checkout_url IS NOT NULL OR v.checkout_status = 'complete' THEN
+            RETURN v;
         END IF;
         IF EXISTS (SELECT 1 FROM pay.subscriptions s
                    WHERE s.id = v.id AND s.xmin::text::bigint = txid_current_if_assigned() % 4294967296) THEN
@@ -576,7 +579,7 @@ CREATE OR REPLACE FUNCTION pay._apply_billing_object(p_subscription_id uuid, p_o
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    f jsonb := pay._billing_facts(p_object);
+    f jsonb := pay._billing_facts(p_object::text);
     v_kind text := f ->> 'kind';
     v_id text := f ->> 'id';
     v_status text := f ->> 'status';
@@ -607,7 +610,7 @@ BEGIN
         PERFORM pay._audit_subscription(v.id, v.status, v.status,
             format('flagged: %s about a second Stripe subscription %s (%s)', v_kind, v_stripe_sub, p_cause), p_evidence_id);
         outcome := 'flagged';
-        detail := v_what || ': a second Stripe subscription ' || v_stripe_sub;
+        detail := v_what || ' -> flagged: a second Stripe subscription ' || v_stripe_sub;
         RETURN;
     END IF;
     -- A session of an earlier sign-up attempt (one that expired): late news, nothing to apply.
@@ -618,7 +621,7 @@ BEGIN
                 format('ignored: Checkout Session %s (%s) is not this sign-up''s (%s)', v_id, v_status, p_cause),
                 p_evidence_id, 'checkout ' || v_status);
             outcome := 'ignored';
-            detail := v_what || ': a Checkout Session of an earlier sign-up';
+            detail := v_what || ' -> ignored: a Checkout Session of an earlier sign-up';
             RETURN;
         END IF;
     END IF;
@@ -817,7 +820,7 @@ CREATE OR REPLACE FUNCTION pay._reconcile_billing_object(p_object jsonb, p_sourc
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    f jsonb := pay._billing_facts(p_object);
+    f jsonb := pay._billing_facts(p_object::text);
     v_id uuid;
     v_before pay.subscriptions;
     v_after pay.subscriptions;
@@ -833,7 +836,7 @@ BEGIN
         RAISE EXCEPTION 'apply_stripe_object: % %: %', p_object ->> 'object', coalesce(p_object ->> 'id', ''), f ->> 'problem'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_id := pay._subscription_for(p_object);
+    v_id := pay._subscription_for(p_object::text);
     IF v_id IS NULL THEN
         outcome := 'not_ours';
         IF f ? 'claimed' THEN
@@ -1049,3 +1052,37 @@ CREATE OR REPLACE VIEW pay.dead_invoice_fulfillments AS
     SELECT f.stripe_invoice_id, f.subscription_id, f.subscription_ref, f.attempts, f.last_error, f.dead_at, f.created_at
     FROM pay.invoice_fulfillments f
     WHERE f.dead_at IS NOT NULL AND f.completed_at IS NULL;
+
+-- Subscriptions reconciliation did not see in a complete listing of its window
+-- (GET /v1/subscriptions?status=all&created[gte]=...): a live subscription here that Stripe does
+-- not list is a finding (missing_at_stripe), as a PaymentIntent is (pay.record_missing_at_stripe).
+-- Returns how many were new.
+CREATE OR REPLACE FUNCTION pay.record_missing_subscriptions_at_stripe(run_id bigint, seen_subscriptions text[]) RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_run pay.reconciliation_runs;
+    v_count int := 0;
+    v record;
+BEGIN
+    SELECT * INTO v_run FROM pay.reconciliation_runs r WHERE r.id = run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'record_missing_subscriptions_at_stripe: no run %', run_id USING ERRCODE = 'no_data_found';
+    END IF;
+    FOR v IN
+        SELECT s.id, s.subscription_ref, s.stripe_subscription_id FROM pay.subscriptions s
+        WHERE s.stripe_subscription_id IS NOT NULL
+          AND s.status IS DISTINCT FROM 'canceled' AND s.status IS DISTINCT FROM 'incomplete_expired'
+          AND s.created_at >= v_run.window_start AND s.created_at < v_run.window_end - interval '1 minute'
+          AND NOT (s.stripe_subscription_id = ANY (coalesce(seen_subscriptions, '{}')))
+    LOOP
+        IF pay._record_finding(run_id, 'missing_at_stripe', NULL, v.stripe_subscription_id, 'listed by Stripe', 'absent',
+                               'subscription ' || v.subscription_ref || ': not in Stripe''s list for the window') THEN
+            v_count := v_count + 1;
+        END IF;
+    END LOOP;
+    RETURN v_count;
+END;
+$$;

@@ -131,3 +131,4 @@ GRANT EXECUTE ON FUNCTION pay.fail_invoice_fulfillment(text, text, interval, tex
 GRANT EXECUTE ON FUNCTION pay.retry_invoice_fulfillment(text) TO pay_app;
 GRANT SELECT ON pay.subscriptions, pay.invoices, pay.invoice_fulfillments, pay.entitlements,
                 pay.dead_invoice_fulfillments TO pay_app, pay_auditor;
+GRANT EXECUTE ON FUNCTION pay.record_missing_subscriptions_at_stripe(bigint, text[]) TO pay_worker;

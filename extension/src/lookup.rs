@@ -147,11 +147,12 @@ pub fn lock_subscription_for(client: &mut SpiClient<'_>, r: &SubscriptionRef) ->
     )
 }
 
-/// `pay._subscription_for(object)`: the subscription a billing object speaks of, without a
-/// lock; NULL when it is not ours (or not a billing object).
+/// `pay._subscription_for(object)`: the subscription a billing object (its jsonb's text)
+/// speaks of, without a lock; NULL when it is not ours (or not a readable billing object).
 #[pg_extern(stable, strict, name = "_subscription_for")]
-fn subscription_for(object: pgrx::JsonB) -> Option<Uuid> {
-    let r = subscription_ref(&object.0)?;
+fn subscription_for(object: &str) -> Option<Uuid> {
+    let object: Value = serde_json::from_str(object).ok()?;
+    let r = subscription_ref(&object)?;
     Spi::connect_mut(|client| {
         find_subscription(
             client,

@@ -19,7 +19,7 @@ fn subscription_validate(
     price: Option<TextBytes<'_>>,
     quantity: Option<i64>,
     customer_ref: Option<TextBytes<'_>>,
-    metadata: Option<JsonB>,
+    metadata: Option<&str>,
 ) {
     fn text<'a>(value: Option<TextBytes<'a>>, field: &str) -> Option<&'a str> {
         value.map(|v| {
@@ -38,7 +38,14 @@ fn subscription_validate(
             pgpay_core::checkout::validate_customer_ref(customer_ref)?;
         }
         if let Some(metadata) = metadata {
-            subscribe::validate_metadata(&metadata.0)?;
+            // Parsed here, not by pgrx's jsonb argument (which fails as XX000 on nesting
+            // deeper than serde_json's recursion limit).
+            let metadata: serde_json::Value = serde_json::from_str(metadata).map_err(|_| {
+                pgpay_core::checkout::CheckoutError::Metadata(
+                    "must be a JSON object of string values".into(),
+                )
+            })?;
+            subscribe::validate_metadata(&metadata)?;
         }
         Ok::<_, subscribe::SubscribeError>(())
     })();
@@ -48,11 +55,17 @@ fn subscription_validate(
 }
 
 /// `pay._billing_facts(object)`: what pgpay keeps from a Subscription, an Invoice or a
-/// subscription-mode Checkout Session, read in either API shape (`pgpay_core::billing`);
-/// `{"problem": ...}` when it cannot be applied. The caller bounded the object's size.
+/// subscription-mode Checkout Session (its jsonb's text), read in either API shape
+/// (`pgpay_core::billing`); `{"problem": ...}` when it cannot be applied, including JSON nested
+/// too deeply to read. The caller bounded the object's size.
 #[pg_extern(immutable, strict, parallel_safe, name = "_billing_facts")]
-fn billing_facts_sql(object: JsonB) -> JsonB {
-    JsonB(billing_facts(&object.0))
+fn billing_facts_sql(object: &str) -> JsonB {
+    match serde_json::from_str::<serde_json::Value>(object) {
+        Ok(object) => JsonB(billing_facts(&object)),
+        Err(_) => {
+            JsonB(serde_json::json!({ "problem": "the object cannot be read (nested too deeply)" }))
+        }
+    }
 }
 
 /// `pay._subscription_decide(current, current_at, proposed, at)`: the one subscription rule

@@ -467,6 +467,7 @@ async fn d02_every_public_function_works_for_every_role_it_is_granted_to() {
         ("pay.complete_invoice_fulfillment(text,text)", "SELECT pay.complete_invoice_fulfillment('in_perm')".into()),
         ("pay.fail_invoice_fulfillment(text,text,interval,text)", "SELECT pay.fail_invoice_fulfillment('in_perm', 'warehouse down')".into()),
         ("pay.retry_invoice_fulfillment(text)", "SELECT pay.retry_invoice_fulfillment('in_perm')".into()),
+        ("pay.record_missing_subscriptions_at_stripe(bigint,text[])", format!("SELECT pay.record_missing_subscriptions_at_stripe({run}, '{{}}')")),
     ];
     let granted = owner
         .query(

@@ -1201,3 +1201,216 @@ async fn a_database_still_at_0_1_0_stores_billing_events_as_it_always_did() {
         assert_eq!(status, "stored", "{detail}");
     }
 }
+
+#[tokio::test]
+async fn a_completion_before_the_create_answer_links_everything_once() {
+    let (_db, client) = setup().await;
+    let id = billing::begin(&client, "acct-early", "price_pro", 1).await;
+    let w = World {
+        shape: Shape::V2024,
+        id,
+        reference: "acct-early".into(),
+        stripe_id: "sub_acct_early".into(),
+    };
+    let t = unix_now() - 10;
+    let p = (t, t + 30 * DAY);
+    // The customer finished before the worker's answer came back (it was slow, or lost).
+    for payload in [
+        w.subscription_event(
+            "evt_e1",
+            "customer.subscription.created",
+            t,
+            &w.sub("active", 1, p),
+        ),
+        w.completed("evt_e2", t),
+    ] {
+        assert_eq!(deliver(&client, &payload).await.0, "applied");
+    }
+    let session = billing::subscription_session("cs_acct-early", id, "acct-early", "open", None);
+    assert!(
+        billing::answer(&client, id, "create_subscription_session", session)
+            .await
+            .1
+    );
+    let row = client
+        .query_one(
+            "SELECT checkout_status, stripe_checkout_session_id, stripe_subscription_id, status
+             FROM pay.wait_for_subscription_checkout('acct-early', 100)",
+            &[],
+        )
+        .await
+        .expect("a completed checkout is not waited for");
+    assert_eq!(
+        row.get::<_, String>(0),
+        "complete",
+        "a late open never reopens it"
+    );
+    assert_eq!(row.get::<_, String>(1), "cs_acct-early");
+    assert_eq!(row.get::<_, String>(2), "sub_acct_early");
+    assert_eq!(row.get::<_, String>(3), "active");
+    assert_eq!(w.entitlement(&client).await, (true, "active".into()));
+}
+
+#[tokio::test]
+async fn events_read_from_the_api_take_the_same_path_once() {
+    let (_db, client) = setup().await;
+    let w = World::begin(&client, Shape::V2025, "acct-api").await;
+    let t = unix_now() - 100;
+    let p = (t, t + 30 * DAY);
+    deliver(&client, &w.completed("evt_a1", t)).await;
+    let paid: Value = serde_json::from_str(&w.invoice_event(
+        "evt_a2",
+        "invoice.paid",
+        t + 1,
+        "in_api",
+        "paid",
+        "subscription_create",
+        p,
+    ))
+    .unwrap();
+    for expected in ["applied", "duplicate"] {
+        let status: String = client
+            .query_one("SELECT status FROM pay.apply_stripe_event($1)", &[&paid])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(status, expected);
+    }
+    // The webhook of the same event, delivered late: a duplicate too.
+    let payload = w.invoice_event(
+        "evt_a2",
+        "invoice.paid",
+        t + 1,
+        "in_api",
+        "paid",
+        "subscription_create",
+        p,
+    );
+    assert_eq!(deliver(&client, &payload).await.0, "duplicate");
+    assert_eq!(w.fulfillments(&client).await, 1);
+}
+
+#[tokio::test]
+async fn a_second_stripe_subscription_claiming_one_row_is_flagged_not_applied() {
+    let (_db, client) = setup().await;
+    let w = World::begin(&client, Shape::V2024, "acct-twice").await;
+    let t = unix_now() - 100;
+    let p = (t, t + 30 * DAY);
+    deliver(&client, &w.completed("evt_t1", t)).await;
+    deliver(
+        &client,
+        &w.subscription_event(
+            "evt_t2",
+            "customer.subscription.created",
+            t,
+            &w.sub("active", 1, p),
+        ),
+    )
+    .await;
+    let other = World {
+        shape: Shape::V2024,
+        id: w.id,
+        reference: w.reference.clone(),
+        stripe_id: "sub_someone_else".into(),
+    };
+    let (_, detail) = deliver(
+        &client,
+        &other.subscription_event(
+            "evt_t3",
+            "customer.subscription.updated",
+            t + 5,
+            &other.sub("canceled", 1, p),
+        ),
+    )
+    .await;
+    assert!(detail.contains("-> flagged"), "{detail}");
+    let paid = other.invoice_event(
+        "evt_t4",
+        "invoice.paid",
+        t + 6,
+        "in_other",
+        "paid",
+        "subscription_create",
+        p,
+    );
+    let (_, detail) = deliver(&client, &paid).await;
+    assert!(detail.contains("-> flagged"), "{detail}");
+    let row = client
+        .query_one(
+            "SELECT stripe_subscription_id, status, flagged_reason FROM pay.subscriptions WHERE id = $1",
+            &[&w.id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), w.stripe_id);
+    assert_eq!(row.get::<_, String>(1), "active");
+    assert!(row.get::<_, String>(2).contains("sub_someone_else"));
+    assert_eq!(
+        w.fulfillments(&client).await,
+        0,
+        "nothing provisioned for a stranger's invoice"
+    );
+}
+
+#[tokio::test]
+async fn a_live_subscription_stripe_does_not_list_is_a_finding_once() {
+    let (_db, client) = setup().await;
+    let t = unix_now() - 100;
+    let p = (t, t + 30 * DAY);
+    let mut worlds = Vec::new();
+    for (reference, status) in [
+        ("acct-m1", "active"),
+        ("acct-m2", "active"),
+        ("acct-m3", "canceled"),
+    ] {
+        let w = World::begin(&client, Shape::V2025, reference).await;
+        deliver(&client, &w.completed(&format!("evt_{reference}_1"), t)).await;
+        deliver(
+            &client,
+            &w.subscription_event(
+                &format!("evt_{reference}_2"),
+                "customer.subscription.updated",
+                t,
+                &w.sub(status, 1, p),
+            ),
+        )
+        .await;
+        worlds.push(w);
+    }
+    client
+        .execute(
+            "UPDATE pay.subscriptions SET created_at = now() - interval '1 hour'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let run: i64 = client
+        .query_one(
+            "SELECT pay.start_reconciliation('test', now() - interval '1 day')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let seen = vec![worlds[0].stripe_id.clone()];
+    for expected in [1, 0] {
+        let missing: i32 = client
+            .query_one(
+                "SELECT pay.record_missing_subscriptions_at_stripe($1, $2)",
+                &[&run, &seen],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(missing, expected, "acct-m2 once; acct-m3 has ended");
+    }
+    let found: String = client
+        .query_one(
+            "SELECT stripe_object_id FROM pay.findings WHERE kind = 'missing_at_stripe'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(found, worlds[1].stripe_id);
+}

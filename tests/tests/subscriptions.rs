@@ -714,6 +714,15 @@ async fn cancel_before_stripe_has_a_subscription_withdraws_the_sign_up() {
         .unwrap();
     assert!(!row.get::<_, bool>(0));
     assert_eq!(row.get::<_, String>(1), "checkout expired");
+    // The expired session's URL is never handed out again.
+    let err = client
+        .query_one(
+            "SELECT pay.wait_for_subscription_checkout('acct-w2', 100)",
+            &[],
+        )
+        .await
+        .expect_err("the sign-up is over");
+    assert_eq!(sqlstate(&err), Some("55000"));
 }
 
 #[tokio::test]

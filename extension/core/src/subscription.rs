@@ -322,6 +322,32 @@ mod tests {
         }
 
         #[test]
+        fn order_of_invoice_evidence_does_not_matter_and_paid_stays_paid(
+            evidence in proptest::collection::vec(
+                (prop::sample::select(InvoiceStatus::ALL.to_vec()), 0i64..20), 1..10),
+            seed in any::<u64>(),
+        ) {
+            let replay_invoice = |evidence: &[(InvoiceStatus, i64)]| {
+                let mut current = None;
+                for &(status, at) in evidence {
+                    if decide_invoice(current, status, at) == Decision::Apply {
+                        current = Some((status, at));
+                    }
+                }
+                current
+            };
+            let mut shuffled = evidence.clone();
+            shuffle(&mut shuffled, seed);
+            let (a, b) = (replay_invoice(&evidence), replay_invoice(&shuffled));
+            prop_assert_eq!(a, b);
+            if evidence.iter().any(|(s, _)| *s == InvoiceStatus::Paid)
+                && !evidence.iter().any(|(s, _)| *s == InvoiceStatus::Void)
+            {
+                prop_assert_eq!(a.map(|(s, _)| s), Some(InvoiceStatus::Paid));
+            }
+        }
+
+        #[test]
         fn once_terminal_always_terminal(
             evidence in proptest::collection::vec((status(), 0i64..20), 1..10),
         ) {
