@@ -406,6 +406,12 @@ async fn a_renewal_whose_webhooks_are_all_lost_is_provisioned_once_by_reconcilia
             panic!("reconciliation did not run");
         };
         assert!(report.counts.invoices >= 2, "{:?}", report.counts);
+        assert!(
+            report.counts.subscriptions >= 1,
+            "listed through its test clock: {:?}",
+            report.counts
+        );
+        assert_eq!(report.counts.missing_at_stripe, 0, "{:?}", report.counts);
         assert_eq!(
             s.fulfillments(r).await,
             2,
@@ -463,5 +469,41 @@ async fn the_account_switches_to_the_new_api_shape_between_renewals() {
         .unwrap();
     assert_eq!(paid["api_version"], stripe_fake::BASIL_API_VERSION);
     assert!(paid["data"]["object"].get("subscription").is_none());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_stripe_does_not_list_is_a_finding() {
+    let s = Setup::start().await;
+    let r = "acct-vanished";
+    s.sign_up(r, 1).await;
+    s.webhooks_settled().await;
+    // Old enough for the listing to be complete about it, and gone at "Stripe".
+    s.client
+        .execute(
+            "UPDATE pay.subscriptions SET created_at = now() - interval '10 minutes' WHERE subscription_ref = $1",
+            &[&r],
+        )
+        .await
+        .unwrap();
+    s.fake.reset();
+    let mut cfg = config(&s.db, &s.fake.base_url());
+    cfg.stripe.secret_key = FAKE_KEY.into();
+    let options = ReconcileOptions::new(Duration::from_secs(3600));
+    let started = reconcile_with_config(&cfg, &options, &CancellationToken::new(), &|_, _| {})
+        .await
+        .unwrap();
+    let Started::Ran(report) = started else {
+        panic!("reconciliation did not run");
+    };
+    assert_eq!(report.counts.missing_at_stripe, 1, "{:?}", report.counts);
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT count(*) FROM pay.findings WHERE kind = 'missing_at_stripe'"
+        )
+        .await,
+        1
+    );
     s.stop().await;
 }

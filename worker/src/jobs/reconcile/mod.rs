@@ -11,11 +11,14 @@
 //!    The next page is fetched while the current one is applied;
 //!    Then `GET /v1/checkout/sessions?…` the same way (their `created`: a session lives at most
 //!    24 hours, so the window's sessions are the ones that can still change), then
-//!    `GET /v1/subscriptions?status=all&…` (every status, canceled ones included) and
+//!    `GET /v1/subscriptions?status=all&…` (every status, canceled ones included; then per test
+//!    clock, which Stripe lists only when asked, in test mode) and
 //!    `GET /v1/invoices?…` (a renewal whose webhooks were all lost is provisioned from its
 //!    invoice);
 //! 3. `GET /v1/events?…` pages through `pay.apply_stripe_event` (one statement per page);
-//! 4. `pay.record_missing_at_stripe(run, every PaymentIntent id seen)` once the listing is complete;
+//! 4. `pay.record_missing_at_stripe(run, every PaymentIntent id seen)` and
+//!    `pay.record_missing_subscriptions_at_stripe(run, every subscription id seen)` once the
+//!    listing is complete;
 //! 5. `pay.finish_reconciliation(run, error)`.
 //!
 //! A dry run does all of that inside one transaction that is rolled back: nothing changes, not

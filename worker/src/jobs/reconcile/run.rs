@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 use super::{Change, Counts, Finding, Phase, ReconcileOptions, Report, Started, MAX_CHANGES_KEPT};
 use crate::error_chain::ErrorChain;
 use crate::jobs::{db_op, JobError};
-use crate::stripe::{Page, StripeReader};
+use crate::stripe::{Page, ReadError, StripeReader};
 
 const START: &str = "SELECT run_id, floor(extract(epoch FROM w.window_start))::bigint \
      FROM (SELECT now() - make_interval(secs => $2::float8) AS window_start) w, \
@@ -25,6 +25,10 @@ const PROGRESS: &str =
     "SELECT pay.progress_reconciliation($1::bigint, $2::int, $3::int, $4::int, $5::int, \
      $6::int, $7::int, make_interval(secs => $8::float8))";
 const MISSING: &str = "SELECT pay.record_missing_at_stripe($1::bigint, $2::text[])";
+const MISSING_SUBSCRIPTIONS: &str =
+    "SELECT pay.record_missing_subscriptions_at_stripe($1::bigint, $2::text[])";
+/// Pages of test clocks read before giving up on listing their subscriptions (test mode only).
+const MAX_CLOCK_PAGES: usize = 10;
 const FINISH: &str = "SELECT findings::bigint FROM pay.finish_reconciliation($1::bigint, $2::text)";
 const FINDINGS: &str = "SELECT kind, payment_id::text, stripe_object_id, expected, actual \
      FROM pay.findings WHERE run_id = $1 ORDER BY id";
@@ -66,6 +70,7 @@ pub(super) async fn run(
         counts: Counts::default(),
         changes: Vec::new(),
         seen: Vec::new(),
+        seen_subscriptions: Vec::new(),
     };
     let result = state
         .pages(client, reader, run_id, window_start, options, progress)
@@ -139,6 +144,7 @@ struct RunState {
     counts: Counts,
     changes: Vec<Change>,
     seen: Vec<String>,
+    seen_subscriptions: Vec<String>,
 }
 
 impl RunState {
@@ -198,6 +204,21 @@ impl RunState {
                 (what, path, phase, filters),
             )
             .await?;
+            if phase == Phase::Subscriptions {
+                // Stripe lists subscriptions on test clocks only when asked per clock (or per
+                // customer): without this, a complete listing would not be complete in test mode.
+                self.test_clock_subscriptions(
+                    client,
+                    reader,
+                    &apply,
+                    &progress_stmt,
+                    run_id,
+                    window_start,
+                    options,
+                    progress,
+                )
+                .await?;
+            }
         }
 
         // Events the webhooks may have missed, through the same dedup and transition path.
@@ -239,6 +260,81 @@ impl RunState {
             .map_err(db_op("record_missing_at_stripe"))?
             .get(0);
         self.counts.missing_at_stripe = missing.unwrap_or(0).max(0) as u64;
+        let seen = std::mem::take(&mut self.seen_subscriptions);
+        let missing: Option<i32> = client
+            .query_one(MISSING_SUBSCRIPTIONS, &[&run_id, &seen])
+            .await
+            .map_err(db_op("record_missing_subscriptions_at_stripe"))?
+            .get(0);
+        self.counts.missing_at_stripe += missing.unwrap_or(0).max(0) as u64;
+        Ok(())
+    }
+
+    /// The subscriptions of every test clock (`GET /v1/test_helpers/test_clocks`, then
+    /// `GET /v1/subscriptions?test_clock=…` per clock). Live mode has no test clocks: a refusal
+    /// of the clock list means there are none.
+    #[allow(clippy::too_many_arguments)]
+    async fn test_clock_subscriptions(
+        &mut self,
+        client: &Client,
+        reader: &StripeReader<'_>,
+        apply: &tokio_postgres::Statement,
+        progress_stmt: &tokio_postgres::Statement,
+        run_id: i64,
+        window_start: i64,
+        options: &ReconcileOptions,
+        progress: &(dyn Fn(Phase, &Counts) + Send + Sync),
+    ) -> Result<(), JobError> {
+        const CLOCKS: &str = "the test clock list";
+        let mut clocks = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_CLOCK_PAGES {
+            let page = match reader
+                .list_page_with(
+                    CLOCKS,
+                    "/v1/test_helpers/test_clocks",
+                    &[],
+                    None,
+                    after.as_deref(),
+                )
+                .await
+            {
+                Ok(page) => page,
+                Err(ReadError::Stripe { status, .. }) if (400..500).contains(&status) => {
+                    debug!(status, "no test clocks to list (live mode)");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            clocks.extend(
+                page.data
+                    .iter()
+                    .filter_map(|c| c["id"].as_str().map(str::to_owned)),
+            );
+            after = page.next;
+            if after.is_none() {
+                break;
+            }
+        }
+        for clock in &clocks {
+            self.object_pages(
+                client,
+                reader,
+                apply,
+                progress_stmt,
+                run_id,
+                window_start,
+                options,
+                progress,
+                (
+                    "the subscription list of a test clock",
+                    "/v1/subscriptions",
+                    Phase::Subscriptions,
+                    &[("status", "all"), ("test_clock", clock.as_str())],
+                ),
+            )
+            .await?;
+        }
         Ok(())
     }
 
@@ -257,14 +353,14 @@ impl RunState {
         (what, path, phase, filters): (&'static str, &str, Phase, &[(&str, &str)]),
     ) -> Result<(), JobError> {
         let mut page = reader
-            .list_page_with(what, path, filters, window_start, None)
+            .list_page_with(what, path, filters, Some(window_start), None)
             .await?;
         loop {
             let Page { data, next: cursor } = page;
             let fetch = async {
                 match &cursor {
                     Some(after) => reader
-                        .list_page_with(what, path, filters, window_start, Some(after))
+                        .list_page_with(what, path, filters, Some(window_start), Some(after))
                         .await
                         .map(Some),
                     None => Ok(None),
@@ -313,6 +409,11 @@ impl RunState {
         self.seen.extend(
             data.iter()
                 .filter(|o| o["object"] == "payment_intent")
+                .filter_map(|o| o["id"].as_str().map(str::to_owned)),
+        );
+        self.seen_subscriptions.extend(
+            data.iter()
+                .filter(|o| o["object"] == "subscription")
                 .filter_map(|o| o["id"].as_str().map(str::to_owned)),
         );
         let rows = client
