@@ -85,7 +85,8 @@ pub fn advance(state: &mut State, ctx: &Ctx, id: &str, params: Params) -> Result
     clock.frozen_time = frozen_time;
     let advancing = clock.to_json("advancing");
     state.emit(ctx, "test_helpers.test_clock.advancing", advancing.clone());
-    billing::advance_clock(state, ctx, id, frozen_time)?;
+    // What falls due happens on Stripe's own initiative: those events carry no request.
+    billing::advance_clock(state, &Ctx::internal(ctx.now), id, frozen_time)?;
     let ready = find(state, id)?.to_json("ready");
     state.emit(ctx, "test_helpers.test_clock.ready", ready);
     // Stripe answers while the clock is still advancing; a GET afterwards reads `ready`.

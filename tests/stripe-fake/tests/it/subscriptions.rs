@@ -247,6 +247,10 @@ async fn sign_up_renew_fail_recover_and_cancel_at_period_end() {
         end1
     );
     assert_eq!(update["data"]["object"]["current_period_start"], end1);
+    assert!(
+        update["request"]["id"].is_null(),
+        "a renewal is Stripe's own doing"
+    );
     let renewal = api
         .get(
             "/v1/invoices",
