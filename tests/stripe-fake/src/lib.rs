@@ -41,7 +41,7 @@
 //! | `GET /v1/charges/:id` | |
 //! | `GET /v1/events[/:id]` | newest first; list parameters plus `type` (`payment_intent.*`) or `types[]` |
 //! | `POST /v1/checkout/sessions` | `mode=payment`, `success_url`, `cancel_url`, `line_items[N][price_data][currency]`, `..[unit_amount]`, `..[product_data][name]`, `line_items[N][quantity]`, `client_reference_id`, `customer` or `customer_email`, `metadata[..]`, `payment_intent_data[metadata/description/receipt_email]`, `expires_at`, `payment_method_types[]` |
-//! | `GET /v1/checkout/sessions` | newest first; list parameters plus `payment_intent`, `customer`, `status` (no search: Stripe has none for sessions) |
+//! | `GET /v1/checkout/sessions` | newest first; list parameters plus `payment_intent`, `customer`, `subscription`, `status` (no search: Stripe has none for sessions) |
 //! | `GET /v1/checkout/sessions/:id` | |
 //! | `POST /v1/checkout/sessions/:id/expire` | open sessions only |
 //! | `POST /v1/products`, `GET /v1/products[/:id]` | `name`, `description`, `metadata[..]`, `id` |

@@ -215,6 +215,7 @@ pub fn list(state: &State, params: Params) -> Result<Body, ApiError> {
     let query = ListQuery::read(&mut r)?;
     let payment_intent = r.string("payment_intent")?;
     let customer = r.string("customer")?;
+    let subscription = r.string("subscription")?;
     let status = match r.string("status")? {
         None => None,
         Some(text) => Some(SessionStatus::parse(&text).ok_or_else(|| {
@@ -240,6 +241,9 @@ pub fn list(state: &State, params: Params) -> Result<Body, ApiError> {
                 && customer
                     .as_ref()
                     .is_none_or(|c| s.customer.as_ref() == Some(c))
+                && subscription
+                    .as_ref()
+                    .is_none_or(|x| s.subscription.as_ref() == Some(x))
                 && status.is_none_or(|st| s.status == st)
         },
     )?;

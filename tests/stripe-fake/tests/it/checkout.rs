@@ -464,7 +464,7 @@ async fn list_newest_first_with_filters_and_cursors() {
         .await;
     assert_eq!(bad.status, 400);
     assert_eq!(bad.error()["param"], "starting_after");
-    let bad = api.get(SESSIONS, &[("subscription", "sub_1")]).await;
+    let bad = api.get(SESSIONS, &[("shipping", "x")]).await;
     assert_eq!(bad.error()["code"], "parameter_unknown");
 }
 

@@ -214,6 +214,12 @@ async fn sign_up_renew_fail_recover_and_cancel_at_period_end() {
     assert_eq!(sub["current_period_start"], t0);
     let end1 = sub["current_period_end"].as_i64().expect("period end");
     assert!(end1 >= t0 + 28 * DAY && end1 <= t0 + 31 * DAY, "{end1}");
+    let sessions = api
+        .get("/v1/checkout/sessions", &[("subscription", &sub_id)])
+        .await
+        .json;
+    assert_eq!(sessions["data"].as_array().expect("list").len(), 1);
+    assert_eq!(sessions["data"][0]["status"], "complete");
     let first = api
         .get("/v1/invoices", &[("subscription", &sub_id)])
         .await
