@@ -31,7 +31,9 @@ CREATE DOMAIN pay.json_object AS jsonb
     CONSTRAINT json_object_is_object CHECK (jsonb_typeof(VALUE) = 'object');
 CREATE DOMAIN pay.outbox_kind AS text
     CONSTRAINT outbox_kind_known CHECK (VALUE IN ('create_payment_intent', 'cancel_payment_intent', 'refund',
-                                                  'create_checkout_session', 'expire_checkout_session'));
+                                                  'create_checkout_session', 'expire_checkout_session',
+                                                  'create_subscription_session', 'update_subscription',
+                                                  'cancel_subscription'));
 -- payment_intent: the app confirms a PaymentIntent on its own page (client_secret); session: the
 -- customer is sent to a hosted Stripe Checkout Session (checkout_url).
 CREATE DOMAIN pay.checkout_mode AS text
@@ -96,6 +98,59 @@ CREATE TABLE pay.payments (
     CONSTRAINT payments_superseded_has_successor CHECK ((status = 'superseded') = (superseded_by IS NOT NULL))
 );
 
+-- A subscription: one row per subscription_ref (the application's own id for what is subscribed:
+-- an account, a seat). Its sign-up is a subscription-mode Checkout Session; from then on it
+-- mirrors Stripe's subscription through one rule (pgpay-core's subscription::decide, applied by
+-- pay._apply_billing_object in sql/12_subscriptions.sql).
+CREATE TABLE IF NOT EXISTS pay.subscriptions (
+    id                          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    subscription_ref            text NOT NULL,
+    -- What the application asked for, then what Stripe's subscription item says.
+    price                       text NOT NULL,
+    quantity                    int NOT NULL,
+    customer_ref                text,
+    metadata                    pay.json_object NOT NULL DEFAULT '{}',
+    success_url                 text,
+    cancel_url                  text,
+    -- Stripe's status; NULL until Stripe has a subscription.
+    status                      text,
+    checkout_status             text,
+    stripe_checkout_session_id  text,
+    checkout_url                text,
+    checkout_expires_at         timestamptz,
+    stripe_subscription_id      text,
+    stripe_subscription_item_id text,
+    stripe_customer_id          text,
+    current_period_start        timestamptz,
+    current_period_end          timestamptz,
+    cancel_at_period_end        boolean NOT NULL DEFAULT false,
+    canceled_at                 timestamptz,
+    -- Stripe time of the newest evidence applied to `status`.
+    evidence_at                 timestamptz,
+    created_at                  timestamptz NOT NULL DEFAULT now(),
+    updated_at                  timestamptz NOT NULL DEFAULT now(),
+    -- When the subscription became past_due (the Stripe time of that evidence): the grace period
+    -- of pay.entitlements counts from here.
+    past_due_since              timestamptz,
+    -- Key of begin_subscription's arguments: the same call again is recognised by it.
+    params_fingerprint          text NOT NULL,
+    -- Sign-up attempts: a checkout that expired (or that Stripe refused) may begin again.
+    checkout_attempt            int NOT NULL DEFAULT 1,
+    last_error                  jsonb,
+    flagged_reason              text,
+    -- The hash of the subscription's newest audit row (pay.verify_audit_log).
+    audit_head                  bytea,
+    CONSTRAINT subscriptions_ref_unique UNIQUE (subscription_ref),
+    CONSTRAINT subscriptions_stripe_subscription_unique UNIQUE (stripe_subscription_id),
+    CONSTRAINT subscriptions_checkout_session_unique UNIQUE (stripe_checkout_session_id),
+    CONSTRAINT subscriptions_status_known CHECK (status IN (
+        'incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due', 'unpaid', 'paused', 'canceled')),
+    CONSTRAINT subscriptions_checkout_status_known CHECK (checkout_status IN ('open', 'complete', 'expired', 'create_failed')),
+    CONSTRAINT subscriptions_quantity_not_negative CHECK (quantity >= 0),
+    CONSTRAINT subscriptions_checkout_attempt_positive CHECK (checkout_attempt > 0),
+    CONSTRAINT subscriptions_past_due_has_since CHECK ((status IS NOT DISTINCT FROM 'past_due') = (past_due_since IS NOT NULL))
+);
+
 -- At most one live attempt per order: a new attempt needs the old one superseded (or finished).
 CREATE UNIQUE INDEX payments_one_live_attempt_per_order ON pay.payments (order_ref)
     WHERE status NOT IN ('superseded', 'canceled', 'create_failed');
@@ -108,7 +163,8 @@ CREATE INDEX payments_open_by_update ON pay.payments (updated_at)
 
 CREATE TABLE pay.outbox (
     id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    payment_id        uuid NOT NULL REFERENCES pay.payments (id),
+    -- The payment a command is for; NULL for a subscription's command (subscription_id).
+    payment_id        uuid REFERENCES pay.payments (id),
     kind              pay.outbox_kind NOT NULL,
     idempotency_key   pay.idempotency_key_text NOT NULL,
     request           pay.stripe_request NOT NULL,
@@ -126,7 +182,10 @@ CREATE TABLE pay.outbox (
     first_attempt_at  timestamptz,
     completed_at      timestamptz,
     updated_at        timestamptz NOT NULL DEFAULT now(),
+    -- A subscription's command.
+    subscription_id   uuid REFERENCES pay.subscriptions (id),
     CONSTRAINT outbox_idempotency_key_unique UNIQUE (idempotency_key),
+    CONSTRAINT outbox_one_subject CHECK ((payment_id IS NULL) <> (subscription_id IS NULL)),
     CONSTRAINT outbox_status_known CHECK (status IN ('waiting', 'pending', 'in_flight', 'done', 'dead', 'skipped')),
     CONSTRAINT outbox_in_flight_has_lease CHECK (
         (status = 'in_flight') = (lease_owner IS NOT NULL AND lease_expires IS NOT NULL)),
@@ -150,9 +209,10 @@ CREATE INDEX outbox_refunds_by_payment ON pay.outbox (payment_id) WHERE kind = '
 
 CREATE TABLE pay.audit_log (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    payment_id       uuid NOT NULL REFERENCES pay.payments (id),
+    -- A payment's row, or (payment_id NULL) a subscription's: subscription_id.
+    payment_id       uuid REFERENCES pay.payments (id),
     from_status      pay.payment_status,
-    to_status        pay.payment_status NOT NULL,
+    to_status        pay.payment_status,
     -- What the evidence asked for, when it was not applied (to_status then equals from_status).
     proposed_status  text,
     cause            text NOT NULL,
@@ -163,9 +223,19 @@ CREATE TABLE pay.audit_log (
     -- payment (no global serialisation point), each row's hash covering its content and the hash of
     -- the payment's previous row (pay._audit_row_hash, checked by pay.verify_audit_log).
     prev_hash        bytea,
-    hash             bytea NOT NULL
+    hash             bytea NOT NULL,
+    -- A subscription's row: its status before
+    -- and after, as Stripe names them (NULL before Stripe reported one).
+    subscription_id  uuid REFERENCES pay.subscriptions (id),
+    from_state       text,
+    to_state         text,
+    CONSTRAINT audit_log_one_subject CHECK ((payment_id IS NULL) <> (subscription_id IS NULL)),
+    CONSTRAINT audit_log_payment_row_has_status CHECK (payment_id IS NULL OR to_status IS NOT NULL)
 );
 CREATE INDEX audit_log_by_payment ON pay.audit_log (payment_id, id);
+CREATE INDEX IF NOT EXISTS audit_log_by_subscription ON pay.audit_log (subscription_id, id) WHERE subscription_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_open_by_subscription ON pay.outbox (subscription_id)
+    WHERE subscription_id IS NOT NULL AND status IN ('waiting', 'pending', 'in_flight');
 
 -- Search path: every SECURITY DEFINER entry point pins search_path (pg_catalog, pay, pg_temp
 -- last). Internal helpers (pay._*) are callable by the owner only, schema-qualify every name and

@@ -196,6 +196,15 @@ BEGIN
     IF v_command.id IS NULL THEN
         RETURN false;
     END IF;
+    IF v_command.subscription_id IS NOT NULL THEN
+        -- A subscription's command: the answer (its Checkout Session, or the subscription) goes
+        -- through the subscription rule (sql/12_subscriptions.sql).
+        PERFORM pay._apply_billing_object(
+            v_command.subscription_id, response, NULL, 'api answer to ' || v_command.kind,
+            'outbox:' || v_command.id || '#' || v_command.attempts,
+            floor(extract(epoch FROM now()))::bigint);
+        RETURN true;
+    END IF;
     CASE v_command.kind
         WHEN 'create_payment_intent', 'cancel_payment_intent' THEN
             PERFORM pay._apply_payment_intent(
@@ -252,6 +261,10 @@ BEGIN
         id, attempt, 'dead', http_status, left(v_message, 2000), error, NULL);
     IF v_command.id IS NULL THEN
         RETURN false;
+    END IF;
+    IF v_command.subscription_id IS NOT NULL THEN
+        PERFORM pay._fail_subscription_command(v_command, http_status, v_message, error);
+        RETURN true;
     END IF;
     SELECT * INTO v_payment FROM pay.payments p WHERE p.id = v_command.payment_id FOR NO KEY UPDATE;
     UPDATE pay.payments p SET last_error = error, updated_at = now() WHERE p.id = v_payment.id;

@@ -40,7 +40,8 @@ CREATE TABLE pay.findings (
         (resolved_at IS NULL) = (resolved_by IS NULL) AND (resolved_at IS NULL) = (resolution_note IS NULL)),
     CONSTRAINT findings_kind_known CHECK (kind IN (
         'amount_drift', 'currency_drift', 'status_drift_fixed', 'status_mismatch', 'orphan_adopted',
-        'missing_at_stripe', 'not_ours', 'second_payment_intent', 'unknown_payment'))
+        'missing_at_stripe', 'not_ours', 'second_payment_intent', 'unknown_payment',
+        'invoice_fulfillment_repaired', 'unknown_subscription'))
 );
 -- The same difference is recorded once: a re-run on an unchanged ledger finds nothing new.
 CREATE UNIQUE INDEX findings_once ON pay.findings (
@@ -218,6 +219,12 @@ DECLARE
 BEGIN
     PERFORM pay._require_run(p_run_id, 'apply_stripe_object');
     PERFORM pay._bounded_json_text(p_object, 'object', 1048576);
+    IF p_object ->> 'object' IN ('subscription', 'invoice')
+       OR (p_object ->> 'object' = 'checkout.session' AND p_object ->> 'mode' = 'subscription') THEN
+        SELECT r.outcome, r.payment_id, r.detail INTO outcome, payment_id, detail
+        FROM pay._reconcile_billing_object(p_object, p_source, p_run_id) r;
+        RETURN;
+    END IF;
     IF p_object ->> 'object' = 'refund' THEN
         payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
         IF payment_id IS NULL THEN
@@ -266,7 +273,7 @@ BEGIN
         RETURN;
     END IF;
     IF p_object ->> 'object' IS DISTINCT FROM 'payment_intent' OR v_id IS NULL OR v_status IS NULL THEN
-        RAISE EXCEPTION 'apply_stripe_object: expected a PaymentIntent, Checkout Session or Refund object'
+        RAISE EXCEPTION 'apply_stripe_object: expected a PaymentIntent, Checkout Session, Refund, Subscription or Invoice object'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_amount := CASE WHEN p_object ->> 'amount' ~ '^[0-9]{1,18}$' THEN (p_object ->> 'amount')::bigint END;
@@ -422,14 +429,28 @@ AS $$
 DECLARE
     v_command pay.outbox;
     v_payment pay.payments;
+    v_subscription pay.subscriptions;
     v_key text;
 BEGIN
     SELECT * INTO v_command FROM pay.outbox o
     WHERE o.id = rekey_create_command.id AND o.attempts = attempt AND o.status = 'in_flight'
-      AND o.kind IN ('create_payment_intent', 'create_checkout_session')
+      AND o.kind IN ('create_payment_intent', 'create_checkout_session', 'create_subscription_session')
     FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
+    END IF;
+    IF v_command.kind = 'create_subscription_session' THEN
+        SELECT * INTO v_subscription FROM pay.subscriptions s WHERE s.id = v_command.subscription_id FOR NO KEY UPDATE;
+        IF v_subscription.stripe_checkout_session_id IS NOT NULL THEN
+            RETURN NULL;  -- adopted meanwhile
+        END IF;
+        v_key := pay.idempotency_key('pgpay.sub_create.rekeyed',
+            jsonb_build_object('previous', v_command.idempotency_key, 'attempt', attempt));
+        UPDATE pay.outbox o SET idempotency_key = v_key, updated_at = now() WHERE o.id = v_command.id;
+        PERFORM pay._audit_subscription(v_subscription.id, v_subscription.status, v_subscription.status,
+            'create re-keyed past Stripe''s key retention: ' || left(coalesce(reason, 'no reason given'), 500),
+            'outbox:' || v_command.id || '#' || attempt);
+        RETURN v_key;
     END IF;
     v_payment := pay._lock_payment(v_command.payment_id);
     IF (v_command.kind = 'create_payment_intent' AND v_payment.stripe_payment_intent_id IS NOT NULL)

@@ -16,3 +16,6 @@ SELECT pg_catalog.pg_extension_config_dump('pay.findings', '');
 SELECT pg_catalog.pg_extension_config_dump('pay.findings_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('pay.reconciliation_runs', '');
 SELECT pg_catalog.pg_extension_config_dump('pay.reconciliation_runs_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('pay.subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('pay.invoices', '');
+SELECT pg_catalog.pg_extension_config_dump('pay.invoice_fulfillments', '');

@@ -127,3 +127,20 @@ GRANT EXECUTE ON FUNCTION pay.check_anomalies() TO pay_worker;
 -- The relay's ingest, with the event type and the payment row's lock wait for its metrics.
 GRANT EXECUTE ON FUNCTION pay.ingest_webhook_measured(text, text) TO pay_worker;
 
+
+-- Subscriptions (sql/12_subscriptions.sql): the application signs up, changes, cancels, reads
+-- entitlements and provisions paid invoices; the worker's answers go through complete_outbox.
+GRANT EXECUTE ON FUNCTION pay.begin_subscription(text, text, int, text, jsonb, text, text) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.wait_for_subscription_checkout(text, int) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.change_subscription(text, text, int) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.cancel_subscription(text, boolean) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.subscription_timeline(text) TO pay_app, pay_auditor;
+-- pay.entitlements calls it, and a view's functions run as the reader.
+GRANT EXECUTE ON FUNCTION pay._past_due_grace() TO pay_app, pay_auditor;
+GRANT EXECUTE ON FUNCTION pay.claim_invoice_fulfillments(text, int, interval) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.complete_invoice_fulfillment(text, text) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.fail_invoice_fulfillment(text, text, interval, text) TO pay_app;
+GRANT EXECUTE ON FUNCTION pay.retry_invoice_fulfillment(text) TO pay_app;
+GRANT SELECT ON pay.subscriptions, pay.invoices, pay.invoice_fulfillments, pay.entitlements,
+                pay.dead_invoice_fulfillments TO pay_app, pay_auditor;
+GRANT EXECUTE ON FUNCTION pay.record_missing_subscriptions_at_stripe(bigint, text[]) TO pay_worker;

@@ -17,6 +17,7 @@ mod replay;
 mod secrets;
 mod signature;
 mod stats;
+mod subscription;
 mod subxact;
 mod text_bytes;
 mod webhook;
@@ -71,9 +72,21 @@ extension_sql_file!(
     requires = ["views"]
 );
 extension_sql_file!(
+    "../../sql/12_subscriptions.sql",
+    name = "subscriptions",
+    requires = [
+        "reconciliation",
+        subscription::subscription_validate,
+        subscription::billing_facts_sql,
+        subscription::subscription_decide,
+        subscription::invoice_decide,
+        lookup::subscription_for
+    ]
+);
+extension_sql_file!(
     "../../sql/98_backups.sql",
     name = "backups",
-    requires = ["reconciliation"]
+    requires = ["subscriptions"]
 );
 extension_sql_file!(
     "../../sql/11_safety.sql",

@@ -6,6 +6,7 @@
 //! both. An event that is already reflected changes nothing (the transition rule finds the
 //! payment where the event would put it).
 
+use pgpay_core::billing::subscription_ref;
 use pgpay_core::event::{field_text, read_event};
 use pgpay_core::outcome::Outcome;
 use pgrx::pg_sys::BuiltinOid::{TEXTOID, UUIDOID};
@@ -14,10 +15,10 @@ use pgrx::spi::SpiClient;
 use pgrx::Uuid;
 use serde_json::Value;
 
-use crate::lookup::lock_payment_for;
+use crate::lookup::{lock_payment_for, lock_subscription_for, subscriptions_installed};
 use crate::plans::{first, run, Statement};
 use crate::subxact::tentatively;
-use crate::webhook::{apply_event, raise_if_infrastructure};
+use crate::webhook::{apply_billing_event, apply_event, raise_if_infrastructure};
 
 static READ_EVENT: Statement = Statement {
     sql: "SELECT e.payload FROM pay.webhook_events e WHERE e.event_id = $1",
@@ -65,18 +66,38 @@ fn replay(
     include_applied: bool,
 ) -> (Option<(Outcome, Option<String>)>, bool) {
     let object = event.pointer("/data/object").unwrap_or(&Value::Null);
-    let payment = lock_payment_for(client, object);
+    // A billing object (subscription, invoice, subscription-mode session) is about a
+    // subscription, never a payment: the same routing as a delivery.
+    let billing = subscription_ref(object).filter(|_| subscriptions_installed(client));
+    let subscription = billing
+        .as_ref()
+        .and_then(|r| lock_subscription_for(client, r));
+    let is_billing = billing.is_some();
+    let payment = match billing {
+        Some(_) => None,
+        None => lock_payment_for(client, object),
+    };
     let current: Option<String> = first(run(client, &LOCK_EVENT, &[event_id.into()]));
     if !replayable(current.as_deref(), include_applied) {
         // Another replay got there first.
         return (None, false);
     }
-    let (outcome, detail) = match &payment {
-        None => (
+    let (outcome, detail) = match (&payment, subscription) {
+        (Some(payment), _) => apply_event(client, payload, event, payment, "replay: webhook"),
+        (None, Some(subscription)) => {
+            apply_billing_event(client, payload, event, subscription, "replay: webhook")
+        }
+        (None, None) => (
             Outcome::Stored,
-            Some("not about a pgpay payment".to_owned()),
+            Some(
+                if is_billing {
+                    "not about a pgpay subscription"
+                } else {
+                    "not about a pgpay payment"
+                }
+                .to_owned(),
+            ),
         ),
-        Some(payment) => apply_event(client, payload, event, payment, "replay: webhook"),
     };
     let payment_id: Option<Uuid> = payment.as_ref().map(|p| p.id);
     run(

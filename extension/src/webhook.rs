@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use pgpay_core::billing::{billing_problem, subscription_ref};
 use pgpay_core::event::{event_created, field_text, read_event, MAX_EVENT_BYTES};
 use pgpay_core::failure::is_infrastructure;
 use pgpay_core::object::payment_ref;
@@ -21,7 +22,7 @@ use crate::apply_intent::{apply_intent, LockedPayment};
 use crate::apply_session::apply_session;
 use crate::breaker::{self, Admission};
 use crate::errors::{raise_internal, raise_with_hint};
-use crate::lookup::lock_payment_for;
+use crate::lookup::{lock_payment_for, lock_subscription_for, subscriptions_installed};
 use crate::plans::{first, run, Statement};
 use crate::secrets::live_secrets;
 use crate::signature::unix_now;
@@ -74,6 +75,71 @@ static APPLY_OTHER_EVENT: Statement = Statement {
     sql: "SELECT a.outcome, a.detail FROM pay.payments p, pay._apply_event($1::jsonb, p) a WHERE p.id = $2",
     args: &[TEXTOID, UUIDOID],
 };
+
+// Subscriptions, invoices and subscription-mode Checkout Sessions: written in plpgsql, the rule
+// asked of pgpay-core for every decision (sql/12_subscriptions.sql).
+static APPLY_BILLING_OBJECT: Statement = Statement {
+    sql: "SELECT a.outcome, a.detail \
+          FROM pay._apply_billing_object($1, ($2::jsonb) #> '{data,object}', $3, $4, $5, $6) a",
+    args: &[UUIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID],
+};
+
+/// The row an event is about, locked.
+enum Subject {
+    Payment(LockedPayment),
+    Subscription(Uuid),
+}
+
+impl Subject {
+    fn payment_id(&self) -> Option<Uuid> {
+        match self {
+            Subject::Payment(p) => Some(p.id),
+            Subject::Subscription(_) => None,
+        }
+    }
+}
+
+/// Applies a billing event (Subscription, Invoice, subscription-mode Checkout Session) to
+/// `subscription`, locked by the caller: the outcome and a detail. An object that cannot be
+/// applied is stored for a human, like a broken PaymentIntent.
+pub fn apply_billing_event(
+    client: &mut SpiClient<'_>,
+    payload: &str,
+    event: &Value,
+    subscription: Uuid,
+    cause: &str,
+) -> (Outcome, Option<String>) {
+    let event_id = field_text(event, "id");
+    let kind = field_text(event, "type").unwrap_or_default();
+    let object = event.pointer("/data/object").unwrap_or(&Value::Null);
+    if let Some(problem) = billing_problem(object) {
+        return (
+            Outcome::Stored,
+            Some(format!("{kind} not applied: {problem}")),
+        );
+    }
+    let at = event_created(event).unwrap_or_else(unix_now);
+    let table = run(
+        client,
+        &APPLY_BILLING_OBJECT,
+        &[
+            subscription.into(),
+            payload.into(),
+            kind.as_str().into(),
+            format!("{cause} {kind}").as_str().into(),
+            event_id.as_deref().into(),
+            at.into(),
+        ],
+    )
+    .first();
+    match (table.get::<String>(1), table.get::<String>(2)) {
+        (Ok(Some(outcome)), Ok(detail)) => match outcome.parse::<Outcome>() {
+            Ok(outcome) => (outcome, detail),
+            Err(e) => raise_internal(format!("pay._apply_billing_object: {e}")),
+        },
+        _ => raise_internal("pay._apply_billing_object returned no outcome"),
+    }
+}
 
 /// What became of an event: `None` outcome when it had been received before.
 pub struct Stored {
@@ -191,8 +257,10 @@ pub fn store_and_apply(
     let safety_net = breaker::installed(client);
     let mut lock_wait = None;
     let mut locked: Option<Uuid> = None;
+    let mut locked_subscription: Option<Uuid> = None;
     let mut probe = false;
-    let attempt = if payment_ref(object).is_none() {
+    let billing = subscription_ref(object).filter(|_| subscriptions_installed(client));
+    let attempt = if billing.is_none() && payment_ref(object).is_none() {
         Ok(Attempt::Done {
             outcome: Outcome::Stored,
             detail: Some("not about a pgpay payment".to_owned()),
@@ -201,16 +269,29 @@ pub fn store_and_apply(
     } else {
         in_subtransaction(|| {
             let started = Instant::now();
-            let payment = lock_payment_for(client, object);
+            let subject = match &billing {
+                Some(r) => lock_subscription_for(client, r).map(Subject::Subscription),
+                None => lock_payment_for(client, object).map(Subject::Payment),
+            };
             lock_wait = Some(started.elapsed());
-            let Some(payment) = payment else {
+            let Some(subject) = subject else {
                 return Attempt::Done {
                     outcome: Outcome::Stored,
-                    detail: Some("not about a pgpay payment".to_owned()),
+                    detail: Some(
+                        if billing.is_some() {
+                            "not about a pgpay subscription"
+                        } else {
+                            "not about a pgpay payment"
+                        }
+                        .to_owned(),
+                    ),
                     payment_id: None,
                 };
             };
-            locked = Some(payment.id);
+            match &subject {
+                Subject::Payment(payment) => locked = Some(payment.id),
+                Subject::Subscription(id) => locked_subscription = Some(*id),
+            }
             let seen: Option<bool> = first(run(client, &EVENT_SEEN, &[event_id.as_deref().into()]));
             if seen == Some(true) {
                 run(client, &COUNT_DUPLICATE, &[event_id.as_deref().into()]);
@@ -228,15 +309,22 @@ pub fn store_and_apply(
                     return Attempt::Done {
                         outcome: Outcome::Deferred,
                         detail: Some(format!("{kind} deferred: its circuit breaker is open")),
-                        payment_id: Some(payment.id),
+                        payment_id: subject.payment_id(),
                     }
                 }
             }
-            let (outcome, detail) = apply_event(client, payload, event, &payment, "webhook");
+            let (outcome, detail) = match &subject {
+                Subject::Payment(payment) => {
+                    apply_event(client, payload, event, payment, "webhook")
+                }
+                Subject::Subscription(id) => {
+                    apply_billing_event(client, payload, event, *id, "webhook")
+                }
+            };
             Attempt::Done {
                 outcome,
                 detail,
-                payment_id: Some(payment.id),
+                payment_id: subject.payment_id(),
             }
         })
     };
@@ -266,6 +354,15 @@ pub fn store_and_apply(
             // released the one taken inside).
             if let Some(id) = locked {
                 LockedPayment::lock(client, id);
+            }
+            if let Some(id) = locked_subscription {
+                let r = pgpay_core::billing::SubscriptionRef {
+                    kind: pgpay_core::billing::BillingKind::Subscription,
+                    subscription: None,
+                    session: None,
+                    claimed: Some(*id.as_bytes()),
+                };
+                lock_subscription_for(client, &r);
             }
             breaker::record_failure(client, kind, &failure, probe);
             let detail = format!("{kind} quarantined: {}", failure.message);
@@ -298,7 +395,7 @@ pub fn store_and_apply(
     };
     let inserted: Option<bool> = first(run(client, statement, &args));
     if inserted != Some(true) {
-        if payment_id.is_some() {
+        if payment_id.is_some() || locked_subscription.is_some() {
             // Cannot happen under the payment lock; if it ever does, undo the apply (the caller
             // answers 5xx and Stripe's retry finds the event).
             ereport!(

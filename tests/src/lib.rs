@@ -2,6 +2,7 @@
 //! PostgreSQL (`PGPAY_TEST_ADMIN_URL`, default `host=127.0.0.1 port=5432 user=postgres dbname=postgres`).
 //! The extension must be installed first (`scripts/install-extension`, which `scripts/test` runs).
 
+pub mod billing;
 pub mod fixtures;
 pub mod stripe_sdk;
 

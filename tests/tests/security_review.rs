@@ -379,6 +379,25 @@ async fn d02_every_public_function_works_for_every_role_it_is_granted_to() {
         .await
         .unwrap()
         .get(0);
+    // A live subscription (its session and subscription read from the API) with a paid invoice.
+    owner
+        .batch_execute(
+            "SELECT pay.begin_subscription('perm-sub', 'price_1', success_url => 'https://shop.example/done');
+             SELECT pay.apply_stripe_object(jsonb_build_object('object', 'checkout.session', 'mode', 'subscription',
+                 'id', 'cs_perm', 'status', 'open', 'url', 'https://checkout.stripe.com/c/pay/cs_perm',
+                 'expires_at', 2000000000, 'metadata', jsonb_build_object('pgpay_subscription_id',
+                 (SELECT id FROM pay.subscriptions WHERE subscription_ref = 'perm-sub')::text)));
+             SELECT pay.apply_stripe_object(jsonb_build_object('object', 'subscription', 'id', 'sub_perm',
+                 'status', 'active', 'metadata', jsonb_build_object('pgpay_subscription_id',
+                 (SELECT id FROM pay.subscriptions WHERE subscription_ref = 'perm-sub')::text),
+                 'items', jsonb_build_object('data', jsonb_build_array(jsonb_build_object('id', 'si_perm',
+                     'price', jsonb_build_object('id', 'price_1'), 'quantity', 1,
+                     'current_period_start', 1900000000, 'current_period_end', 1902000000)))));
+             SELECT pay.apply_stripe_object(jsonb_build_object('object', 'invoice', 'id', 'in_perm', 'status', 'paid',
+                 'subscription', 'sub_perm', 'amount_due', 1000, 'amount_paid', 1000, 'currency', 'usd'));",
+        )
+        .await
+        .unwrap();
     // A finding for pay.resolve_finding to close.
     owner
         .execute(
@@ -442,6 +461,17 @@ async fn d02_every_public_function_works_for_every_role_it_is_granted_to() {
         ("pay.verify_audit_log()", "SELECT * FROM pay.verify_audit_log()".into()),
         ("pay.verify_stripe_signature(text,text,text,integer,bigint)", "SELECT pay.verify_stripe_signature('p', 't=1,v1=00', 'whsec_x')".into()),
         ("pay.wait_for_intent(uuid,integer)", format!("SELECT pay.wait_for_intent('{open}', 0)")),
+        ("pay.begin_subscription(text,text,integer,text,jsonb,text,text)", "SELECT pay.begin_subscription('perm-sub-new', 'price_1', 2, 'c', '{\"k\": \"v\"}', 'https://shop.example/done', 'https://shop.example/cart')".into()),
+        ("pay.wait_for_subscription_checkout(text,integer)", "SELECT pay.wait_for_subscription_checkout('perm-sub', 0)".into()),
+        ("pay.change_subscription(text,text,integer)", "SELECT pay.change_subscription('perm-sub', 'price_2', 3)".into()),
+        ("pay.cancel_subscription(text,boolean)", "SELECT pay.cancel_subscription('perm-sub')".into()),
+        ("pay.subscription_timeline(text)", "SELECT * FROM pay.subscription_timeline('perm-sub')".into()),
+        ("pay._past_due_grace()", "SELECT * FROM pay.entitlements".into()),
+        ("pay.claim_invoice_fulfillments(text,integer,interval)", "SELECT * FROM pay.claim_invoice_fulfillments('c')".into()),
+        ("pay.complete_invoice_fulfillment(text,text)", "SELECT pay.complete_invoice_fulfillment('in_perm')".into()),
+        ("pay.fail_invoice_fulfillment(text,text,interval,text)", "SELECT pay.fail_invoice_fulfillment('in_perm', 'warehouse down')".into()),
+        ("pay.retry_invoice_fulfillment(text)", "SELECT pay.retry_invoice_fulfillment('in_perm')".into()),
+        ("pay.record_missing_subscriptions_at_stripe(bigint,text[])", format!("SELECT pay.record_missing_subscriptions_at_stripe({run}, '{{}}')")),
     ];
     let granted = owner
         .query(

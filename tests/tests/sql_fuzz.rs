@@ -1,4 +1,5 @@
 //! Random and adversarial inputs through the SQL API itself: `pay.begin_checkout`,
+//! `pay.begin_subscription` (and billing objects in events and reconciliation),
 //! `pay.ingest_webhook` (correctly signed, so the event reader and the transition rule see the
 //! garbage), `pay.verify_stripe_signature`, `pay.idempotency_key`, `pay.complete_outbox` (for
 //! commands really in flight) and `pay.apply_stripe_object` (naming real payments).
@@ -67,6 +68,7 @@ async fn adversarial_inputs_never_crash_the_server_and_refusals_are_documented()
         rng: fastrand::Rng::with_seed(seed),
         payments: Vec::new(),
         intents: Vec::new(),
+        subscriptions: Vec::new(),
         completed: 0,
     };
     let mut calls: BTreeMap<&str, usize> = BTreeMap::new();
@@ -152,6 +154,7 @@ async fn adversarial_inputs_never_crash_the_server_and_refusals_are_documented()
     // The generator reaches past the argument checks: every function answered at least once.
     for function in [
         "begin_checkout",
+        "begin_subscription",
         "ingest_webhook",
         "verify_stripe_signature",
         "idempotency_key",
@@ -208,6 +211,8 @@ struct Gen {
     payments: Vec<String>,
     /// PaymentIntent ids put into objects, so that later objects name them again.
     intents: Vec<String>,
+    /// Subscriptions created so far (ids), so that billing objects can claim them.
+    subscriptions: Vec<String>,
     /// complete_outbox calls that completed a command in flight.
     completed: usize,
 }
@@ -226,6 +231,17 @@ impl Gen {
                 .unwrap();
             self.payments.push(row.get(0));
         }
+        for _ in 0..2 {
+            let reference = format!("fuzz-sub-{}", self.rng.u64(..));
+            let row = client
+                .query_one(
+                    "SELECT id::text FROM pay.begin_subscription($1, 'price_fuzz', success_url => 'https://x.example/')",
+                    &[&reference],
+                )
+                .await
+                .unwrap();
+            self.subscriptions.push(row.get(0));
+        }
         client
             .query("SELECT 1 FROM pay.claim_outbox('fuzz', 1000)", &[])
             .await
@@ -238,6 +254,7 @@ impl Gen {
         };
         match function {
             "begin_checkout" => self.payments.push(row.get(0)),
+            "begin_subscription" => self.subscriptions.push(row.get(0)),
             "complete_outbox" if row.get::<_, bool>(0) => self.completed += 1,
             _ => {}
         }
@@ -252,12 +269,13 @@ impl Gen {
     }
 
     fn call(&mut self) -> Call {
-        match self.rng.u32(..6) {
+        match self.rng.u32(..7) {
             0 => self.begin_checkout(),
             1 => self.ingest_webhook(),
             2 => self.verify_stripe_signature(),
             3 => self.idempotency_key(),
             4 => self.complete_outbox(),
+            5 => self.begin_subscription(),
             _ => self.apply_stripe_object(),
         }
     }
@@ -287,6 +305,45 @@ impl Gen {
                 self.maybe(|g| g.text()),
                 metadata,
                 self.maybe(|g| g.text()),
+            ],
+        }
+    }
+
+    fn begin_subscription(&mut self) -> Call {
+        let metadata = if self.chance(70) {
+            Some(self.metadata().to_string())
+        } else {
+            self.maybe(|g| g.json_text())
+        };
+        Call {
+            function: "begin_subscription",
+            sql: "SELECT id::text FROM pay.begin_subscription($1::text, $2::text, $3::text::int, $4::text, $5::text::jsonb, $6::text, $7::text)",
+            args: vec![
+                self.maybe(|g| {
+                    if g.chance(50) {
+                        format!("s-{}", g.rng.u32(..40))
+                    } else {
+                        g.text()
+                    }
+                }),
+                self.maybe(|g| {
+                    if g.chance(60) {
+                        g.pick(&["price_1", "price_pro", "plan-basic_2"]).to_string()
+                    } else {
+                        g.text()
+                    }
+                }),
+                self.maybe(|g| g.number_text()),
+                self.maybe(|g| g.text()),
+                metadata,
+                self.maybe(|g| {
+                    if g.chance(70) {
+                        "https://app.example/welcome".to_owned()
+                    } else {
+                        g.text()
+                    }
+                }),
+                if self.chance(50) { None } else { Some(self.text()) },
             ],
         }
     }
@@ -372,8 +429,8 @@ impl Gen {
         Call {
             function: "complete_outbox",
             // Mostly a command really in flight (its id and attempt), else anything.
-            sql: "SELECT pay.complete_outbox(coalesce($1::text::bigint, (SELECT min(id) FROM pay.outbox WHERE status = 'in_flight')),
-                                             coalesce($2::text::int, (SELECT attempts FROM pay.outbox WHERE status = 'in_flight' ORDER BY id LIMIT 1)),
+            sql: "SELECT pay.complete_outbox(coalesce($1::text::bigint, (SELECT min(id) FROM pay.outbox WHERE status = 'in_flight' AND payment_id IS NOT NULL)),
+                                             coalesce($2::text::int, (SELECT attempts FROM pay.outbox WHERE status = 'in_flight' AND payment_id IS NOT NULL ORDER BY id LIMIT 1)),
                                              $3::text::int, $4::text::jsonb)",
             args: vec![
                 self.maybe_not_often(|g| g.number_text()),
@@ -415,8 +472,95 @@ impl Gen {
         self.chance(15).then(|| make(self))
     }
 
-    /// A PaymentIntent or Refund naming a real payment or PaymentIntent, with adversarial fields.
+    /// A Subscription, an Invoice (in either API shape) or a subscription-mode Checkout
+    /// Session claiming a real subscription mostly, with adversarial fields.
+    fn billing_object(&mut self) -> Value {
+        let claimed = if self.subscriptions.is_empty() || self.chance(10) {
+            self.weird_uuid()
+        } else {
+            let s = self.pick(&self.subscriptions.clone()).clone();
+            s
+        };
+        let sub_id = format!("sub_fuzz_{}", self.rng.u32(..50));
+        let metadata = json!({"pgpay_subscription_id": claimed});
+        let time = |g: &mut Gen| -> Value {
+            if g.chance(80) {
+                Value::from(now() + g.rng.i64(-100_000..100_000))
+            } else {
+                g.json()
+            }
+        };
+        let mut object = match self.rng.u32(..3) {
+            0 => {
+                let mut item = json!({"id": format!("si_fuzz_{}", self.rng.u32(..50)),
+                    "price": {"id": "price_fuzz"}, "quantity": self.amount()});
+                if self.chance(50) {
+                    item["current_period_start"] = time(self);
+                    item["current_period_end"] = time(self);
+                }
+                let mut sub = json!({"id": sub_id, "object": "subscription", "metadata": metadata,
+                    "status": self.pick(&["incomplete", "incomplete_expired", "trialing", "active",
+                        "past_due", "unpaid", "paused", "canceled", "", "ACTIVE", "hibernating"]).to_string(),
+                    "items": {"object": "list", "data": [item]},
+                    "cancel_at_period_end": self.json()});
+                if self.chance(50) {
+                    sub["current_period_start"] = time(self);
+                    sub["current_period_end"] = time(self);
+                }
+                sub
+            }
+            1 => {
+                let mut invoice = json!({"id": format!("in_fuzz_{}", self.rng.u32(..200)), "object": "invoice",
+                    "status": self.pick(&["draft", "open", "paid", "void", "uncollectible", "", "deleted"]).to_string(),
+                    "amount_due": self.amount(), "amount_paid": self.amount(),
+                    "currency": self.pick(&["usd", "USD", ""]).to_string(),
+                    "billing_reason": "subscription_cycle",
+                    "status_transitions": {"paid_at": time(self)},
+                    "lines": {"data": [{"period": {"start": time(self), "end": time(self)}}]}});
+                if self.chance(50) {
+                    invoice["subscription"] = Value::from(sub_id);
+                    invoice["subscription_details"] = json!({"metadata": metadata});
+                } else {
+                    invoice["parent"] = json!({"type": "subscription_details",
+                        "subscription_details": {"subscription": sub_id, "metadata": metadata}});
+                }
+                invoice
+            }
+            _ => {
+                json!({"id": format!("cs_fuzz_{}", self.rng.u32(..50)), "object": "checkout.session",
+                "mode": "subscription", "metadata": metadata,
+                "status": self.pick(&["open", "complete", "expired", "", "archived"]).to_string(),
+                "subscription": if self.chance(50) { Value::from(sub_id) } else { Value::Null },
+                "url": "https://checkout.stripe.com/c/pay/x", "expires_at": time(self)})
+            }
+        };
+        let fields = [
+            "id",
+            "object",
+            "status",
+            "metadata",
+            "items",
+            "subscription",
+            "parent",
+            "amount_paid",
+        ];
+        for _ in 0..self.rng.usize(..3) {
+            let field = *self.pick(&fields);
+            if self.chance(50) {
+                object.as_object_mut().expect("object").remove(field);
+            } else {
+                object[field] = self.json();
+            }
+        }
+        object
+    }
+
+    /// A PaymentIntent or Refund naming a real payment or PaymentIntent, with adversarial fields;
+    /// now and then a billing object instead.
     fn intent_or_refund(&mut self) -> Value {
+        if self.chance(20) {
+            return self.billing_object();
+        }
         let payment = if self.payments.is_empty() || self.chance(10) {
             self.weird_uuid()
         } else {
@@ -498,6 +642,9 @@ impl Gen {
                 "charge.refunded",
                 "refund.updated",
                 "checkout.session.completed",
+                "customer.subscription.updated",
+                "invoice.paid",
+                "invoice.payment_succeeded",
                 "payment_intent.",
                 "",
             ])

@@ -182,6 +182,13 @@ impl Progress {
                 "PaymentIntents and Checkout Sessions: {} pages, {} objects ({} applied, {} adopted, {} flagged, {} not ours)",
                 c.pages, c.objects, c.applied, c.adopted, c.flagged, c.not_ours
             ),
+            Phase::Subscriptions | Phase::Invoices => format!(
+                "subscriptions and invoices: {} pages, {} subscriptions, {} invoices ({} applied so far)",
+                c.subscription_pages + c.invoice_pages,
+                c.subscriptions,
+                c.invoices,
+                c.applied
+            ),
             Phase::Events => format!(
                 "events: {} pages, {} seen, {} replayed",
                 c.event_pages, c.events_seen, c.events_replayed

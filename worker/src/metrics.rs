@@ -69,6 +69,11 @@ struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: String,
 }
@@ -160,12 +165,15 @@ fn lock_wait_histogram() -> Histogram {
 
 /// The outbox kinds (`pay.outbox_kind` in sql/01_schema.sql); anything else is counted as
 /// `other` to bound cardinality.
-const OUTBOX_KINDS: [&str; 5] = [
+const OUTBOX_KINDS: [&str; 8] = [
     "create_payment_intent",
     "cancel_payment_intent",
     "refund",
     "create_checkout_session",
     "expire_checkout_session",
+    "create_subscription_session",
+    "update_subscription",
+    "cancel_subscription",
 ];
 
 fn kind_label(kind: &str) -> &str {
@@ -207,6 +215,8 @@ pub struct Metrics {
     stripe_replayed: Family<EndpointOnly, Counter>,
     outbox_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     anomalies: Family<AnomalyLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    reconcile_pages: Family<PhaseLabels, Counter>,
+    reconcile_objects: Family<PhaseLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -243,6 +253,8 @@ impl Metrics {
     /// - `pgpay_worker_stripe_idempotent_replayed_total{endpoint}`
     /// - `pgpay_worker_outbox_lag_seconds` (gauge, refreshed on scrape)
     /// - `pgpay_worker_anomaly_score{kind,subject}` (gauge, refreshed by the anomaly check)
+    /// - `pgpay_worker_reconcile_pages_total{phase}`, `pgpay_worker_reconcile_objects_total{phase}`
+    ///   (scheduled reconciliation; phase `payments`, `subscriptions`, `invoices`, `events`)
     pub fn new() -> Self {
         let m = Self {
             registry: Mutex::new(Registry::with_prefix("pgpay_worker")),
@@ -267,6 +279,8 @@ impl Metrics {
             stripe_requests: Family::default(),
             stripe_replayed: Family::default(),
             outbox_lag: Gauge::default(),
+            reconcile_pages: Family::default(),
+            reconcile_objects: Family::default(),
             anomalies: Family::default(),
         };
         {
@@ -372,6 +386,16 @@ impl Metrics {
                 "anomaly_score",
                 "Current anomalies of pay.anomalies by kind and subject (the rule's score); gone when resolved",
                 m.anomalies.clone(),
+            );
+            r.register(
+                "reconcile_pages",
+                "Stripe list pages read by scheduled reconciliation runs, by phase (payments: PaymentIntents and Checkout Sessions; subscriptions; invoices; events)",
+                m.reconcile_pages.clone(),
+            );
+            r.register(
+                "reconcile_objects",
+                "Stripe objects handed to the database by scheduled reconciliation runs, by phase",
+                m.reconcile_objects.clone(),
             );
         }
         m
@@ -511,6 +535,29 @@ impl Metrics {
                 })
                 .set(*score);
         }
+    }
+
+    /// One finished reconciliation run: its pages and objects by phase.
+    pub(crate) fn reconciled(&self, c: &crate::jobs::reconcile::Counts) {
+        for (phase, pages, objects) in [
+            ("payments", c.pages, c.objects),
+            ("subscriptions", c.subscription_pages, c.subscriptions),
+            ("invoices", c.invoice_pages, c.invoices),
+            ("events", c.event_pages, c.events_seen),
+        ] {
+            let labels = PhaseLabels { phase };
+            self.reconcile_pages.get_or_create(&labels).inc_by(pages);
+            self.reconcile_objects
+                .get_or_create(&labels)
+                .inc_by(objects);
+        }
+    }
+
+    /// Objects handed to the database by reconciliation runs in `phase` (for tests).
+    pub fn reconciled_objects(&self, phase: &'static str) -> u64 {
+        self.reconcile_objects
+            .get(&PhaseLabels { phase })
+            .map_or(0, |c| c.get())
     }
 
     pub(crate) fn key_lookup(&self, result: &str) {

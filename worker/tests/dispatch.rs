@@ -657,3 +657,38 @@ async fn a_retry_comes_due_without_waiting_for_the_poll() {
     worker.shutdown();
     worker.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_command_goes_out_with_its_key_and_parameters_in_the_query() {
+    init_tracing();
+    let db = TestDb::create().await;
+    let client = db.connect().await;
+    let stripe = ScriptedStripe::start(|_, _| Reply::status(400)).await;
+    let payment = checkout(&client, "delete-1", 1000).await;
+    let (id, key) = create_command(&client, &payment).await;
+    // A DELETE as `cancel_subscription` (immediately) writes it: path, query parameters, key.
+    client
+        .execute(
+            "UPDATE pay.outbox SET request = jsonb_build_object('method', 'DELETE',
+                 'path', '/v1/subscriptions/sub_1', 'params', jsonb_build_object('prorate', 'false'))
+             WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let worker = pgpay_worker::start(config(&db, &stripe.base_url()), CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(stripe.wait_for_requests(1, WAIT).await);
+    let reqs = stripe.requests_for(&key);
+    assert_eq!(reqs.len(), 1, "{:?}", stripe.requests());
+    let r = &reqs[0];
+    assert_eq!(r.method, "DELETE");
+    assert_eq!(r.path, "/v1/subscriptions/sub_1");
+    assert_eq!(r.query.as_deref(), Some("prorate=false"));
+    assert_eq!(r.body, "");
+    assert_eq!(r.content_type, None);
+    assert!(common::wait_for_status(&client, id, "dead", WAIT).await);
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}

@@ -1,7 +1,8 @@
 //! The worker against `stripe-fake` (Stripe's idempotency semantics, fault injection, a
 //! ledger of what really happened) and a real PostgreSQL with the extension. Counting at
 //! the fake's ledger is what proves exactly-once: N orders, N PaymentIntents (or, in session
-//! mode, N Checkout Sessions).
+//! mode, N Checkout Sessions); M subscriptions, M Checkout Sessions, and each change of a
+//! subscription seen once by Stripe.
 
 mod common;
 
@@ -55,7 +56,15 @@ async fn lost_answers_and_faults_never_yield_a_second_payment_intent_or_session(
     init_tracing();
     let db = TestDb::create().await;
     let client = db.connect().await;
+    client
+        .execute(
+            "SELECT pay.add_webhook_secret($1, 'fake')",
+            &[&WEBHOOK_SECRET],
+        )
+        .await
+        .unwrap();
     let fake = fake(None).await;
+    let price = recurring_price(&fake).await;
     // Every kind of trouble, on the creates of both modes: answers lost after Stripe
     // committed, failures before it did, 429s, reset connections.
     for path in ["/v1/payment_intents", "/v1/checkout/sessions"] {
@@ -70,9 +79,27 @@ async fn lost_answers_and_faults_never_yield_a_second_payment_intent_or_session(
             fake.add_fault(rule).unwrap();
         }
     }
-    let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+    let mut cfg = worker_config(&db, &fake);
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let worker = pgpay_worker::start(cfg, CancellationToken::new())
         .await
         .unwrap();
+    fake.set_webhook(
+        format!("http://{}/webhooks/stripe", worker.http_addr().unwrap()),
+        WEBHOOK_SECRET,
+    )
+    .unwrap();
+    // Subscriptions sign up through subscription-mode sessions, under the same faults.
+    const M: usize = 6;
+    for i in 0..M {
+        client
+            .execute(
+                "SELECT pay.begin_subscription($1, $2, 1, success_url => 'https://app.example/welcome')",
+                &[&format!("exactly-once-sub-{i}"), &price],
+            )
+            .await
+            .unwrap();
+    }
     // Half the orders pay through a PaymentIntent, half through a hosted Checkout Session.
     const N: i64 = 20;
     for i in 0..N {
@@ -107,10 +134,21 @@ async fn lost_answers_and_faults_never_yield_a_second_payment_intent_or_session(
         N as u64 / 2,
         "N/2 orders, N/2 PaymentIntents"
     );
+    assert!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM pay.outbox WHERE kind = 'create_subscription_session' AND status = 'done'",
+            M as i64,
+            WAIT * 2
+        )
+        .await,
+        "every subscription session create was recorded"
+    );
+    let ledger = fake.ledger();
     assert_eq!(
         ledger.checkout_sessions.created,
-        N as u64 / 2,
-        "N/2 session-mode orders, N/2 Checkout Sessions"
+        N as u64 / 2 + M as u64,
+        "N/2 session-mode orders and M subscriptions, as many Checkout Sessions"
     );
     assert_eq!(ledger.fault_count("drop_response_after_commit"), 12);
     assert_eq!(
@@ -145,8 +183,166 @@ async fn lost_answers_and_faults_never_yield_a_second_payment_intent_or_session(
     }
     let distinct: BTreeSet<_> = recorded.values().collect();
     assert_eq!(distinct.len(), N as usize);
+
+    subscription_commands_under_faults(&client, &fake, &price, M).await;
     worker.shutdown();
     worker.wait().await.unwrap();
+}
+
+/// A monthly recurring price at the fake.
+async fn recurring_price(fake: &StripeFake) -> String {
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/prices", fake.base_url()))
+        .header("Authorization", format!("Bearer {FAKE_KEY}"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("currency=usd&unit_amount=900&recurring%5Binterval%5D=month&product_data%5Bname%5D=Seat")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let json: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    json["id"].as_str().unwrap().to_owned()
+}
+
+/// The second half of the exactly-once test: `m` subscriptions (begun before the payment
+/// orders, under the session-create faults) have exactly one Checkout Session each; their
+/// customers pay; then a change of quantity, a cancellation at period end and an immediate
+/// cancellation (DELETE) each go out under lost answers, failures, 429s and resets, and Stripe
+/// sees each change exactly once.
+async fn subscription_commands_under_faults(
+    client: &pgpay_tests::tokio_postgres::Client,
+    fake: &StripeFake,
+    price: &str,
+    m: usize,
+) {
+    let m64 = m as i64;
+    assert!(
+        wait_for_count(
+            client,
+            "SELECT count(*) FROM pay.outbox WHERE kind = 'create_subscription_session' AND status = 'done'",
+            m64,
+            WAIT * 2
+        )
+        .await,
+        "every subscription session create was recorded"
+    );
+    let ledger = fake.ledger();
+    let sessions: Vec<(String, String)> = client
+        .query(
+            "SELECT id::text, stripe_checkout_session_id FROM pay.subscriptions ORDER BY subscription_ref",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(sessions.len(), m);
+    for (id, session) in &sessions {
+        let at_fake = ledger.checkout_sessions_with("pgpay_subscription_id", id);
+        assert_eq!(
+            at_fake.len(),
+            1,
+            "one Checkout Session for subscription {id}"
+        );
+        assert_eq!(&at_fake[0].id, session);
+        fake.pay_checkout(
+            session,
+            stripe_fake::CheckoutPayment::Card("pm_card_visa".into()),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(
+        wait_for_count(
+            client,
+            "SELECT count(*) FROM pay.subscriptions WHERE status = 'active' AND stripe_subscription_item_id IS NOT NULL",
+            m64,
+            WAIT
+        )
+        .await,
+        "every sign-up became active through the relay"
+    );
+
+    for (method, path) in [
+        ("POST", "/v1/subscriptions/*"),
+        ("DELETE", "/v1/subscriptions/*"),
+    ] {
+        for rule in [
+            FaultRule::new(method, path, FaultAction::DropResponseAfterCommit).times(3),
+            FaultRule::new(method, path, FaultAction::FailBeforeCommit).times(1),
+            FaultRule::new(method, path, FaultAction::RateLimit)
+                .times(1)
+                .retry_after_secs(1),
+            FaultRule::new(method, path, FaultAction::ResetConnection).times(1),
+        ] {
+            fake.add_fault(rule).unwrap();
+        }
+    }
+    let updated_before = fake.ledger().event_count("customer.subscription.updated");
+    for i in 0..m {
+        let r = format!("exactly-once-sub-{i}");
+        let sql = match i % 3 {
+            0 => "SELECT pay.change_subscription($1, $2, 3)",
+            1 => "SELECT pay.cancel_subscription($1, true) WHERE $2::text IS NOT NULL",
+            _ => "SELECT pay.cancel_subscription($1, false) WHERE $2::text IS NOT NULL",
+        };
+        client.execute(sql, &[&r, &price]).await.unwrap();
+    }
+    assert!(
+        wait_for_count(
+            client,
+            "SELECT count(*) FROM pay.outbox
+             WHERE kind IN ('update_subscription', 'cancel_subscription') AND status = 'done'",
+            m64,
+            WAIT * 2
+        )
+        .await,
+        "every subscription command was recorded"
+    );
+    let ledger = fake
+        .wait_for(WAIT, |l| {
+            l.event_count("customer.subscription.deleted") as usize == m / 3
+        })
+        .await
+        .expect("the immediate cancellations happened");
+    assert!(ledger.fault_count("drop_response_after_commit") >= 12 + 6);
+    assert_eq!(
+        ledger.event_count("customer.subscription.updated") - updated_before,
+        2 * (m as u64 / 3),
+        "one update per change of quantity and per cancellation at period end, however often sent"
+    );
+    assert_eq!(
+        ledger.event_count("customer.subscription.deleted"),
+        m as u64 / 3
+    );
+    assert_eq!(ledger.subscriptions.created, m as u64);
+    for (i, s) in ledger.subscriptions.list.iter().enumerate() {
+        let r = s
+            .metadata
+            .get("subscription_ref")
+            .cloned()
+            .unwrap_or_default();
+        let n: usize = r.rsplit('-').next().unwrap().parse().unwrap();
+        match n % 3 {
+            0 => assert_eq!((s.quantity, s.status.as_str()), (3, "active"), "{i}: {r}"),
+            1 => assert!(s.cancel_at_period_end && s.status == "active", "{i}: {r}"),
+            _ => assert_eq!(s.status, "canceled", "{i}: {r}"),
+        }
+    }
+    assert_eq!(
+        ledger.idempotency.conflicts, 0,
+        "the same parameters on every attempt"
+    );
+    assert!(
+        wait_for_count(
+            client,
+            "SELECT count(*) FROM pay.subscriptions WHERE status = 'canceled'",
+            m64 / 3,
+            WAIT
+        )
+        .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -783,4 +979,116 @@ async fn a_worker_sigkilled_mid_create_leaves_one_payment_intent_and_one_session
     );
     rescuer.shutdown();
     rescuer.wait().await.unwrap();
+}
+
+/// A subscription's session create whose first attempt was a day ago: claimed, sent to the
+/// fake (or not), handed back, then aged past Stripe's key retention on both clocks.
+async fn subscription_create_a_day_ago(
+    client: &pgpay_tests::tokio_postgres::Client,
+    fake: &StripeFake,
+    subscription_ref: &str,
+    reached_stripe: bool,
+) -> (i64, String) {
+    let price = recurring_price(fake).await;
+    client
+        .execute(
+            "SELECT pay.begin_subscription($1, $2, 2, success_url => 'https://app.example/welcome')",
+            &[&subscription_ref, &price],
+        )
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT id, attempts, idempotency_key, request FROM pay.claim_outbox('first-attempt', 1, interval '60 seconds')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (id, attempt, key, request): (i64, i32, String, serde_json::Value) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if reached_stripe {
+        let req = pgpay_worker::outbox::parse_request(&request, Some(&key)).unwrap();
+        let resp = reqwest::Client::new()
+            .post(format!("{}{}", fake.base_url(), req.path))
+            .header("Authorization", format!("Bearer {FAKE_KEY}"))
+            .header("Idempotency-Key", &key)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(pgpay_worker::stripe::encode_form(&req.params))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    let handed_back: bool = client
+        .query_one(
+            "SELECT pay.retry_outbox($1, $2, NULL, 'the answer was lost', now())",
+            &[&id, &attempt],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(handed_back);
+    client
+        .execute(
+            "UPDATE pay.outbox SET first_attempt_at = now() - interval '25 hours' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    fake.advance_clock(25 * 3600);
+    (id, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_key_retention_a_lost_subscription_session_is_adopted_or_rekeyed() {
+    init_tracing();
+    for reached_stripe in [true, false] {
+        let db = TestDb::create().await;
+        let client = db.connect().await;
+        let fake = fake(None).await;
+        let (id, key) =
+            subscription_create_a_day_ago(&client, &fake, "late-sub", reached_stripe).await;
+        assert_eq!(
+            fake.ledger().checkout_sessions.created,
+            u64::from(reached_stripe)
+        );
+        let worker = pgpay_worker::start(worker_config(&db, &fake), CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(common::wait_for_status(&client, id, "done", WAIT).await);
+        let ledger = fake.ledger();
+        assert_eq!(
+            ledger.checkout_sessions.created, 1,
+            "one session either way"
+        );
+        assert!(ledger.requests_to("GET /v1/checkout/sessions") >= 1);
+        let row = client
+            .query_one(
+                "SELECT s.id::text, s.stripe_checkout_session_id, o.idempotency_key
+                 FROM pay.subscriptions s JOIN pay.outbox o ON o.subscription_id = s.id
+                 WHERE o.id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let (sub_id, session, now_key): (String, Option<String>, String) =
+            (row.get(0), row.get(1), row.get(2));
+        let at_fake = ledger.checkout_sessions_with("pgpay_subscription_id", &sub_id);
+        assert_eq!(at_fake.len(), 1);
+        assert_eq!(session.as_deref(), Some(at_fake[0].id.as_str()));
+        if reached_stripe {
+            assert_eq!(worker.metrics().key_lookups("adopted"), 1);
+            assert_eq!(
+                ledger.requests_to("POST /v1/checkout/sessions"),
+                1,
+                "the create was not re-sent"
+            );
+            assert_eq!(now_key, key, "not re-keyed");
+        } else {
+            assert_eq!(worker.metrics().key_lookups("rekeyed"), 1);
+            assert_ne!(now_key, key, "re-keyed");
+        }
+        worker.shutdown();
+        worker.wait().await.unwrap();
+    }
 }

@@ -2,6 +2,7 @@
 //! `cargo test` and shared by the extension, the worker and stripe-fake.
 #![forbid(unsafe_code)]
 
+pub mod billing;
 pub mod canonical_json;
 pub mod checkout;
 pub mod event;
@@ -12,4 +13,6 @@ pub mod outcome;
 pub mod session;
 pub mod signature;
 pub mod stats;
+pub mod subscribe;
+pub mod subscription;
 pub mod transition;

@@ -32,7 +32,7 @@ pub fn outcome(payment_method: &str) -> Option<Outcome> {
         | "pm_card_discover"
         | "pm_card_us"
         | "pm_card_threeDSecureOptional" => Outcome::Succeed,
-        "pm_card_chargeDeclined" | "pm_card_visa_chargeDeclined" => {
+        "pm_card_chargeDeclined" | "pm_card_visa_chargeDeclined" | "pm_card_chargeCustomerFail" => {
             decline("card_declined", "generic_decline", DECLINED)
         }
         "pm_card_chargeDeclinedInsufficientFunds"

@@ -6,9 +6,10 @@
 use serde_json::{json, Value};
 
 use crate::api::payment_intents;
+use crate::billing;
 use crate::card::{self, Outcome};
 use crate::charge::{Charge, ChargeStatus};
-use crate::checkout_session::{PaymentStatus, Session, SessionStatus};
+use crate::checkout_session::{Mode, PaymentStatus, Session, SessionStatus};
 use crate::error::{shorten, ApiError};
 use crate::ids;
 use crate::payment_intent::{PaymentIntent, Status};
@@ -35,6 +36,17 @@ pub fn pay(
     id: &str,
     payment: &CheckoutPayment,
 ) -> Result<Value, ApiError> {
+    expire_due(state, ctx.now);
+    if find(state, id)?.mode == Mode::Subscription {
+        return match payment {
+            CheckoutPayment::Card(pm) => {
+                billing::pay_subscription_session(state, ctx, id, pm, None)
+            }
+            CheckoutPayment::Delayed => Err(ApiError::invalid_request(
+                "stripe-fake's subscriptions are paid by card: pass a payment_method.",
+            )),
+        };
+    }
     match payment {
         CheckoutPayment::Card(pm) => pay_by_card(state, ctx, id, pm),
         CheckoutPayment::Delayed => pay_delayed(state, ctx, id),
@@ -73,13 +85,15 @@ fn update(
 }
 
 /// Expires every open session whose `expires_at` has passed on the fake's clock, as Stripe does on
-/// its own (no request, so the events carry `request.id` null).
+/// its own (no request, so the events carry `request.id` null), and runs the billing that fell due
+/// for customers without a test clock (renewals, retries, cancellations at period end).
 pub fn expire_due(state: &mut State, now: i64) {
     let ctx = Ctx::internal(now);
     for id in state.checkout_sessions.due(now) {
         // Only open sessions are due, so this cannot fail.
         let _ = expire(state, &ctx, &id);
     }
+    billing::run_due(state, &ctx, None, now);
 }
 
 /// Expires an open session: `checkout.session.expired`, after canceling the PaymentIntent of an
@@ -253,7 +267,7 @@ pub fn settle(state: &mut State, ctx: &Ctx, id: &str, succeed: bool) -> Result<V
     Ok(json)
 }
 
-fn ensure_open(session: &Session) -> Result<(), ApiError> {
+pub fn ensure_open(session: &Session) -> Result<(), ApiError> {
     match session.status {
         SessionStatus::Open => Ok(()),
         status => Err(ApiError::invalid_request(format!(

@@ -13,19 +13,28 @@ use crate::line_items::LineItem;
 pub const DEFAULT_LIFETIME_SECS: i64 = 24 * 3600;
 pub const MIN_LIFETIME_SECS: i64 = 30 * 60;
 
-/// Only `payment` is modelled; `subscription` (and `setup`) will be further variants, each with its
-/// own object fields (`subscription`, `setup_intent`), which render as null until then.
+/// `payment` and `subscription` are modelled; `setup` would be a further variant with its own
+/// object field (`setup_intent`), which renders as null until then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Payment,
+    Subscription,
 }
 
 impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Payment => "payment",
+            Mode::Subscription => "subscription",
         }
     }
+}
+
+/// A subscription-mode session's one line: a recurring Price and a quantity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionLine {
+    pub price: String,
+    pub quantity: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +120,13 @@ pub struct Session {
     pub payment_intent: Option<String>,
     /// `https://checkout.stripe.com/c/pay/cs_...` on Stripe; the fake's own address here.
     pub url: String,
+    /// Subscription mode: the recurring price and quantity.
+    pub subscription_line: Option<SubscriptionLine>,
+    /// `subscription_data[metadata]`: what the subscription will carry.
+    pub subscription_data_metadata: BTreeMap<String, String>,
+    /// Subscription mode, once complete: the subscription and its first invoice.
+    pub subscription: Option<String>,
+    pub invoice: Option<String>,
 }
 
 impl Session {
@@ -160,7 +176,7 @@ impl Session {
             "customer_details": customer_details,
             "customer_email": self.customer_email,
             "expires_at": self.expires_at,
-            "invoice": null,
+            "invoice": self.invoice,
             "invoice_creation": {
                 "enabled": false,
                 "invoice_data": {
@@ -182,7 +198,7 @@ impl Session {
             "mode": self.mode.as_str(),
             "payment_intent": self.payment_intent,
             "payment_link": null,
-            "payment_method_collection": "if_required",
+            "payment_method_collection": if self.mode == Mode::Subscription { "always" } else { "if_required" },
             "payment_method_configuration_details": null,
             "payment_method_options": {},
             "payment_method_types": self.payment_method_types,
@@ -197,7 +213,7 @@ impl Session {
             "shipping_options": [],
             "status": self.status.as_str(),
             "submit_type": null,
-            "subscription": null,
+            "subscription": self.subscription,
             "success_url": self.success_url,
             "total_details": { "amount_discount": 0, "amount_shipping": 0, "amount_tax": 0 },
             "ui_mode": "hosted",
@@ -281,6 +297,10 @@ mod tests {
             payment_intent_data: PaymentIntentData::default(),
             payment_intent: None,
             url: "http://127.0.0.1/c/pay/x".into(),
+            subscription_line: None,
+            subscription_data_metadata: BTreeMap::new(),
+            subscription: None,
+            invoice: None,
         }
     }
 

@@ -3,10 +3,12 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
+use crate::billing::BillingSettings;
 use crate::idempotency::DEFAULT_RETENTION_SECS;
 use crate::webhooks::{DeliveryOptions, WebhookEndpoint};
 
-/// The Stripe API version the fake claims in events and the `Stripe-Version` header.
+/// The Stripe API version the fake claims by default in events and the `Stripe-Version` header
+/// ([`Config::api_version`] changes it; `2025-03-31.basil` and later render the new Billing shapes).
 pub const API_VERSION: &str = "2024-06-20";
 
 #[derive(Clone, PartialEq)]
@@ -27,6 +29,11 @@ pub struct Config {
     pub seed: u64,
     /// Emulate Stripe's rate limit: at most this many API requests per second (off when `None`).
     pub rate_limit_per_second: Option<u32>,
+    /// The account's API version: events are rendered in it, and API answers unless the request
+    /// sends its own `Stripe-Version`. Switchable at runtime (`POST /_fake/api_version`).
+    pub api_version: String,
+    /// Retries of failed subscription payments and what follows the last one.
+    pub billing: BillingSettings,
 }
 
 impl Default for Config {
@@ -40,6 +47,8 @@ impl Default for Config {
             idempotency_retention_secs: DEFAULT_RETENTION_SECS,
             seed: 0x5712_1BE5,
             rate_limit_per_second: None,
+            api_version: API_VERSION.into(),
+            billing: BillingSettings::default(),
         }
     }
 }
@@ -58,6 +67,8 @@ impl std::fmt::Debug for Config {
             )
             .field("seed", &self.seed)
             .field("rate_limit_per_second", &self.rate_limit_per_second)
+            .field("api_version", &self.api_version)
+            .field("billing", &self.billing)
             .finish()
     }
 }

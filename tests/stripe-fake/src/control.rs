@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::billing::BillingSettings;
 use crate::checkout_flow::CheckoutPayment;
 use crate::error::ApiError;
 use crate::faults::FaultRule;
@@ -46,9 +47,15 @@ Control API (JSON bodies, no API key; every customer step emits Stripe's events,
                                                  pm_card_chargeDeclined, pm_card_authenticationRequired, ...
   POST   /_fake/payment_intents/:id/authenticate {\"succeed\":true}: finish (or fail) 3-D Secure
   POST   /_fake/checkout/sessions/:id/pay        the customer pays a Checkout Session: {\"payment_method\":\"pm_card_visa\"}
-                                                 or {\"delayed\":true} (bank debit: complete, unpaid until settled)
+                                                 or {\"delayed\":true} (bank debit: complete, unpaid until settled);
+                                                 subscription mode: {\"payment_method\":..,\"test_clock\":\"clock_..\"}
   POST   /_fake/checkout/sessions/:id/settle     {\"succeed\":true|false}: a delayed payment settles or fails
   POST   /_fake/checkout/sessions/:id/abandon    the customer leaves: the session expires now
+  GET    /_fake/api_version                      the account's API version (events are rendered in it)
+  POST   /_fake/api_version                      {\"api_version\":\"2025-03-31.basil\"}: switch the Billing shapes at runtime
+  GET    /_fake/billing                          the retry schedule of failed subscription payments
+  POST   /_fake/billing                          {\"retry_days\":[3,5,7],\"after_retries\":\"canceled\",\"mark_uncollectible\":false}
+                                                 (after_retries: canceled, unpaid or past_due)
 ";
 
 pub fn handle(shared: &Arc<Shared>, request: &Incoming) -> HttpResponse {
@@ -107,6 +114,8 @@ struct CheckoutPayBody {
     payment_method: Option<String>,
     #[serde(default)]
     delayed: bool,
+    /// Subscription mode: the test clock the new customer lives on.
+    test_clock: Option<String>,
 }
 
 impl CheckoutPayBody {
@@ -119,6 +128,12 @@ impl CheckoutPayBody {
             (pm, false) => Ok(CheckoutPayment::Card(pm.unwrap_or_else(visa))),
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiVersionBody {
+    api_version: String,
 }
 
 #[derive(Deserialize)]
@@ -215,8 +230,33 @@ fn route(shared: &Shared, request: &Incoming) -> Result<Value, ApiError> {
             shared.authenticate(id, body.succeed)
         }
         ("POST", ["checkout", "sessions", id, "pay"]) => {
-            let body: CheckoutPayBody = body(request)?;
-            shared.pay_checkout(id, &body.payment()?)
+            let mut body: CheckoutPayBody = body(request)?;
+            match body.test_clock.take() {
+                Some(clock) => {
+                    let pm = body.payment_method.take().unwrap_or_else(visa);
+                    if body.delayed {
+                        return Err(ApiError::invalid_request(
+                            "Give either test_clock (a subscription paid by card) or delayed, not both.",
+                        ));
+                    }
+                    shared.pay_subscription_checkout(id, &pm, Some(&clock))
+                }
+                None => shared.pay_checkout(id, &body.payment()?),
+            }
+        }
+        ("GET", ["api_version"]) => Ok(json!({ "api_version": shared.api_version() })),
+        ("POST", ["api_version"]) => {
+            let body: ApiVersionBody = body(request)?;
+            shared.set_api_version(&body.api_version)?;
+            Ok(json!({ "api_version": shared.api_version() }))
+        }
+        ("GET", ["billing"]) => to_value(&shared.billing()),
+        ("POST", ["billing"]) => {
+            let settings: BillingSettings = body(request)?;
+            shared
+                .set_billing(settings)
+                .map_err(ApiError::invalid_request)?;
+            to_value(&shared.billing())
         }
         ("POST", ["checkout", "sessions", id, "settle"]) => {
             let body: AuthenticateBody = body(request)?;

@@ -52,7 +52,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: u16, kind: ErrorType, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: u16, kind: ErrorType, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             kind,

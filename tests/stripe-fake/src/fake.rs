@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::billing::BillingSettings;
 use crate::checkout_flow::CheckoutPayment;
 use crate::config::Config;
 use crate::error::ApiError;
@@ -299,6 +300,49 @@ impl StripeFake {
         self.shared.abandon_checkout(session)
     }
 
+    /// The customer pays a subscription-mode session by card (`pm_card_visa`; a failing card is the
+    /// 402 and the session stays open), as a new customer on `test_clock` when given: a customer,
+    /// a subscription and its paid first invoice, with Stripe's events.
+    pub async fn pay_subscription_checkout(
+        &self,
+        session: &str,
+        payment_method: &str,
+        test_clock: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        self.shared
+            .pay_subscription_checkout(session, payment_method, test_clock)
+    }
+
+    /// The account's API version (events render in it).
+    pub fn api_version(&self) -> String {
+        self.shared.api_version()
+    }
+
+    /// Switches the account's API version at runtime (`2025-03-31.basil` renders the new Billing
+    /// shapes); a malformed version is refused.
+    pub fn set_api_version(&self, version: &str) -> Result<(), ApiError> {
+        self.shared.set_api_version(version)
+    }
+
+    pub fn billing(&self) -> BillingSettings {
+        self.shared.billing()
+    }
+
+    /// Sets the retry schedule of failed subscription payments.
+    pub fn set_billing(&self, settings: BillingSettings) -> Result<(), String> {
+        self.shared.set_billing(settings)
+    }
+
+    /// A subscription's JSON in the account's API version.
+    pub fn subscription(&self, id: &str) -> Option<Value> {
+        self.shared.subscription(id)
+    }
+
+    /// An invoice's JSON in the account's API version.
+    pub fn invoice(&self, id: &str) -> Option<Value> {
+        self.shared.invoice(id)
+    }
+
     /// The Checkout Session's JSON as the API would return it.
     pub fn checkout_session(&self, id: &str) -> Option<Value> {
         self.shared.checkout_session(id)
@@ -307,6 +351,12 @@ impl StripeFake {
     /// The PaymentIntent's JSON as the API would return it.
     pub fn payment_intent(&self, id: &str) -> Option<Value> {
         self.shared.payment_intent(id)
+    }
+
+    /// Every event recorded, in the order it was emitted (the order of delivery; `events` and
+    /// `GET /v1/events` order by `created`, which a recovery after a failure bumps a second).
+    pub fn events_emitted(&self) -> Vec<Value> {
+        self.shared.events_emitted()
     }
 
     /// Every event recorded, oldest first.
@@ -347,6 +397,9 @@ fn validate(config: &Config) -> Result<(), StartError> {
         WebhookEndpoint::new(endpoint.url.clone(), endpoint.secret.clone())
             .map_err(|e| StartError::Config(e.to_string()))?;
     }
+    crate::api_version::validate(&config.api_version)
+        .map_err(|e| StartError::Config(format!("api_version: {}", e.message)))?;
+    config.billing.validate().map_err(StartError::Config)?;
     config
         .webhook_options
         .validate()

@@ -16,6 +16,8 @@ pub struct Counters {
     pub responses: BTreeMap<u16, u64>,
     pub payment_intents_created: u64,
     pub checkout_sessions_created: u64,
+    pub subscriptions_created: u64,
+    pub invoices_created: u64,
     pub events_by_type: BTreeMap<String, u64>,
     pub replays: u64,
     pub conflicts: u64,
@@ -32,6 +34,12 @@ pub struct Ledger {
     pub clock_offset_secs: i64,
     pub payment_intents: PaymentIntentLedger,
     pub checkout_sessions: CheckoutSessionLedger,
+    /// Subscriptions made by subscription-mode Checkout Sessions.
+    #[serde(default)]
+    pub subscriptions: SubscriptionLedger,
+    /// Invoices made by subscriptions (sign-ups and renewals).
+    #[serde(default)]
+    pub invoices: InvoiceLedger,
     /// Charges made by confirmations (failed ones included).
     pub charges: u64,
     pub refunds: RefundLedger,
@@ -68,6 +76,49 @@ pub struct PaymentIntentSummary {
     pub currency: String,
     pub created: i64,
     pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionLedger {
+    pub created: u64,
+    /// By `status` (`active`, `past_due`, `canceled`, ...).
+    pub by_status: BTreeMap<String, u64>,
+    /// Every subscription, oldest first (empty when lists were not asked for).
+    pub list: Vec<SubscriptionSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionSummary {
+    pub id: String,
+    pub status: String,
+    pub customer: String,
+    pub price: String,
+    pub quantity: i64,
+    pub current_period_start: i64,
+    pub current_period_end: i64,
+    pub cancel_at_period_end: bool,
+    pub test_clock: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InvoiceLedger {
+    pub created: u64,
+    /// By `status` (`draft`, `open`, `paid`, `uncollectible`, `void`).
+    pub by_status: BTreeMap<String, u64>,
+    /// Every invoice, oldest first (empty when lists were not asked for).
+    pub list: Vec<InvoiceSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceSummary {
+    pub id: String,
+    pub subscription: String,
+    pub status: String,
+    pub billing_reason: String,
+    pub amount_due: i64,
+    pub attempt_count: i64,
+    pub created: i64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -196,6 +247,29 @@ impl Ledger {
             .filter(|pi| pi.metadata.get(key).map(String::as_str) == Some(value))
             .collect()
     }
+
+    /// Subscriptions whose metadata has `key` = `value`.
+    pub fn subscriptions_with(&self, key: &str, value: &str) -> Vec<&SubscriptionSummary> {
+        self.subscriptions
+            .list
+            .iter()
+            .filter(|s| s.metadata.get(key).map(String::as_str) == Some(value))
+            .collect()
+    }
+
+    /// Invoices of one subscription, oldest first.
+    pub fn invoices_of(&self, subscription: &str) -> Vec<&InvoiceSummary> {
+        self.invoices
+            .list
+            .iter()
+            .filter(|i| i.subscription == subscription)
+            .collect()
+    }
+
+    /// How many events of this type were recorded.
+    pub fn event_count(&self, event_type: &str) -> u64 {
+        self.events.by_type.get(event_type).copied().unwrap_or(0)
+    }
 }
 
 /// Builds the snapshot; `lists` false leaves out the per-object lists (cheap for 100,000 objects).
@@ -241,6 +315,51 @@ pub fn snapshot(state: &State, now: i64, clock_offset_secs: i64, lists: bool) ->
             });
         }
     }
+    let mut subscriptions = SubscriptionLedger {
+        created: counters.subscriptions_created,
+        ..SubscriptionLedger::default()
+    };
+    for (_, sub) in state.subscriptions.iter() {
+        *subscriptions
+            .by_status
+            .entry(sub.status.as_str().to_owned())
+            .or_default() += 1;
+        if lists {
+            subscriptions.list.push(SubscriptionSummary {
+                id: sub.id.clone(),
+                status: sub.status.as_str().to_owned(),
+                customer: sub.customer.clone(),
+                price: sub.item.price.clone(),
+                quantity: sub.item.quantity,
+                current_period_start: sub.current_period_start,
+                current_period_end: sub.current_period_end,
+                cancel_at_period_end: sub.cancel_at_period_end,
+                test_clock: sub.test_clock.clone(),
+                metadata: sub.metadata.clone(),
+            });
+        }
+    }
+    let mut invoices = InvoiceLedger {
+        created: counters.invoices_created,
+        ..InvoiceLedger::default()
+    };
+    for (_, inv) in state.invoices.iter() {
+        *invoices
+            .by_status
+            .entry(inv.status.as_str().to_owned())
+            .or_default() += 1;
+        if lists {
+            invoices.list.push(InvoiceSummary {
+                id: inv.id.clone(),
+                subscription: inv.subscription.clone(),
+                status: inv.status.as_str().to_owned(),
+                billing_reason: inv.billing_reason.to_owned(),
+                amount_due: inv.total(),
+                attempt_count: inv.attempt_count,
+                created: inv.created,
+            });
+        }
+    }
     let mut refunds = RefundLedger::default();
     for (_, refund) in state.refunds.iter() {
         refunds.count += 1;
@@ -265,6 +384,8 @@ pub fn snapshot(state: &State, now: i64, clock_offset_secs: i64, lists: bool) ->
             list,
         },
         checkout_sessions: sessions,
+        subscriptions,
+        invoices,
         charges: state.charges.len() as u64,
         refunds,
         events: EventLedger {

@@ -41,9 +41,23 @@
 //! | `GET /v1/charges/:id` | |
 //! | `GET /v1/events[/:id]` | newest first; list parameters plus `type` (`payment_intent.*`) or `types[]` |
 //! | `POST /v1/checkout/sessions` | `mode=payment`, `success_url`, `cancel_url`, `line_items[N][price_data][currency]`, `..[unit_amount]`, `..[product_data][name]`, `line_items[N][quantity]`, `client_reference_id`, `customer` or `customer_email`, `metadata[..]`, `payment_intent_data[metadata/description/receipt_email]`, `expires_at`, `payment_method_types[]` |
-//! | `GET /v1/checkout/sessions` | newest first; list parameters plus `payment_intent`, `customer`, `status` (no search: Stripe has none for sessions) |
+//! | `GET /v1/checkout/sessions` | newest first; list parameters plus `payment_intent`, `customer`, `subscription`, `status` (no search: Stripe has none for sessions) |
 //! | `GET /v1/checkout/sessions/:id` | |
 //! | `POST /v1/checkout/sessions/:id/expire` | open sessions only |
+//! | `POST /v1/products`, `GET /v1/products[/:id]` | `name`, `description`, `metadata[..]`, `id` |
+//! | `POST /v1/prices`, `GET /v1/prices[/:id]` | `currency`, `unit_amount`, `product` or `product_data[name]`, `recurring[interval]`, `recurring[interval_count]`, `nickname`, `lookup_key`, `metadata[..]` |
+//! | `POST /v1/customers[/:id]`, `GET /v1/customers[/:id]` | `email`, `name`, `metadata[..]`, `test_clock` (create), `payment_method`, `invoice_settings[default_payment_method]` |
+//! | `GET /v1/subscriptions[/:id]` | list: `status` (a status, `all`, `ended`; default: not canceled), `customer`, `price`, `test_clock`, `created` |
+//! | `POST /v1/subscriptions/:id` | `items[0][id]`, `items[0][price]`, `items[0][quantity]`, `cancel_at_period_end`, `metadata[..]`, `proration_behavior` |
+//! | `DELETE /v1/subscriptions/:id` | cancels now; again: the canceled subscription, unchanged |
+//! | `GET /v1/invoices[/:id]` | list: `customer`, `subscription`, `status`, `created` |
+//! | `POST /v1/test_helpers/test_clocks`, `GET ...[/:id]`, `POST .../:id/advance` | `frozen_time`, `name` |
+//!
+//! Subscription-mode Checkout Sessions (`mode=subscription`, `line_items[0][price]` of a recurring
+//! Price, `line_items[0][quantity]`, `subscription_data[metadata][..]`), and what Billing does on
+//! its own (renewals, failed charges and their retries, cancellation at period end), with the
+//! events in order and the two API shapes, are described in tests/stripe-fake/README.md
+//! ("Subscriptions, invoices and test clocks") and in the `billing` module.
 //!
 //! # Control endpoints
 //!
@@ -120,10 +134,17 @@
 //!   `pm_card_authenticationRequired`, ...); capture is always automatic; `customer` is not checked.
 //! - No minimum charge amount (Stripe wants about 50 cents); amounts are 1..=99999999.
 //! - Search is immediately consistent (Stripe's lags by up to a minute).
-//! - Checkout: payment mode and hosted UI only; line items by `price_data` only (no Price or
-//!   Product objects yet); no tax, discounts, shipping or session updates; 3-D Secure cards are
+//! - Checkout: payment and subscription modes, hosted UI only; payment mode takes line items by
+//!   `price_data`, subscription mode one `line_items[0][price]`; no tax, discounts, shipping or
+//!   session updates; 3-D Secure cards are
 //!   refused by the customer controls; a session total must be at least 1 (Stripe wants the
 //!   currency's minimum charge, 50 cents for usd).
+//! - Billing: one item per subscription, cards only, no trials, coupons, taxes, prorations or
+//!   invoice PaymentIntents/Charges (an invoice is paid or not by its customer's
+//!   `invoice_settings.default_payment_method`, a test token such as `pm_card_visa` or
+//!   `pm_card_chargeCustomerFail`, kept as given instead of being copied to a `pm_...`); price
+//!   changes keep the billing interval; a renewal's draft is finalized an hour after the period
+//!   ends, as on Stripe; test clock advances happen before the answer (which says `advancing`).
 //! - Webhook retries are compressed to milliseconds; signatures carry wall-clock time even when the
 //!   fake's clock was advanced, since the receiver checks them against its own clock.
 //! - Webhooks go out one at a time in event order by default ([`Config::webhook_concurrency`]);
@@ -131,6 +152,9 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod api_version;
+mod billing;
+mod calendar;
 mod card;
 mod charge;
 mod checkout_flow;
@@ -139,6 +163,7 @@ mod clock;
 mod collection;
 mod config;
 mod control;
+mod customer;
 pub use control::CONTROL_API;
 mod error;
 mod fake;
@@ -146,6 +171,7 @@ mod faults;
 pub mod form;
 mod idempotency;
 mod ids;
+mod invoice;
 mod ledger;
 mod line_items;
 mod list;
@@ -153,6 +179,7 @@ mod operations;
 mod params;
 mod payment_intent;
 mod pipeline;
+mod price;
 mod rate_limit;
 mod refund;
 mod routes;
@@ -161,8 +188,12 @@ mod seed;
 mod server;
 mod shared;
 mod state;
+mod subscription;
+mod test_clock;
 mod webhooks;
 
+pub use api_version::BASIL as BASIL_API_VERSION;
+pub use billing::{AfterRetries, BillingSettings};
 pub use checkout_flow::CheckoutPayment;
 pub use config::{Config, API_VERSION};
 pub use error::{ApiError, ErrorType};
@@ -171,7 +202,8 @@ pub use faults::{FaultAction, FaultError, FaultRule, FaultStatus};
 pub use idempotency::DEFAULT_RETENTION_SECS;
 pub use ledger::{
     CheckoutSessionLedger, CheckoutSessionSummary, EventLedger, EventSummary, IdempotencyLedger,
-    Ledger, PaymentIntentLedger, PaymentIntentSummary, RefundLedger, RefundSummary,
+    InvoiceLedger, InvoiceSummary, Ledger, PaymentIntentLedger, PaymentIntentSummary, RefundLedger,
+    RefundSummary, SubscriptionLedger, SubscriptionSummary,
 };
 pub use seed::{SeedError, SeedReport, SeedRequest};
 pub use webhooks::{

@@ -47,6 +47,10 @@ struct Args {
     /// Emulate Stripe's rate limit: at most this many API requests per second.
     #[arg(long)]
     rate_limit_per_second: Option<u32>,
+    /// The account's Stripe API version: events render in it (2025-03-31.basil and later: the new
+    /// Billing shapes). Switchable at runtime with POST /_fake/api_version.
+    #[arg(long, env = "STRIPE_FAKE_API_VERSION", default_value = stripe_fake::API_VERSION)]
+    api_version: String,
     /// Seed for fault probabilities, delivery drops and reordering.
     #[arg(long, default_value_t = Config::default().seed)]
     seed: u64,
@@ -86,6 +90,7 @@ async fn run(args: Args) -> ExitCode {
         rate_limit_per_second: args.rate_limit_per_second,
         seed: args.seed,
         webhook_concurrency: args.webhook_concurrency,
+        api_version: args.api_version,
         ..Config::default()
     };
     let fake = match StripeFake::start(config).await {

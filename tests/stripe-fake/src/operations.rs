@@ -5,6 +5,8 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::api::payment_intents;
+use crate::api_version;
+use crate::billing::{self, BillingSettings};
 use crate::checkout_flow::{self, CheckoutPayment};
 use crate::error::ApiError;
 use crate::faults::{FaultError, FaultRule, FaultStatus};
@@ -153,12 +155,71 @@ impl Shared {
         })
     }
 
+    /// The customer pays a subscription-mode session by card, its customer on `test_clock`.
+    pub fn pay_subscription_checkout(
+        &self,
+        session: &str,
+        payment_method: &str,
+        test_clock: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let ctx = Ctx::internal(self.clock.now());
+        self.update(|s| {
+            checkout_flow::expire_due(s, ctx.now);
+            billing::pay_subscription_session(s, &ctx, session, payment_method, test_clock)
+        })
+    }
+
+    pub fn api_version(&self) -> String {
+        self.read(|s| s.api_version.clone())
+    }
+
+    /// Switches the account's API version: later events (and answers to requests without a
+    /// `Stripe-Version`) render in its shapes.
+    pub fn set_api_version(&self, version: &str) -> Result<(), ApiError> {
+        api_version::validate(version)?;
+        self.update(|s| s.api_version = version.to_owned());
+        Ok(())
+    }
+
+    pub fn billing(&self) -> BillingSettings {
+        self.read(|s| s.billing.clone())
+    }
+
+    pub fn set_billing(&self, settings: BillingSettings) -> Result<(), String> {
+        settings.validate()?;
+        self.update(|s| s.billing = settings);
+        Ok(())
+    }
+
+    /// A subscription's JSON in the account's API version.
+    pub fn subscription(&self, id: &str) -> Option<Value> {
+        self.read(|s| billing::subscription_json(s, id, s.event_shape()))
+    }
+
+    /// An invoice's JSON in the account's API version.
+    pub fn invoice(&self, id: &str) -> Option<Value> {
+        self.read(|s| billing::invoice_json(s, id, s.event_shape()))
+    }
+
     pub fn checkout_session(&self, id: &str) -> Option<Value> {
         self.read(|s| s.checkout_sessions.get(id).map(|cs| cs.to_json()))
     }
 
     pub fn payment_intent(&self, id: &str) -> Option<Value> {
         self.read(|s| s.payment_intents.get(id).map(|pi| pi.to_json()))
+    }
+
+    /// Every event in the order it was emitted (and queued for delivery).
+    pub fn events_emitted(&self) -> Vec<Value> {
+        self.read(|s| {
+            let mut events: Vec<(u64, Value)> = s
+                .events
+                .iter()
+                .map(|(k, e)| (k.1, e.json.clone()))
+                .collect();
+            events.sort_by_key(|(seq, _)| *seq);
+            events.into_iter().map(|(_, e)| e).collect()
+        })
     }
 
     /// Every event, oldest first.

@@ -370,6 +370,11 @@ impl Reader {
         }
     }
 
+    /// Whether the request names this parameter at all (read or not yet).
+    pub fn has(&self, name: &str) -> bool {
+        self.params.contains_key(name)
+    }
+
     /// Parameters Stripe accepts that change nothing here (`expand[]`, `return_url`, ...).
     pub fn ignore(&mut self, names: &[&str]) {
         for name in names {

@@ -13,6 +13,7 @@ use hyper::{HeaderMap, Method, Response, StatusCode};
 use serde_json::Value;
 
 use crate::api;
+use crate::api_version;
 use crate::config::{redact_key, API_VERSION};
 use crate::error::{shorten, ApiError};
 use crate::form::{self, FormError, Params};
@@ -46,8 +47,24 @@ pub enum Abort {
 
 pub async fn handle(shared: &Arc<Shared>, request: Incoming) -> Result<HttpResponse, Abort> {
     let reply = run(shared, &request).await?;
-    shared.update(|s| *s.counters.responses.entry(reply.status).or_default() += 1);
-    Ok(reply.into_response(&request.request_id))
+    let account_version = shared.update(|s| {
+        *s.counters.responses.entry(reply.status).or_default() += 1;
+        s.api_version.clone()
+    });
+    let mut response = reply.into_response(&request.request_id);
+    // The version the answer is rendered in: the request's, else the account's.
+    let version = requested_version(&request).unwrap_or(account_version);
+    if let Ok(value) = HeaderValue::from_str(&version) {
+        response.headers_mut().insert("stripe-version", value);
+    }
+    Ok(response)
+}
+
+/// The request's `Stripe-Version` header, if it sent a well-formed one.
+fn requested_version(request: &Incoming) -> Option<String> {
+    let text = request.headers.get("stripe-version")?.to_str().ok()?.trim();
+    api_version::validate(text).ok()?;
+    Some(text.to_owned())
 }
 
 async fn run(shared: &Arc<Shared>, request: &Incoming) -> Result<Reply, Abort> {
@@ -89,6 +106,12 @@ async fn run(shared: &Arc<Shared>, request: &Incoming) -> Result<Reply, Abort> {
         Ok(read) => read,
         Err(error) => return Ok(Reply::error(&error)),
     };
+    if let Some(value) = request.headers.get("stripe-version") {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        if let Err(error) = api_version::validate(text.trim()) {
+            return Ok(Reply::error(&error));
+        }
+    }
 
     let mut guard = None;
     if let Some(key) = &key {
@@ -138,6 +161,7 @@ async fn run(shared: &Arc<Shared>, request: &Incoming) -> Result<Reply, Abort> {
         now: shared.clock.now(),
         request_id: Some(request.request_id.clone()),
         idempotency_key: key.clone(),
+        api_version: requested_version(request),
     };
     let reply = shared.update(|s| {
         let reply = match api::execute(s, &ctx, &route, params) {

@@ -21,6 +21,26 @@ pub enum Route {
     ListCheckoutSessions,
     RetrieveCheckoutSession(String),
     ExpireCheckoutSession(String),
+    CreateProduct,
+    ListProducts,
+    RetrieveProduct(String),
+    CreatePrice,
+    ListPrices,
+    RetrievePrice(String),
+    CreateCustomer,
+    ListCustomers,
+    RetrieveCustomer(String),
+    UpdateCustomer(String),
+    ListSubscriptions,
+    RetrieveSubscription(String),
+    UpdateSubscription(String),
+    CancelSubscription(String),
+    ListInvoices,
+    RetrieveInvoice(String),
+    CreateTestClock,
+    ListTestClocks,
+    RetrieveTestClock(String),
+    AdvanceTestClock(String),
 }
 
 impl Route {
@@ -48,6 +68,28 @@ impl Route {
             ("POST", ["checkout", "sessions", cs, "expire"]) => {
                 Route::ExpireCheckoutSession(id(cs))
             }
+            ("POST", ["products"]) => Route::CreateProduct,
+            ("GET", ["products"]) => Route::ListProducts,
+            ("GET", ["products", p]) => Route::RetrieveProduct(id(p)),
+            ("POST", ["prices"]) => Route::CreatePrice,
+            ("GET", ["prices"]) => Route::ListPrices,
+            ("GET", ["prices", p]) => Route::RetrievePrice(id(p)),
+            ("POST", ["customers"]) => Route::CreateCustomer,
+            ("GET", ["customers"]) => Route::ListCustomers,
+            ("GET", ["customers", c]) => Route::RetrieveCustomer(id(c)),
+            ("POST", ["customers", c]) => Route::UpdateCustomer(id(c)),
+            ("GET", ["subscriptions"]) => Route::ListSubscriptions,
+            ("GET", ["subscriptions", s]) => Route::RetrieveSubscription(id(s)),
+            ("POST", ["subscriptions", s]) => Route::UpdateSubscription(id(s)),
+            ("DELETE", ["subscriptions", s]) => Route::CancelSubscription(id(s)),
+            ("GET", ["invoices"]) => Route::ListInvoices,
+            ("GET", ["invoices", i]) => Route::RetrieveInvoice(id(i)),
+            ("POST", ["test_helpers", "test_clocks"]) => Route::CreateTestClock,
+            ("GET", ["test_helpers", "test_clocks"]) => Route::ListTestClocks,
+            ("GET", ["test_helpers", "test_clocks", c]) => Route::RetrieveTestClock(id(c)),
+            ("POST", ["test_helpers", "test_clocks", c, "advance"]) => {
+                Route::AdvanceTestClock(id(c))
+            }
             _ => return None,
         };
         Some(route)
@@ -73,6 +115,26 @@ impl Route {
             Route::ListCheckoutSessions => "GET /v1/checkout/sessions",
             Route::RetrieveCheckoutSession(_) => "GET /v1/checkout/sessions/:id",
             Route::ExpireCheckoutSession(_) => "POST /v1/checkout/sessions/:id/expire",
+            Route::CreateProduct => "POST /v1/products",
+            Route::ListProducts => "GET /v1/products",
+            Route::RetrieveProduct(_) => "GET /v1/products/:id",
+            Route::CreatePrice => "POST /v1/prices",
+            Route::ListPrices => "GET /v1/prices",
+            Route::RetrievePrice(_) => "GET /v1/prices/:id",
+            Route::CreateCustomer => "POST /v1/customers",
+            Route::ListCustomers => "GET /v1/customers",
+            Route::RetrieveCustomer(_) => "GET /v1/customers/:id",
+            Route::UpdateCustomer(_) => "POST /v1/customers/:id",
+            Route::ListSubscriptions => "GET /v1/subscriptions",
+            Route::RetrieveSubscription(_) => "GET /v1/subscriptions/:id",
+            Route::UpdateSubscription(_) => "POST /v1/subscriptions/:id",
+            Route::CancelSubscription(_) => "DELETE /v1/subscriptions/:id",
+            Route::ListInvoices => "GET /v1/invoices",
+            Route::RetrieveInvoice(_) => "GET /v1/invoices/:id",
+            Route::CreateTestClock => "POST /v1/test_helpers/test_clocks",
+            Route::ListTestClocks => "GET /v1/test_helpers/test_clocks",
+            Route::RetrieveTestClock(_) => "GET /v1/test_helpers/test_clocks/:id",
+            Route::AdvanceTestClock(_) => "POST /v1/test_helpers/test_clocks/:id/advance",
         }
     }
 }
@@ -105,6 +167,17 @@ mod tests {
                 Some(Route::ConfirmPaymentIntent("pi_1".into())),
             ),
             (Method::DELETE, "/v1/payment_intents/pi_1", None),
+            (
+                Method::DELETE,
+                "/v1/subscriptions/sub_1",
+                Some(Route::CancelSubscription("sub_1".into())),
+            ),
+            (
+                Method::POST,
+                "/v1/test_helpers/test_clocks/clock_1/advance",
+                Some(Route::AdvanceTestClock("clock_1".into())),
+            ),
+            (Method::DELETE, "/v1/invoices/in_1", None),
             (Method::GET, "/v1/payment_intents/pi_1/cancel", None),
             (Method::GET, "/v2/payment_intents", None),
             (

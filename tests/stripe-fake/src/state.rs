@@ -7,17 +7,24 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use crate::api_version::Shape;
+use crate::billing::BillingSettings;
 use crate::charge::Charge;
 use crate::checkout_session::CheckoutSessions;
 use crate::collection::Collection;
-use crate::config::{Config, API_VERSION};
+use crate::config::Config;
+use crate::customer::Customer;
 use crate::faults::Faults;
 use crate::idempotency::IdempotencyStore;
 use crate::ids::new_id;
+use crate::invoice::Invoice;
 use crate::ledger::Counters;
 use crate::payment_intent::PaymentIntents;
+use crate::price::{Price, Product};
 use crate::rate_limit::RateLimit;
 use crate::refund::Refund;
+use crate::subscription::Subscription;
+use crate::test_clock::TestClock;
 use crate::webhooks::{Sender, WebhookEndpoint, WebhookState};
 
 /// Who caused a change, for the event's `request` field.
@@ -27,6 +34,8 @@ pub struct Ctx {
     pub now: i64,
     pub request_id: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The request's `Stripe-Version`, when it sent one: API answers render in its shape.
+    pub api_version: Option<String>,
 }
 
 impl Ctx {
@@ -52,6 +61,15 @@ pub struct State {
     pub charges: HashMap<String, Charge>,
     pub refunds: Collection<Refund>,
     pub events: Collection<Event>,
+    pub products: Collection<Product>,
+    pub prices: Collection<Price>,
+    pub customers: Collection<Customer>,
+    pub subscriptions: Collection<Subscription>,
+    pub invoices: Collection<Invoice>,
+    pub test_clocks: Collection<TestClock>,
+    /// The account's API version: events are rendered in it.
+    pub api_version: String,
+    pub billing: BillingSettings,
     pub idempotency: IdempotencyStore,
     pub faults: Faults,
     pub webhooks: WebhookState,
@@ -75,6 +93,14 @@ impl State {
             charges: HashMap::new(),
             refunds: Collection::default(),
             events: Collection::default(),
+            products: Collection::default(),
+            prices: Collection::default(),
+            customers: Collection::default(),
+            subscriptions: Collection::default(),
+            invoices: Collection::default(),
+            test_clocks: Collection::default(),
+            api_version: config.api_version.clone(),
+            billing: config.billing.clone(),
             idempotency: IdempotencyStore::new(config.idempotency_retention_secs),
             faults: Faults::new(config.seed),
             webhooks: WebhookState::new(
@@ -105,16 +131,40 @@ impl State {
         self.record_event(ctx, kind, object, true)
     }
 
+    /// Records an `*.updated` event with `data.previous_attributes`.
+    pub fn emit_update(&mut self, ctx: &Ctx, kind: &str, object: Value, previous: Value) -> String {
+        self.record(
+            ctx,
+            kind,
+            json!({ "object": object, "previous_attributes": previous }),
+            true,
+        )
+    }
+
     /// Records an event; `deliver` false keeps it off the webhook (bulk seeding).
     pub fn record_event(&mut self, ctx: &Ctx, kind: &str, object: Value, deliver: bool) -> String {
+        self.record(ctx, kind, json!({ "object": object }), deliver)
+    }
+
+    /// The shape events are rendered in: the account's API version.
+    pub fn event_shape(&self) -> Shape {
+        Shape::of(&self.api_version)
+    }
+
+    /// The shape of an API answer: the request's `Stripe-Version`, else the account's.
+    pub fn answer_shape(&self, ctx: &Ctx) -> Shape {
+        Shape::of(ctx.api_version.as_deref().unwrap_or(&self.api_version))
+    }
+
+    fn record(&mut self, ctx: &Ctx, kind: &str, data: Value, deliver: bool) -> String {
         let id = new_id("evt_");
         let pending = deliver && self.webhooks.endpoint.is_some();
         let json = json!({
             "id": id,
             "object": "event",
-            "api_version": API_VERSION,
+            "api_version": self.api_version,
             "created": ctx.now,
-            "data": { "object": object },
+            "data": data,
             "livemode": false,
             "pending_webhooks": u32::from(pending),
             "request": { "id": ctx.request_id, "idempotency_key": ctx.idempotency_key },

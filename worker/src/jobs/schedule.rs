@@ -87,7 +87,7 @@ async fn scheduled_reconcile(shared: &Shared, cancel: &CancellationToken) {
     }
     .await;
     match result {
-        Ok(Started::Ran(_)) => {}
+        Ok(Started::Ran(report)) => shared.metrics.reconciled(&report.counts),
         Ok(Started::AlreadyRunning) => {
             debug!("another replica is reconciling; skipping this turn")
         }

@@ -27,6 +27,7 @@ const MIN_SEND_WINDOW: Duration = Duration::from_millis(500);
 /// The kinds whose re-send past Stripe's key retention could create a second object.
 const CREATE_INTENT: &str = "create_payment_intent";
 const CREATE_SESSION: &str = "create_checkout_session";
+const CREATE_SUBSCRIPTION_SESSION: &str = "create_subscription_session";
 
 /// Pages of Checkout Sessions a key-retention lookup reads before giving up for this attempt
 /// (Stripe has no search for sessions: they are listed by `created` and matched on metadata).
@@ -63,7 +64,8 @@ pub(super) async fn process(
     };
 
     let mut timeout = send_slot(&shared, &row, lease_deadline, &cancel).await?;
-    let is_create = row.kind == CREATE_INTENT || row.kind == CREATE_SESSION;
+    let is_create =
+        [CREATE_INTENT, CREATE_SESSION, CREATE_SUBSCRIPTION_SESSION].contains(&row.kind.as_str());
     if row.past_key_retention && is_create && req.method == Method::Post {
         match key_retention_lookup(&shared, &row, timeout).await {
             Lookup::Rekeyed(key) => req.idempotency_key = Some(key),
@@ -184,14 +186,41 @@ async fn key_retention_lookup(shared: &Shared, row: &ClaimedRow, timeout: Durati
             reason: RetryReason::LookupFailed,
         })
     };
-    let Some(payment_id) = row.payment_id.as_deref() else {
-        return retry("key-retention lookup: the command has no payment id".into());
+    // What our metadata carries: the payment's id, or the subscription's for its session.
+    let (what, meta_key, ours) = if row.kind == CREATE_SUBSCRIPTION_SESSION {
+        (
+            "Checkout Session",
+            "pgpay_subscription_id",
+            row.subscription_id.as_deref(),
+        )
+    } else if row.kind == CREATE_SESSION {
+        (
+            "Checkout Session",
+            "pgpay_payment_id",
+            row.payment_id.as_deref(),
+        )
+    } else {
+        (
+            "PaymentIntent",
+            "pgpay_payment_id",
+            row.payment_id.as_deref(),
+        )
+    };
+    let Some(ours) = ours else {
+        return retry(format!(
+            "key-retention lookup: the command has no {}",
+            if meta_key == "pgpay_subscription_id" {
+                "subscription id"
+            } else {
+                "payment id"
+            }
+        ));
     };
     info!("create is past Stripe's key retention; looking for what it created before re-sending");
-    let found = if row.kind == CREATE_SESSION {
-        find_session(shared, row, payment_id, timeout).await
+    let found = if what == "PaymentIntent" {
+        find_intent(shared, row, ours, timeout).await
     } else {
-        find_intent(shared, row, payment_id, timeout).await
+        find_session(shared, row, meta_key, ours, timeout).await
     };
     let (status, found) = match found {
         Ok(found) => found,
@@ -206,14 +235,8 @@ async fn key_retention_lookup(shared: &Shared, row: &ClaimedRow, timeout: Durati
             replayed: false,
         });
     }
-    let reason = format!(
-        "no {} with metadata pgpay_payment_id={payment_id} at Stripe after the key's retention",
-        if row.kind == CREATE_SESSION {
-            "Checkout Session"
-        } else {
-            "PaymentIntent"
-        }
-    );
+    let reason =
+        format!("no {what} with metadata {meta_key}={ours} at Stripe after the key's retention");
     match sql::rekey_create(&shared.pool, row.id, row.attempt, &reason).await {
         Ok(Some(key)) => {
             shared.metrics.key_lookup("rekeyed");
@@ -264,12 +287,14 @@ async fn find_intent(
     ))
 }
 
-/// The Checkout Session carrying this payment's id: sessions created since the first attempt,
+/// The Checkout Session carrying our id in `metadata[meta_key]` (the payment's, or the
+/// subscription's for a subscription-mode session): sessions created since the first attempt,
 /// newest first, matched on our metadata.
 async fn find_session(
     shared: &Shared,
     row: &ClaimedRow,
-    payment_id: &str,
+    meta_key: &str,
+    ours: &str,
     timeout: Duration,
 ) -> Result<Found, String> {
     let since = (row.first_attempt_unix - SESSION_LIST_SLACK_SECS).max(0);
@@ -288,9 +313,9 @@ async fn find_session(
             .last()
             .and_then(|s| s["id"].as_str())
             .map(str::to_owned);
-        let ours = data.into_iter().find(|s| {
-            s["object"] == "checkout.session" && s["metadata"]["pgpay_payment_id"] == payment_id
-        });
+        let ours = data
+            .into_iter()
+            .find(|s| s["object"] == "checkout.session" && s["metadata"][meta_key] == ours);
         if ours.is_some() || !has_more || after.is_none() {
             return Ok((status, ours));
         }

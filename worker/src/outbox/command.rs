@@ -19,7 +19,7 @@ pub enum MalformedCommand {
     #[error("request.method is missing or not a string")]
     MissingMethod,
     /// `request.method` names a method the worker does not send.
-    #[error("unknown request.method {0:?} (expected GET or POST)")]
+    #[error("unknown request.method {0:?} (expected GET, POST or DELETE)")]
     UnknownMethod(String),
     /// `request.path` is missing or not a string.
     #[error("request.path is missing or not a string")]
@@ -33,8 +33,9 @@ pub enum MalformedCommand {
     /// A parameter value is an array, object or null (params must be flat).
     #[error("request.params[{0:?}] is not a string, number or boolean (params must be flat)")]
     NestedParam(String),
-    /// A POST without its Idempotency-Key would be unsafe to retry, so it is never sent.
-    #[error("POST command has no idempotency_key; refusing to send it without one")]
+    /// A write (POST, DELETE) without its Idempotency-Key would be unsafe to retry, so it is
+    /// never sent.
+    #[error("POST or DELETE command has no idempotency_key; refusing to send it without one")]
     MissingIdempotencyKey,
     /// The key is empty, too long for Stripe (255), or not a valid header value.
     #[error("idempotency_key is empty, longer than 255 characters or not printable ASCII")]
@@ -52,6 +53,7 @@ pub fn parse_request(
         Some(m) => match m.to_ascii_uppercase().as_str() {
             "GET" => Method::Get,
             "POST" => Method::Post,
+            "DELETE" => Method::Delete,
             _ => return Err(MalformedCommand::UnknownMethod(m.to_owned())),
         },
     };
@@ -85,11 +87,13 @@ pub fn parse_request(
         Some(_) => return Err(MalformedCommand::ParamsNotAnObject),
     };
     let idempotency_key = match (method, idempotency_key) {
-        (Method::Post, None) => return Err(MalformedCommand::MissingIdempotencyKey),
+        (Method::Post | Method::Delete, None) => {
+            return Err(MalformedCommand::MissingIdempotencyKey)
+        }
         (_, Some(k)) if !is_valid_key(k) => return Err(MalformedCommand::BadIdempotencyKey),
-        (Method::Post, Some(k)) => Some(k.to_owned()),
-        // GETs carry no key (the contract: POSTs only).
-        (_, _) => None,
+        (Method::Post | Method::Delete, Some(k)) => Some(k.to_owned()),
+        // GETs carry no key (the contract: writes only).
+        (Method::Get, _) => None,
     };
     Ok(StripeRequest {
         method,
@@ -163,6 +167,22 @@ mod tests {
     }
 
     #[test]
+    fn delete_carries_its_key_and_query_params() {
+        let req = json!({
+            "method": "DELETE",
+            "path": "/v1/subscriptions/sub_1",
+            "params": {"cancellation_details[comment]": "asked"}
+        });
+        let r = parse_request(&req, Some("sub_cancel:abc")).unwrap();
+        assert_eq!(r.method, Method::Delete);
+        assert_eq!(r.idempotency_key.as_deref(), Some("sub_cancel:abc"));
+        assert_eq!(
+            r.params,
+            vec![("cancellation_details[comment]".into(), "asked".into())]
+        );
+    }
+
+    #[test]
     fn malformed_rows_table() {
         let cases: Vec<(Value, Option<&str>, MalformedCommand)> = vec![
             (
@@ -186,9 +206,14 @@ mod tests {
                 MalformedCommand::UnknownMethod("PATCH".into()),
             ),
             (
-                json!({"method": "DELETE", "path": "/v1/x"}),
+                json!({"method": "PUT", "path": "/v1/x"}),
                 Some("k"),
-                MalformedCommand::UnknownMethod("DELETE".into()),
+                MalformedCommand::UnknownMethod("PUT".into()),
+            ),
+            (
+                json!({"method": "DELETE", "path": "/v1/subscriptions/sub_1"}),
+                None,
+                MalformedCommand::MissingIdempotencyKey,
             ),
             (
                 json!({"method": "POST"}),

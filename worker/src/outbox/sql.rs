@@ -17,8 +17,11 @@ use crate::db::{client, DbError};
 pub(super) struct ClaimedRow {
     /// `pay.outbox.id`.
     pub(super) id: i64,
-    /// The payment, for logs.
+    /// The payment, for logs and the key-retention lookup of payment creates.
     pub(super) payment_id: Option<String>,
+    /// The subscription (`pay.outbox.subscription_id`), for subscription commands: the
+    /// key-retention lookup of `create_subscription_session` matches it in our metadata.
+    pub(super) subscription_id: Option<String>,
     /// `create_payment_intent`, ...
     pub(super) kind: String,
     /// Sent as `Idempotency-Key` (POST).
@@ -41,16 +44,20 @@ impl std::fmt::Debug for ClaimedRow {
         f.debug_struct("ClaimedRow")
             .field("id", &self.id)
             .field("payment_id", &self.payment_id)
+            .field("subscription_id", &self.subscription_id)
             .field("kind", &self.kind)
             .field("attempt", &self.attempt)
             .finish_non_exhaustive()
     }
 }
 
-const CLAIM: &str = "SELECT id, payment_id::text, kind::text, idempotency_key::text, request::jsonb, attempts::int, \
-     coalesce(first_attempt_at < now() - make_interval(secs => $4::float8), false), \
-     coalesce(floor(extract(epoch FROM first_attempt_at))::bigint, 0) \
-     FROM pay.claim_outbox($1::text, $2::int, make_interval(secs => $3::float8))";
+/// `subscription_id` is read by name from the row (`to_jsonb`), so a worker of this version
+/// keeps claiming from a database whose extension is not yet upgraded to subscriptions.
+const CLAIM: &str = "SELECT o.id, o.payment_id::text, o.kind::text, o.idempotency_key::text, o.request::jsonb, o.attempts::int, \
+     coalesce(o.first_attempt_at < now() - make_interval(secs => $4::float8), false), \
+     coalesce(floor(extract(epoch FROM o.first_attempt_at))::bigint, 0), \
+     to_jsonb(o) ->> 'subscription_id' \
+     FROM pay.claim_outbox($1::text, $2::int, make_interval(secs => $3::float8)) o";
 const REKEY: &str = "SELECT pay.rekey_create_command($1::bigint, $2::int, $3::text)";
 const COMPLETE: &str = "SELECT pay.complete_outbox($1::bigint, $2::int, $3::int, $4::jsonb)";
 const RETRY: &str = "SELECT pay.retry_outbox($1::bigint, $2::int, $3::int, $4::text, \
@@ -89,6 +96,7 @@ pub(super) async fn claim(
                 attempt: r.try_get(5)?,
                 past_key_retention: r.try_get(6)?,
                 first_attempt_unix: r.try_get(7)?,
+                subscription_id: r.try_get(8)?,
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()

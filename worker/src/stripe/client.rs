@@ -173,8 +173,8 @@ impl StripeClient {
         self.request_timeout
     }
 
-    /// The URL a request goes to: the API base followed by the path (and, for a GET, the
-    /// parameters as a query string). Refuses anything that would leave the
+    /// The URL a request goes to: the API base followed by the path (and, for a GET or a DELETE,
+    /// the parameters as a query string). Refuses anything that would leave the
     /// base's origin, so the API key is only ever sent where it was configured to go.
     pub fn url_for(&self, req: &StripeRequest) -> Result<Url, BadUrl> {
         let joined = format!("{}{}", self.base.as_str().trim_end_matches('/'), req.path);
@@ -301,6 +301,21 @@ mod tests {
         assert_eq!(
             c.url_for(&post).unwrap().as_str(),
             "http://127.0.0.1:9/stripe/v1/payment_intents"
+        );
+    }
+
+    #[test]
+    fn delete_sends_params_in_the_query() {
+        let c = client("https://api.stripe.com");
+        let delete = StripeRequest {
+            method: Method::Delete,
+            path: "/v1/subscriptions/sub_1".into(),
+            params: vec![("prorate".into(), "false".into())],
+            idempotency_key: Some("k".into()),
+        };
+        assert_eq!(
+            c.url_for(&delete).unwrap().as_str(),
+            "https://api.stripe.com/v1/subscriptions/sub_1?prorate=false"
         );
     }
 

@@ -186,10 +186,30 @@ impl<'a> StripeReader<'a> {
         created_gte: i64,
         starting_after: Option<&str>,
     ) -> Result<Page, ReadError> {
-        let mut params = vec![
-            ("limit".to_owned(), PAGE_SIZE.to_string()),
-            ("created[gte]".to_owned(), created_gte.to_string()),
-        ];
+        self.list_page_with(what, path, &[], Some(created_gte), starting_after)
+            .await
+    }
+
+    /// [`StripeReader::list_page`] with filters of the endpoint (`status=all` for
+    /// subscriptions, which Stripe otherwise lists without the canceled ones), and without a
+    /// `created` bound for lists that take none (test clocks).
+    pub(crate) async fn list_page_with(
+        &self,
+        what: &'static str,
+        path: &str,
+        filters: &[(&str, &str)],
+        created_gte: Option<i64>,
+        starting_after: Option<&str>,
+    ) -> Result<Page, ReadError> {
+        let mut params = vec![("limit".to_owned(), PAGE_SIZE.to_string())];
+        if let Some(gte) = created_gte {
+            params.push(("created[gte]".to_owned(), gte.to_string()));
+        }
+        params.extend(
+            filters
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         if let Some(after) = starting_after {
             params.push(("starting_after".to_owned(), after.to_owned()));
         }

@@ -7,6 +7,10 @@ pub enum Method {
     Get,
     /// Writes; always carry their command's Idempotency-Key.
     Post,
+    /// Deletions (`DELETE /v1/subscriptions/:id`): parameters in the query string, and the
+    /// command's Idempotency-Key like a POST (Stripe ignores it on DELETE, which is idempotent by
+    /// definition; sending it keeps every write of the outbox keyed the same way).
+    Delete,
 }
 
 impl Method {
@@ -15,6 +19,7 @@ impl Method {
         match self {
             Method::Get => "GET",
             Method::Post => "POST",
+            Method::Delete => "DELETE",
         }
     }
 
@@ -22,12 +27,13 @@ impl Method {
         match self {
             Method::Get => reqwest::Method::GET,
             Method::Post => reqwest::Method::POST,
+            Method::Delete => reqwest::Method::DELETE,
         }
     }
 }
 
 /// Method, path (relative to the API base), form parameters in a stable order, and the
-/// key that POSTs must carry.
+/// key that writes (POST, DELETE) must carry.
 #[derive(Clone, PartialEq, Eq)]
 pub struct StripeRequest {
     /// HTTP method.
@@ -36,7 +42,7 @@ pub struct StripeRequest {
     pub path: String,
     /// Form parameters, keys already in Stripe's bracket notation.
     pub params: Vec<(String, String)>,
-    /// The stored Idempotency-Key (POST only).
+    /// The stored Idempotency-Key (POST and DELETE).
     pub idempotency_key: Option<String>,
 }
 

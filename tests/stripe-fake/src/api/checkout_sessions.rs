@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use crate::checkout_flow::{self, delayed_method_for};
 use crate::checkout_session::{
-    Mode, PaymentIntentData, PaymentStatus, Session, SessionStatus, DEFAULT_LIFETIME_SECS,
-    MIN_LIFETIME_SECS,
+    Mode, PaymentIntentData, PaymentStatus, Session, SessionStatus, SubscriptionLine,
+    DEFAULT_LIFETIME_SECS, MIN_LIFETIME_SECS,
 };
 use crate::error::{shorten, ApiError};
 use crate::form::Params;
@@ -56,13 +56,57 @@ pub fn create(state: &mut State, ctx: &Ctx, params: Params) -> Result<Value, Api
     let customer = r.bounded_string("customer", 255)?;
     let customer_email = r.bounded_string("customer_email", 800)?;
     let metadata = r.metadata()?;
+    let payment_intent_data_given = r.has("payment_intent_data");
     let payment_intent_data = read_payment_intent_data(&mut r)?;
+    let subscription_data = r.hash("subscription_data")?;
     let expires_at = r.integer("expires_at")?;
     let payment_method_types = read_payment_method_types(&mut r)?;
     let ui_mode = r.string("ui_mode")?;
-    let (line_items, currency, amount_total) = line_items::read(&mut r)?;
+    let (line_items, currency, amount_total, subscription_line) = match mode {
+        Mode::Payment => {
+            let (items, currency, total) = line_items::read(&mut r)?;
+            (items, currency, total, None)
+        }
+        Mode::Subscription => {
+            let (item, line) = read_subscription_line(state, &mut r)?;
+            let (currency, total) = (item.currency.clone(), item.amount().unwrap_or(0));
+            (vec![item], currency, total, Some(line))
+        }
+    };
+    let subscription_data_metadata = match (mode, subscription_data) {
+        (_, None) => BTreeMap::new(),
+        (Mode::Payment, Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "subscription_data",
+                "You can not pass `subscription_data` in `payment` mode.",
+            ))
+        }
+        (Mode::Subscription, Some(mut data)) => {
+            let metadata = data.metadata()?;
+            data.ignore(&["description", "billing_cycle_anchor", "proration_behavior"]);
+            data.finish()?;
+            let mut out = BTreeMap::new();
+            if let Some(update) = metadata {
+                update.apply(&mut out)?;
+            }
+            out
+        }
+    };
     r.ignore(IGNORED_ON_CREATE);
     r.finish()?;
+    if mode == Mode::Subscription && payment_intent_data_given {
+        return Err(ApiError::invalid_param(
+            "payment_intent_data",
+            "You can not pass `payment_intent_data` in `subscription` mode.",
+        ));
+    }
+    if mode == Mode::Subscription {
+        if let Some(cus) = &customer {
+            if state.customers.get(cus).is_none() {
+                return Err(ApiError::no_such("customer", cus, "customer"));
+            }
+        }
+    }
 
     if ui_mode.is_some_and(|m| m != "hosted") {
         return Err(ApiError::invalid_param(
@@ -105,6 +149,8 @@ pub fn create(state: &mut State, ctx: &Ctx, params: Params) -> Result<Value, Api
             }
             types
         }
+        // Renewals charge the saved card: the fake's subscriptions take cards only.
+        None if mode == Mode::Subscription => vec!["card"],
         // Dynamic payment methods: what the (fake) account has turned on for this currency.
         None => std::iter::once("card")
             .chain(delayed_method_for(&currency))
@@ -138,6 +184,10 @@ pub fn create(state: &mut State, ctx: &Ctx, params: Params) -> Result<Value, Api
         payment_intent_data,
         payment_intent: None,
         url,
+        subscription_line,
+        subscription_data_metadata,
+        subscription: None,
+        invoice: None,
     };
     let json = session.to_json();
     state.checkout_sessions.insert(session);
@@ -165,6 +215,7 @@ pub fn list(state: &State, params: Params) -> Result<Body, ApiError> {
     let query = ListQuery::read(&mut r)?;
     let payment_intent = r.string("payment_intent")?;
     let customer = r.string("customer")?;
+    let subscription = r.string("subscription")?;
     let status = match r.string("status")? {
         None => None,
         Some(text) => Some(SessionStatus::parse(&text).ok_or_else(|| {
@@ -190,6 +241,9 @@ pub fn list(state: &State, params: Params) -> Result<Body, ApiError> {
                 && customer
                     .as_ref()
                     .is_none_or(|c| s.customer.as_ref() == Some(c))
+                && subscription
+                    .as_ref()
+                    .is_none_or(|x| s.subscription.as_ref() == Some(x))
                 && status.is_none_or(|st| s.status == st)
         },
     )?;
@@ -200,9 +254,10 @@ pub fn list(state: &State, params: Params) -> Result<Body, ApiError> {
 fn read_mode(r: &mut Reader) -> Result<Mode, ApiError> {
     match r.required_string("mode")?.as_str() {
         "payment" => Ok(Mode::Payment),
-        "subscription" | "setup" => Err(ApiError::invalid_param(
+        "subscription" => Ok(Mode::Subscription),
+        "setup" => Err(ApiError::invalid_param(
             "mode",
-            "stripe-fake supports only mode=payment so far.",
+            "stripe-fake supports mode=payment and mode=subscription, not setup.",
         )),
         other => Err(ApiError::invalid_param(
             "mode",
@@ -278,4 +333,73 @@ fn read_payment_method_types(r: &mut Reader) -> Result<Option<Vec<&'static str>>
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
+}
+
+/// Subscription mode's `line_items`: exactly one, naming an existing recurring Price by `price`
+/// (`price_data` is not modelled), with a quantity of at least 1.
+fn read_subscription_line(
+    state: &State,
+    r: &mut Reader,
+) -> Result<(line_items::LineItem, SubscriptionLine), ApiError> {
+    let mut readers = r.hash_list("line_items")?;
+    if readers.is_empty() {
+        return Err(ApiError::missing_param("line_items"));
+    }
+    if readers.len() > 1 {
+        return Err(ApiError::invalid_param(
+            "line_items",
+            "stripe-fake's subscriptions have one item: pass exactly one line item in subscription mode.",
+        ));
+    }
+    let mut item = readers.remove(0);
+    let price_path = item.path("price");
+    let quantity_path = item.path("quantity");
+    let price_id = item.string("price")?;
+    let quantity = item.integer("quantity")?.unwrap_or(1);
+    if item.has("price_data") {
+        return Err(ApiError::invalid_param(
+            item.path("price_data"),
+            "stripe-fake's subscription mode takes line_items[0][price] (create the Price first), not price_data.",
+        ));
+    }
+    item.ignore(&["adjustable_quantity", "tax_rates", "dynamic_tax_rates"]);
+    item.finish()?;
+    let price_id = price_id.ok_or_else(|| ApiError::missing_param(&price_path))?;
+    if !(1..=9999).contains(&quantity) {
+        return Err(ApiError::invalid_param(
+            quantity_path,
+            "Quantity must be between 1 and 9999.",
+        ));
+    }
+    let price = state.prices.get(&price_id).ok_or_else(|| {
+        ApiError::invalid_param(
+            &price_path,
+            format!("No such price: '{}'", shorten(&price_id)),
+        )
+        .with_code("resource_missing")
+    })?;
+    if price.recurring.is_none() {
+        return Err(ApiError::invalid_param(
+            price_path,
+            "You must provide at least one recurring price in `subscription` mode when using prices.",
+        ));
+    }
+    let product_name = state
+        .products
+        .get(&price.product)
+        .map_or_else(|| price.product.clone(), |p| p.name.clone());
+    let line = line_items::LineItem {
+        name: product_name,
+        description: None,
+        currency: price.currency.clone(),
+        unit_amount: price.unit_amount,
+        quantity,
+    };
+    Ok((
+        line,
+        SubscriptionLine {
+            price: price_id,
+            quantity,
+        },
+    ))
 }

@@ -3,9 +3,14 @@
 
 mod charges;
 mod checkout_sessions;
+pub mod customers;
 mod events;
+mod invoices;
 pub mod payment_intents;
+mod products;
 mod refunds;
+mod subscriptions;
+mod test_clocks;
 
 use crate::checkout_flow;
 use crate::error::ApiError;
@@ -40,6 +45,26 @@ pub fn execute(
         Route::ListCheckoutSessions => return checkout_sessions::list(state, params),
         Route::RetrieveCheckoutSession(id) => checkout_sessions::retrieve(state, id, params),
         Route::ExpireCheckoutSession(id) => checkout_sessions::expire(state, ctx, id, params),
+        Route::CreateProduct => products::create_product(state, ctx, params),
+        Route::ListProducts => return products::list_products(state, params),
+        Route::RetrieveProduct(id) => products::retrieve_product(state, id, params),
+        Route::CreatePrice => products::create_price(state, ctx, params),
+        Route::ListPrices => return products::list_prices(state, params),
+        Route::RetrievePrice(id) => products::retrieve_price(state, id, params),
+        Route::CreateCustomer => customers::create(state, ctx, params),
+        Route::ListCustomers => return customers::list(state, params),
+        Route::RetrieveCustomer(id) => customers::retrieve(state, id, params),
+        Route::UpdateCustomer(id) => customers::update(state, ctx, id, params),
+        Route::ListSubscriptions => return subscriptions::list(state, ctx, params),
+        Route::RetrieveSubscription(id) => subscriptions::retrieve(state, ctx, id, params),
+        Route::UpdateSubscription(id) => subscriptions::update(state, ctx, id, params),
+        Route::CancelSubscription(id) => subscriptions::cancel(state, ctx, id, params),
+        Route::ListInvoices => return invoices::list(state, ctx, params),
+        Route::RetrieveInvoice(id) => invoices::retrieve(state, ctx, id, params),
+        Route::CreateTestClock => test_clocks::create(state, ctx, params),
+        Route::ListTestClocks => return test_clocks::list(state, params),
+        Route::RetrieveTestClock(id) => test_clocks::retrieve(state, id, params),
+        Route::AdvanceTestClock(id) => test_clocks::advance(state, ctx, id, params),
     };
     answer.map(Body::from)
 }

@@ -124,7 +124,12 @@ async fn validation_errors_are_stripes_and_create_nothing() {
     type Case<'a> = (Vec<(String, String)>, &'a str, Option<&'a str>);
     let cases: Vec<Case> = vec![
         (with(&good, "mode", None), "mode", Some("parameter_missing")),
-        (with(&good, "mode", Some("subscription")), "mode", None),
+        (with(&good, "mode", Some("setup")), "mode", None),
+        (
+            with(&good, "mode", Some("subscription")),
+            "line_items[0][price_data]",
+            None,
+        ),
         (with(&good, "mode", Some("donate")), "mode", None),
         (
             with(&good, "success_url", None),
@@ -459,7 +464,7 @@ async fn list_newest_first_with_filters_and_cursors() {
         .await;
     assert_eq!(bad.status, 400);
     assert_eq!(bad.error()["param"], "starting_after");
-    let bad = api.get(SESSIONS, &[("subscription", "sub_1")]).await;
+    let bad = api.get(SESSIONS, &[("shipping", "x")]).await;
     assert_eq!(bad.error()["code"], "parameter_unknown");
 }
 

@@ -109,6 +109,31 @@ impl Api {
             .expect("a body")
     }
 
+    pub async fn delete(&self, path: &str, idempotency_key: Option<&str>) -> Answer {
+        let mut request = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.key);
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        answer(request.send().await.expect("an answer"))
+            .await
+            .expect("a body")
+    }
+
+    /// A GET with a `Stripe-Version` header.
+    pub async fn get_version(&self, path: &str, version: &str) -> Answer {
+        let request = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .header("Stripe-Version", version);
+        answer(request.send().await.expect("an answer"))
+            .await
+            .expect("a body")
+    }
+
     /// A control endpoint, JSON in and out.
     pub async fn control(
         &self,

@@ -170,7 +170,7 @@ async fn bad_input_is_a_400_naming_the_param() {
         .await
         .expect("answer");
     assert_eq!(raw.status(), 400);
-    let unknown = api.get("/v1/customers", &[]).await;
+    let unknown = api.get("/v1/payouts", &[]).await;
     assert_eq!(unknown.status, 404);
     assert_eq!(fake.ledger().payment_intents.created, 0);
 }

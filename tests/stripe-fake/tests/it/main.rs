@@ -10,4 +10,5 @@ mod idempotency;
 mod lifecycle;
 mod pagination;
 mod search;
+mod subscriptions;
 mod webhooks;

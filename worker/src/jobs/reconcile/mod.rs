@@ -10,9 +10,15 @@
 //!    `pay.progress_reconciliation` (lease renewal; `false` = the run was taken from us: stop).
 //!    The next page is fetched while the current one is applied;
 //!    Then `GET /v1/checkout/sessions?…` the same way (their `created`: a session lives at most
-//!    24 hours, so the window's sessions are the ones that can still change);
+//!    24 hours, so the window's sessions are the ones that can still change), then
+//!    `GET /v1/subscriptions?status=all&…` (every status, canceled ones included; then per test
+//!    clock, which Stripe lists only when asked, in test mode) and
+//!    `GET /v1/invoices?…` (a renewal whose webhooks were all lost is provisioned from its
+//!    invoice);
 //! 3. `GET /v1/events?…` pages through `pay.apply_stripe_event` (one statement per page);
-//! 4. `pay.record_missing_at_stripe(run, every PaymentIntent id seen)` once the listing is complete;
+//! 4. `pay.record_missing_at_stripe(run, every PaymentIntent id seen)` and
+//!    `pay.record_missing_subscriptions_at_stripe(run, every subscription id seen)` once the
+//!    listing is complete;
 //! 5. `pay.finish_reconciliation(run, error)`.
 //!
 //! A dry run does all of that inside one transaction that is rolled back: nothing changes, not
@@ -58,8 +64,9 @@ impl ReconcileOptions {
     }
 }
 
-/// Counts of one run. Outcomes are those of `pay.apply_stripe_objects`; PaymentIntents and
-/// Checkout Sessions count together as objects.
+/// Counts of one run. Outcomes are those of `pay.apply_stripe_objects`, over every kind;
+/// PaymentIntents and Checkout Sessions count together as objects, subscriptions and invoices
+/// apart.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
     /// PaymentIntent list pages.
@@ -84,6 +91,14 @@ pub struct Counts {
     pub events_seen: u64,
     /// Events that were new to the database (applied or stored).
     pub events_replayed: u64,
+    /// Subscription list pages.
+    pub subscription_pages: u64,
+    /// Subscriptions seen.
+    pub subscriptions: u64,
+    /// Invoice list pages.
+    pub invoice_pages: u64,
+    /// Invoices seen.
+    pub invoices: u64,
     /// Payments whose PaymentIntent Stripe did not list.
     pub missing_at_stripe: u64,
     /// New findings of this run (`pay.reconciliation_runs.findings`).
@@ -96,9 +111,11 @@ impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} pages, {} PaymentIntents ({} applied, {} flagged, {} adopted, {} unchanged, {} ignored, {} not ours), {} events seen, {} replayed, {} missing at Stripe, {} new findings",
-            self.pages + self.event_pages,
+            "{} pages, {} PaymentIntents, {} subscriptions, {} invoices ({} applied, {} flagged, {} adopted, {} unchanged, {} ignored, {} not ours), {} events seen, {} replayed, {} missing at Stripe, {} new findings",
+            self.pages + self.subscription_pages + self.invoice_pages + self.event_pages,
             self.objects,
+            self.subscriptions,
+            self.invoices,
             self.applied,
             self.flagged,
             self.adopted,
@@ -156,6 +173,8 @@ pub struct Report {
 }
 
 /// Whether a run happened.
+// One value per run, moved once: boxing the report would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Started {
     /// It ran to the end.
@@ -171,6 +190,10 @@ pub enum Phase {
     PaymentIntents,
     /// Listing Checkout Sessions.
     CheckoutSessions,
+    /// Listing subscriptions (every status).
+    Subscriptions,
+    /// Listing invoices.
+    Invoices,
     /// Replaying events.
     Events,
 }

@@ -1,4 +1,5 @@
-//! One run: start, the PaymentIntent pages, the event pages, the missing ones, finish.
+//! One run: start, the PaymentIntent, Checkout Session, subscription and invoice pages, the event
+//! pages, the missing ones, finish.
 
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use tracing::{debug, info, warn};
 use super::{Change, Counts, Finding, Phase, ReconcileOptions, Report, Started, MAX_CHANGES_KEPT};
 use crate::error_chain::ErrorChain;
 use crate::jobs::{db_op, JobError};
-use crate::stripe::{Page, StripeReader};
+use crate::stripe::{Page, ReadError, StripeReader};
 
 const START: &str = "SELECT run_id, floor(extract(epoch FROM w.window_start))::bigint \
      FROM (SELECT now() - make_interval(secs => $2::float8) AS window_start) w, \
@@ -24,6 +25,10 @@ const PROGRESS: &str =
     "SELECT pay.progress_reconciliation($1::bigint, $2::int, $3::int, $4::int, $5::int, \
      $6::int, $7::int, make_interval(secs => $8::float8))";
 const MISSING: &str = "SELECT pay.record_missing_at_stripe($1::bigint, $2::text[])";
+const MISSING_SUBSCRIPTIONS: &str =
+    "SELECT pay.record_missing_subscriptions_at_stripe($1::bigint, $2::text[])";
+/// Pages of test clocks read before giving up on listing their subscriptions (test mode only).
+const MAX_CLOCK_PAGES: usize = 10;
 const FINISH: &str = "SELECT findings::bigint FROM pay.finish_reconciliation($1::bigint, $2::text)";
 const FINDINGS: &str = "SELECT kind, payment_id::text, stripe_object_id, expected, actual \
      FROM pay.findings WHERE run_id = $1 ORDER BY id";
@@ -75,6 +80,7 @@ pub(super) async fn run(job: &Job<'_>) -> Result<Started, JobError> {
         counts: Counts::default(),
         changes: Vec::new(),
         seen: Vec::new(),
+        seen_subscriptions: Vec::new(),
     };
     let result = state.pages(job, run_id, window_start).await;
     let error = result.as_ref().err().map(|e| ErrorChain(e).to_string());
@@ -146,6 +152,7 @@ struct RunState {
     counts: Counts,
     changes: Vec<Change>,
     seen: Vec<String>,
+    seen_subscriptions: Vec<String>,
 }
 
 impl RunState {
@@ -172,18 +179,29 @@ impl RunState {
             .map_err(db_op("prepare"))?;
         let progress_stmt = client.prepare(PROGRESS).await.map_err(db_op("prepare"))?;
 
-        // PaymentIntents, then Checkout Sessions (adopting sessions whose create answer was lost).
-        for (what, path, phase) in [
+        // PaymentIntents, then Checkout Sessions (adopting sessions whose create answer was lost),
+        // then subscriptions (every status: Stripe leaves canceled ones out unless asked) and
+        // their invoices (a paid one whose webhooks were lost is provisioned here).
+        for (what, path, phase, filters) in [
             (
                 "the PaymentIntent list",
                 "/v1/payment_intents",
                 Phase::PaymentIntents,
+                &[][..],
             ),
             (
                 "the Checkout Session list",
                 "/v1/checkout/sessions",
                 Phase::CheckoutSessions,
+                &[][..],
             ),
+            (
+                "the subscription list",
+                "/v1/subscriptions",
+                Phase::Subscriptions,
+                &[("status", "all")][..],
+            ),
+            ("the invoice list", "/v1/invoices", Phase::Invoices, &[][..]),
         ] {
             self.object_pages(
                 job,
@@ -191,9 +209,15 @@ impl RunState {
                 &progress_stmt,
                 run_id,
                 window_start,
-                (what, path, phase),
+                (what, path, phase, filters),
             )
             .await?;
+            if phase == Phase::Subscriptions {
+                // Stripe lists subscriptions on test clocks only when asked per clock (or per
+                // customer): without this, a complete listing would not be complete in test mode.
+                self.test_clock_subscriptions(job, &apply, &progress_stmt, run_id, window_start)
+                    .await?;
+            }
         }
 
         // Events the webhooks may have missed, through the same dedup and transition path.
@@ -234,6 +258,75 @@ impl RunState {
             .map_err(db_op("record_missing_at_stripe"))?
             .get(0);
         self.counts.missing_at_stripe = missing.unwrap_or(0).max(0) as u64;
+        let seen = std::mem::take(&mut self.seen_subscriptions);
+        let missing: Option<i32> = client
+            .query_one(MISSING_SUBSCRIPTIONS, &[&run_id, &seen])
+            .await
+            .map_err(db_op("record_missing_subscriptions_at_stripe"))?
+            .get(0);
+        self.counts.missing_at_stripe += missing.unwrap_or(0).max(0) as u64;
+        Ok(())
+    }
+
+    /// The subscriptions of every test clock (`GET /v1/test_helpers/test_clocks`, then
+    /// `GET /v1/subscriptions?test_clock=…` per clock). Live mode has no test clocks: a refusal
+    /// of the clock list means there are none.
+    async fn test_clock_subscriptions(
+        &mut self,
+        job: &Job<'_>,
+        apply: &tokio_postgres::Statement,
+        progress_stmt: &tokio_postgres::Statement,
+        run_id: i64,
+        window_start: i64,
+    ) -> Result<(), JobError> {
+        const CLOCKS: &str = "the test clock list";
+        let reader = job.reader;
+        let mut clocks = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_CLOCK_PAGES {
+            let page = match reader
+                .list_page_with(
+                    CLOCKS,
+                    "/v1/test_helpers/test_clocks",
+                    &[],
+                    None,
+                    after.as_deref(),
+                )
+                .await
+            {
+                Ok(page) => page,
+                Err(ReadError::Stripe { status, .. }) if (400..500).contains(&status) => {
+                    debug!(status, "no test clocks to list (live mode)");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            clocks.extend(
+                page.data
+                    .iter()
+                    .filter_map(|c| c["id"].as_str().map(str::to_owned)),
+            );
+            after = page.next;
+            if after.is_none() {
+                break;
+            }
+        }
+        for clock in &clocks {
+            self.object_pages(
+                job,
+                apply,
+                progress_stmt,
+                run_id,
+                window_start,
+                (
+                    "the subscription list of a test clock",
+                    "/v1/subscriptions",
+                    Phase::Subscriptions,
+                    &[("status", "all"), ("test_clock", clock.as_str())],
+                ),
+            )
+            .await?;
+        }
         Ok(())
     }
 
@@ -245,7 +338,7 @@ impl RunState {
         progress_stmt: &tokio_postgres::Statement,
         run_id: i64,
         window_start: i64,
-        (what, path, phase): (&'static str, &str, Phase),
+        (what, path, phase, filters): (&'static str, &str, Phase, &[(&str, &str)]),
     ) -> Result<(), JobError> {
         let Job {
             client,
@@ -253,20 +346,24 @@ impl RunState {
             progress,
             ..
         } = *job;
-        let mut page = reader.list_page(what, path, window_start, None).await?;
+        let mut page = reader
+            .list_page_with(what, path, filters, Some(window_start), None)
+            .await?;
         loop {
             let Page { data, next: cursor } = page;
             let fetch = async {
                 match &cursor {
                     Some(after) => reader
-                        .list_page(what, path, window_start, Some(after))
+                        .list_page_with(what, path, filters, Some(window_start), Some(after))
                         .await
                         .map(Some),
                     None => Ok(None),
                 }
             };
-            let (applied, next) =
-                tokio::join!(self.apply_objects(client, apply, run_id, data), fetch);
+            let (applied, next) = tokio::join!(
+                self.apply_objects(client, apply, run_id, phase, data),
+                fetch
+            );
             applied?;
             self.save_progress(job, progress_stmt, run_id).await?;
             progress(phase, &self.counts);
@@ -285,16 +382,31 @@ impl RunState {
         client: &Client,
         stmt: &tokio_postgres::Statement,
         run_id: i64,
+        phase: Phase,
         data: Vec<Value>,
     ) -> Result<(), JobError> {
-        self.counts.pages += 1;
+        let n = data.len() as u64;
+        let c = &mut self.counts;
+        let (pages, objects) = match phase {
+            Phase::Subscriptions => (&mut c.subscription_pages, &mut c.subscriptions),
+            Phase::Invoices => (&mut c.invoice_pages, &mut c.invoices),
+            Phase::PaymentIntents | Phase::CheckoutSessions | Phase::Events => {
+                (&mut c.pages, &mut c.objects)
+            }
+        };
+        *pages += 1;
+        *objects += n;
         if data.is_empty() {
             return Ok(());
         }
-        self.counts.objects += data.len() as u64;
         self.seen.extend(
             data.iter()
                 .filter(|o| o["object"] == "payment_intent")
+                .filter_map(|o| o["id"].as_str().map(str::to_owned)),
+        );
+        self.seen_subscriptions.extend(
+            data.iter()
+                .filter(|o| o["object"] == "subscription")
                 .filter_map(|o| o["id"].as_str().map(str::to_owned)),
         );
         let rows = client
@@ -343,8 +455,8 @@ impl RunState {
                 stmt,
                 &[
                     &run_id,
-                    &int(c.pages + c.event_pages),
-                    &int(c.objects),
+                    &int(c.pages + c.subscription_pages + c.invoice_pages + c.event_pages),
+                    &int(c.objects + c.subscriptions + c.invoices),
                     &int(c.applied + c.flagged),
                     &int(c.adopted),
                     &int(c.not_ours),
