@@ -101,7 +101,7 @@ CREATE TABLE pay.payments (
 -- A subscription: one row per subscription_ref (the application's own id for what is subscribed:
 -- an account, a seat). Its sign-up is a subscription-mode Checkout Session; from then on it
 -- mirrors Stripe's subscription through one rule (pgpay-core's subscription::decide, applied by
--- pay._apply_billing_object in sql/12_subscriptions.sql).
+-- pay._apply_billing_object in sql/13_subscription_evidence.sql).
 CREATE TABLE IF NOT EXISTS pay.subscriptions (
     id                          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     subscription_ref            text NOT NULL,

@@ -198,7 +198,7 @@ BEGIN
     END IF;
     IF v_command.subscription_id IS NOT NULL THEN
         -- A subscription's command: the answer (its Checkout Session, or the subscription) goes
-        -- through the subscription rule (sql/12_subscriptions.sql).
+        -- through the subscription rule (sql/13_subscription_evidence.sql).
         PERFORM pay._apply_billing_object(
             v_command.subscription_id, response, NULL, 'api answer to ' || v_command.kind,
             'outbox:' || v_command.id || '#' || v_command.attempts,

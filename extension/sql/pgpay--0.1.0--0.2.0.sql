@@ -3216,7 +3216,7 @@ REVOKE EXECUTE ON FUNCTION pay._lease_commands(bigint[], text, interval) FROM PU
 -- ==== subs-core: subscriptions and invoices (issue 14) ====
 -- pay.subscriptions (one row per subscription_ref), pay.invoices, pay.invoice_fulfillments,
 -- pay.entitlements; outbox commands and audit rows may belong to a subscription instead of a
--- payment. Everything below is re-runnable and repeats sql/01, 02, 03, 10, 12, 98 and 99.
+-- payment. Everything below is re-runnable and repeats sql/01, 02, 03, 10, 12, 13, 14, 98 and 99.
 -- ---------------------------------------------------------------------------------------------
 CREATE TABLE IF NOT EXISTS pay.subscriptions (
     id                          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -3429,7 +3429,7 @@ STRICT STABLE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'subscription_for_wrapper';
 
--- sql/12_subscriptions.sql, verbatim.
+-- sql/12_subscriptions.sql, 13_subscription_evidence.sql and 14_invoice_fulfillments.sql, verbatim.
 -- Subscriptions and invoices (issue 14). A subscription signs up through a subscription-mode
 -- Checkout Session; from then on Stripe's subscription, its invoices and the session are mirrored
 -- through one rule (pgpay-core's subscription::decide and decide_invoice, asked through
@@ -3437,6 +3437,10 @@ AS 'MODULE_PATHNAME', 'subscription_for_wrapper';
 -- webhook (extension/src/webhook.rs), an outbox answer (pay.complete_outbox) or reconciliation
 -- (pay._apply_stripe_object). A paid invoice gets exactly one row in pay.invoice_fulfillments,
 -- written in the transaction that records the payment.
+--
+-- Here: the tables, the application's API (begin, wait, change, cancel, timeline) and
+-- pay.entitlements. Applying Stripe's evidence is sql/13_subscription_evidence.sql; the invoice
+-- queue's functions are sql/14_invoice_fulfillments.sql.
 --
 -- This file is written to be re-runnable (IF NOT EXISTS, OR REPLACE): the upgrade script's
 -- subscriptions section repeats it verbatim.
@@ -3974,6 +3978,12 @@ CREATE OR REPLACE VIEW pay.entitlements AS
             ELSE s.status END AS reason
     ) e;
 
+-- Subscriptions' evidence (issue 14): Stripe's subscriptions, invoices and subscription-mode
+-- Checkout Sessions applied through the one rule, whichever way they arrive (a webhook through
+-- extension/src/webhook.rs, an outbox answer through pay.complete_outbox, reconciliation through
+-- pay._apply_stripe_object); refusals of subscription commands; a paid invoice's one fulfillment.
+-- Re-runnable (OR REPLACE): the upgrade script's subscriptions section repeats it verbatim.
+
 -- A paid invoice's one fulfillment, created once whoever records the payment first (a webhook
 -- under either name, an API answer, reconciliation). Returns whether it was created now.
 CREATE OR REPLACE FUNCTION pay._provision_paid_invoice(p_invoice pay.invoices, p_cause text, p_evidence_id text)
@@ -4321,6 +4331,44 @@ BEGIN
 END;
 $$;
 
+-- Subscriptions reconciliation did not see in a complete listing of its window
+-- (GET /v1/subscriptions?status=all&created[gte]=...): a live subscription here that Stripe does
+-- not list is a finding (missing_at_stripe), as a PaymentIntent is (pay.record_missing_at_stripe).
+-- Returns how many were new.
+CREATE OR REPLACE FUNCTION pay.record_missing_subscriptions_at_stripe(run_id bigint, seen_subscriptions text[]) RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+DECLARE
+    v_run pay.reconciliation_runs;
+    v_count int := 0;
+    v record;
+BEGIN
+    SELECT * INTO v_run FROM pay.reconciliation_runs r WHERE r.id = run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'record_missing_subscriptions_at_stripe: no run %', run_id USING ERRCODE = 'no_data_found';
+    END IF;
+    FOR v IN
+        SELECT s.id, s.subscription_ref, s.stripe_subscription_id FROM pay.subscriptions s
+        WHERE s.stripe_subscription_id IS NOT NULL
+          AND s.status IS DISTINCT FROM 'canceled' AND s.status IS DISTINCT FROM 'incomplete_expired'
+          AND s.created_at >= v_run.window_start AND s.created_at < v_run.window_end - interval '1 minute'
+          AND NOT (s.stripe_subscription_id = ANY (coalesce(seen_subscriptions, '{}')))
+    LOOP
+        IF pay._record_finding(run_id, 'missing_at_stripe', NULL, v.stripe_subscription_id, 'listed by Stripe', 'absent',
+                               'subscription ' || v.subscription_ref || ': not in Stripe''s list for the window') THEN
+            v_count := v_count + 1;
+        END IF;
+    END LOOP;
+    RETURN v_count;
+END;
+$$;
+
+-- Invoice fulfillments (issue 14): pay.claim_fulfillments and its neighbours for paid invoices,
+-- with the same leases, fencing and retry/backoff/dead-letter settings.
+-- Re-runnable (OR REPLACE): the upgrade script's subscriptions section repeats it verbatim.
+
 -- Claims paid invoices to provision, each held by one consumer at a time (a lease that expires
 -- if the consumer dies): pay.claim_fulfillments for invoices, with the same retry policy.
 CREATE OR REPLACE FUNCTION pay.claim_invoice_fulfillments(consumer text, max_rows int DEFAULT 10, lease interval DEFAULT '5 minutes')
@@ -4485,40 +4533,6 @@ CREATE OR REPLACE VIEW pay.dead_invoice_fulfillments AS
     FROM pay.invoice_fulfillments f
     WHERE f.dead_at IS NOT NULL AND f.completed_at IS NULL;
 
--- Subscriptions reconciliation did not see in a complete listing of its window
--- (GET /v1/subscriptions?status=all&created[gte]=...): a live subscription here that Stripe does
--- not list is a finding (missing_at_stripe), as a PaymentIntent is (pay.record_missing_at_stripe).
--- Returns how many were new.
-CREATE OR REPLACE FUNCTION pay.record_missing_subscriptions_at_stripe(run_id bigint, seen_subscriptions text[]) RETURNS int
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pay, pg_temp
-AS $$
-DECLARE
-    v_run pay.reconciliation_runs;
-    v_count int := 0;
-    v record;
-BEGIN
-    SELECT * INTO v_run FROM pay.reconciliation_runs r WHERE r.id = run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'record_missing_subscriptions_at_stripe: no run %', run_id USING ERRCODE = 'no_data_found';
-    END IF;
-    FOR v IN
-        SELECT s.id, s.subscription_ref, s.stripe_subscription_id FROM pay.subscriptions s
-        WHERE s.stripe_subscription_id IS NOT NULL
-          AND s.status IS DISTINCT FROM 'canceled' AND s.status IS DISTINCT FROM 'incomplete_expired'
-          AND s.created_at >= v_run.window_start AND s.created_at < v_run.window_end - interval '1 minute'
-          AND NOT (s.stripe_subscription_id = ANY (coalesce(seen_subscriptions, '{}')))
-    LOOP
-        IF pay._record_finding(run_id, 'missing_at_stripe', NULL, v.stripe_subscription_id, 'listed by Stripe', 'absent',
-                               'subscription ' || v.subscription_ref || ': not in Stripe''s list for the window') THEN
-            v_count := v_count + 1;
-        END IF;
-    END LOOP;
-    RETURN v_count;
-END;
-$$;
-
 -- Outbox answers and refusals, reconciliation and re-keying know subscriptions.
 CREATE OR REPLACE FUNCTION pay.complete_outbox(id bigint, attempt int, http_status int, response jsonb)
 RETURNS boolean
@@ -4544,7 +4558,7 @@ BEGIN
     END IF;
     IF v_command.subscription_id IS NOT NULL THEN
         -- A subscription's command: the answer (its Checkout Session, or the subscription) goes
-        -- through the subscription rule (sql/12_subscriptions.sql).
+        -- through the subscription rule (sql/13_subscription_evidence.sql).
         PERFORM pay._apply_billing_object(
             v_command.subscription_id, response, NULL, 'api answer to ' || v_command.kind,
             'outbox:' || v_command.id || '#' || v_command.attempts,

@@ -84,9 +84,19 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../../sql/13_subscription_evidence.sql",
+    name = "subscription_evidence",
+    requires = ["subscriptions"]
+);
+extension_sql_file!(
+    "../../sql/14_invoice_fulfillments.sql",
+    name = "invoice_fulfillments",
+    requires = ["subscription_evidence"]
+);
+extension_sql_file!(
     "../../sql/98_backups.sql",
     name = "backups",
-    requires = ["subscriptions"]
+    requires = ["invoice_fulfillments"]
 );
 extension_sql_file!(
     "../../sql/11_safety.sql",

@@ -1,4 +1,4 @@
-//! Subscriptions: the pure parts SQL calls (`sql/12_subscriptions.sql`). The input rules, the
+//! Subscriptions: the pure parts SQL calls (`sql/12_subscriptions.sql` and `13_subscription_evidence.sql`). The input rules, the
 //! reader of both API shapes and the one status rule live in `pgpay-core`; the writes are
 //! plpgsql (`pay._apply_billing_object`), which asks the rule here for every decision.
 

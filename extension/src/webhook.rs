@@ -77,7 +77,7 @@ static APPLY_OTHER_EVENT: Statement = Statement {
 };
 
 // Subscriptions, invoices and subscription-mode Checkout Sessions: written in plpgsql, the rule
-// asked of pgpay-core for every decision (sql/12_subscriptions.sql).
+// asked of pgpay-core for every decision (sql/13_subscription_evidence.sql).
 static APPLY_BILLING_OBJECT: Statement = Statement {
     sql: "SELECT a.outcome, a.detail \
           FROM pay._apply_billing_object($1, ($2::jsonb) #> '{data,object}', $3, $4, $5, $6) a",

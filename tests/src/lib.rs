@@ -3,6 +3,7 @@
 //! The extension must be installed first (`scripts/install-extension`, which `scripts/test` runs).
 
 pub mod billing;
+pub mod billing_world;
 pub mod fixtures;
 pub mod stripe_sdk;
 
