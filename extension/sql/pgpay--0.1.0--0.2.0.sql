@@ -4833,3 +4833,147 @@ GRANT EXECUTE ON FUNCTION pay.retry_invoice_fulfillment(text) TO pay_app;
 GRANT SELECT ON pay.subscriptions, pay.invoices, pay.invoice_fulfillments, pay.entitlements,
                 pay.dead_invoice_fulfillments TO pay_app, pay_auditor;
 GRANT EXECUTE ON FUNCTION pay.record_missing_subscriptions_at_stripe(bigint, text[]) TO pay_worker;
+
+-- ==== merge of session 4 branches: final definitions of functions that several branches rewrote ====
+-- pay._apply_stripe_object: finish-a (unknown run P0002, failed delayed debit no mismatch) and
+-- subs-core (billing objects) both changed it; this is sql/10_reconciliation.sql's merged text.
+CREATE OR REPLACE FUNCTION pay._apply_stripe_object(p_object jsonb, p_source text, p_run_id bigint,
+    OUT outcome text, OUT payment_id uuid, OUT detail text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v pay.payments;
+    v_id text := p_object ->> 'id';
+    v_claimed text := p_object #>> '{metadata,pgpay_payment_id}';
+    v_status text := p_object ->> 'status';
+    v_amount bigint;
+    v_currency text := lower(p_object ->> 'currency');
+    v_adopted boolean := false;
+    v_before pay.payment_status;
+    v_result text;
+BEGIN
+    PERFORM pay._require_run(p_run_id, 'apply_stripe_object');
+    PERFORM pay._bounded_json_text(p_object, 'object', 1048576);
+    IF p_object ->> 'object' IN ('subscription', 'invoice')
+       OR (p_object ->> 'object' = 'checkout.session' AND p_object ->> 'mode' = 'subscription') THEN
+        SELECT r.outcome, r.payment_id, r.detail INTO outcome, payment_id, detail
+        FROM pay._reconcile_billing_object(p_object, p_source, p_run_id) r;
+        RETURN;
+    END IF;
+    IF p_object ->> 'object' = 'refund' THEN
+        payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
+        IF payment_id IS NULL THEN
+            outcome := 'not_ours';
+            RETURN;
+        END IF;
+        outcome := pay._apply_refund_answer(payment_id, p_object, p_source);
+        RETURN;
+    END IF;
+    IF p_object ->> 'object' = 'checkout.session' AND v_id IS NOT NULL AND v_status IS NOT NULL THEN
+        payment_id := pay._payment_for(p_object ->> 'payment_intent', v_claimed);
+        IF payment_id IS NULL THEN
+            outcome := 'not_ours';
+            detail := 'no pgpay metadata';
+            RETURN;
+        END IF;
+        detail := v_status || '/' || coalesce(p_object ->> 'payment_status', '');
+        SELECT * INTO v FROM pay.payments p WHERE p.id = payment_id;
+        -- An open session the payment already knows, still open: nothing to write.
+        IF v.stripe_checkout_session_id = v_id AND v_status = 'open' AND v.status = 'requires_payment_method' THEN
+            outcome := 'unchanged';
+            RETURN;
+        END IF;
+        v := pay._lock_payment(v.id);
+        v_before := v.status;
+        IF v.stripe_checkout_session_id IS NULL THEN
+            -- A crash between Stripe's create and our commit: adopt the session, and close the
+            -- create command so it is never sent again.
+            v_adopted := true;
+            UPDATE pay.outbox o
+            SET status = 'done', response = p_object, last_http_status = 200, lease_owner = NULL, lease_expires = NULL,
+                last_error = 'adopted by ' || p_source, completed_at = now(), updated_at = now(),
+                attempts = greatest(o.attempts, 1), first_attempt_at = coalesce(o.first_attempt_at, now())
+            WHERE o.payment_id = v.id AND o.kind = 'create_checkout_session' AND o.status IN ('pending', 'in_flight');
+            PERFORM pay._record_finding(p_run_id, 'orphan_adopted', v.id, v_id, NULL, v_id,
+                'Checkout Session created at Stripe but never recorded; adopted');
+        END IF;
+        v_result := pay._apply_checkout_session(v.id, p_object, p_source, p_source || ':' || v_id,
+                                                floor(extract(epoch FROM now()))::bigint, NULL);
+        SELECT * INTO v FROM pay.payments p WHERE p.id = v.id;
+        IF v_result IN ('applied', 'flagged') AND v.status <> v_before AND NOT v_adopted THEN
+            PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v.status::text,
+                'missed by webhooks; fixed from the API');
+        END IF;
+        outcome := CASE WHEN v_adopted THEN 'adopted' ELSE v_result END;
+        RETURN;
+    END IF;
+    IF p_object ->> 'object' IS DISTINCT FROM 'payment_intent' OR v_id IS NULL OR v_status IS NULL THEN
+        RAISE EXCEPTION 'apply_stripe_object: expected a PaymentIntent, Checkout Session, Refund, Subscription or Invoice object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_amount := CASE WHEN p_object ->> 'amount' ~ '^[0-9]{1,18}$' THEN (p_object ->> 'amount')::bigint END;
+
+    -- Read first without a lock: an unchanged payment (the common case) writes nothing.
+    payment_id := pay._payment_for(v_id, v_claimed);
+    IF payment_id IS NULL THEN
+        IF pay._claimed_payment_id(v_claimed) IS NULL THEN
+            outcome := 'not_ours';
+            detail := 'no pgpay metadata';
+            RETURN;
+        END IF;
+        PERFORM pay._record_finding(p_run_id, 'unknown_payment', NULL, v_id, v_claimed, NULL,
+            'the PaymentIntent names a pgpay payment this database does not have');
+        outcome := 'not_ours';
+        detail := 'names an unknown payment';
+        RETURN;
+    END IF;
+    SELECT * INTO v FROM pay.payments p WHERE p.id = payment_id;
+    IF v.stripe_payment_intent_id = v_id AND v.status::text = v_status AND v.amount = v_amount
+       AND v.currency = v_currency AND v.client_secret IS NOT NULL THEN
+        outcome := 'unchanged';
+        RETURN;
+    END IF;
+
+    v := pay._lock_payment(v.id);
+    v_before := v.status;
+    IF v.stripe_payment_intent_id IS NOT NULL AND v.stripe_payment_intent_id <> v_id THEN
+        PERFORM pay._record_finding(p_run_id, 'second_payment_intent', v.id, v_id, v.stripe_payment_intent_id, v_id,
+            'a second PaymentIntent carries this payment''s id');
+    ELSIF v.stripe_payment_intent_id IS NULL AND v.mode = 'payment_intent' THEN
+        -- (In session mode the PaymentIntent is the session's, made by Stripe: not an orphan.)
+        -- A crash between Stripe's create and our commit: adopt it, and close the create command so
+        -- it is never sent again (past Stripe's key retention it would create a second one).
+        v_adopted := true;
+        UPDATE pay.outbox o
+        SET status = 'done', response = p_object, last_http_status = 200, lease_owner = NULL, lease_expires = NULL,
+            last_error = 'adopted by ' || p_source, completed_at = now(), updated_at = now(),
+            attempts = greatest(o.attempts, 1), first_attempt_at = coalesce(o.first_attempt_at, now())
+        WHERE o.payment_id = v.id AND o.kind = 'create_payment_intent' AND o.status IN ('pending', 'in_flight');
+        PERFORM pay._record_finding(p_run_id, 'orphan_adopted', v.id, v_id, NULL, v_id,
+            'PaymentIntent created at Stripe but never recorded; adopted');
+    END IF;
+    IF v_amount IS DISTINCT FROM v.amount THEN
+        PERFORM pay._record_finding(p_run_id, 'amount_drift', v.id, v_id, v.amount::text, v_amount::text, NULL);
+    END IF;
+    IF v_currency IS DISTINCT FROM v.currency THEN
+        PERFORM pay._record_finding(p_run_id, 'currency_drift', v.id, v_id, v.currency, v_currency, NULL);
+    END IF;
+    v_result := pay._apply_payment_intent(v.id, p_object, p_source, p_source || ':' || v_id,
+                                          floor(extract(epoch FROM now()))::bigint);
+    IF v_result IN ('applied', 'flagged') AND v_status IS DISTINCT FROM v_before::text AND NOT v_adopted THEN
+        PERFORM pay._record_finding(p_run_id, 'status_drift_fixed', v.id, v_id, v_before::text, v_status,
+            'missed by webhooks; fixed from the API');
+    ELSIF v_result = 'ignored' AND v_before <> 'superseded' AND v_status IS DISTINCT FROM v_before::text
+          -- A session's delayed payment that failed ends the attempt (its Checkout Session speaks
+          -- for it) and leaves the PaymentIntent at requires_payment_method, which nobody can pay
+          -- any more: Stripe does not contradict the cancel.
+          AND NOT (v.mode = 'session' AND v_before = 'canceled' AND v_status = 'requires_payment_method') THEN
+        -- A terminal status here that Stripe contradicts: only a human can say which is right.
+        PERFORM pay._record_finding(p_run_id, 'status_mismatch', v.id, v_id, v_before::text, v_status,
+            'the payment is terminal here but Stripe reports another status');
+    END IF;
+    outcome := CASE WHEN v_adopted THEN 'adopted' ELSE v_result END;
+    detail := v_status;
+END;
+$$;
+
