@@ -4977,3 +4977,48 @@ BEGIN
 END;
 $$;
 
+
+-- pay.status_report counts dead fulfillments (payments' and invoices') and flagged subscriptions;
+-- it now lives in sql/11_safety.sql, after every table it reads.
+-- What `pgpay-worker status` prints, and whether a human is needed. Defined last, after every
+-- table and view it counts (payments' and subscriptions' alike).
+CREATE OR REPLACE FUNCTION pay.status_report() RETURNS jsonb
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pay, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'outbox', coalesce((SELECT jsonb_object_agg(s.status, s.n) FROM (
+            SELECT o.status, count(*) AS n FROM pay.outbox o GROUP BY o.status) s), '{}'),
+        'oldest_pending_seconds', (SELECT floor(extract(epoch FROM now() - min(o.created_at)))
+                                   FROM pay.outbox o WHERE o.status IN ('pending', 'in_flight')),
+        'dead_commands', (SELECT count(*) FROM pay.outbox o WHERE o.status = 'dead'),
+        'expired_leases', (SELECT count(*) FROM pay.outbox o WHERE o.status = 'in_flight' AND o.lease_expires < now()),
+        'stuck_payments', (SELECT count(*) FROM pay.stuck_payments),
+        'flagged_payments', (SELECT count(*) FROM pay.flagged_payments),
+        'dead_fulfillments', (SELECT count(*) FROM pay.dead_fulfillments),
+        'dead_invoice_fulfillments', (SELECT count(*) FROM pay.dead_invoice_fulfillments),
+        'flagged_subscriptions', (SELECT count(*) FROM pay.subscriptions s WHERE s.flagged_reason IS NOT NULL),
+        'open_findings', (SELECT count(*) FROM pay.findings f WHERE f.resolved_at IS NULL),
+        'last_reconciliation', (SELECT to_jsonb(r) - 'lease_expires' FROM pay.reconciliation_runs r ORDER BY r.id DESC LIMIT 1),
+        'webhook_rejections_24h', (SELECT coalesce(sum(r.count), 0) FROM pay.webhook_rejections r
+                                   WHERE r.last_at > now() - interval '24 hours'),
+        'live_webhook_secrets', (SELECT count(*) FROM pay.webhook_secrets s
+                                 WHERE s.revoked_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now())),
+        -- A wrong endpoint secret: signature mismatches in the last hour and not one signed
+        -- delivery accepted. Rejections are counted by day; last_at says one was this hour.
+        -- The scan of webhook_events (no index on received_at: every index is paid for by
+        -- every delivery) only runs when there was such a rejection.
+        'signature_mismatches_today', (SELECT coalesce(sum(r.count), 0) FROM pay.webhook_rejections r
+                                       WHERE r.reason = 'signature_mismatch' AND r.day = current_date),
+        'last_signature_mismatch_seconds', (SELECT floor(extract(epoch FROM now() - max(r.last_at)))::bigint
+                                            FROM pay.webhook_rejections r
+                                            WHERE r.reason = 'signature_mismatch' AND r.day >= current_date - 1),
+        'webhooks_accepted_1h', CASE WHEN EXISTS (
+                SELECT 1 FROM pay.webhook_rejections r
+                WHERE r.reason = 'signature_mismatch' AND r.day >= current_date - 1
+                  AND r.last_at > now() - interval '1 hour')
+            THEN (SELECT count(*) FROM pay.webhook_events e
+                  WHERE e.source = 'webhook' AND e.received_at > now() - interval '1 hour') END
+    );
+$$;

@@ -184,6 +184,15 @@ async fn after_the_last_attempt_it_is_dead_until_a_human_retries_it() {
     assert_eq!(
         count(
             &client,
+            "SELECT (pay.status_report() ->> 'dead_fulfillments')::bigint"
+        )
+        .await,
+        1,
+        "pgpay-worker status counts it"
+    );
+    assert_eq!(
+        count(
+            &client,
             &format!(
                 "SELECT count(*) FROM pay.payment_timeline('{id}') WHERE cause = 'fulfillment dead after 3 failed attempts: no such SKU: 3'"
             )

@@ -104,6 +104,15 @@ async fn claims_fence_failures_back_off_die_and_come_back() {
         .await,
         1
     );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT (pay.status_report() ->> 'dead_invoice_fulfillments')::bigint"
+        )
+        .await,
+        1,
+        "pgpay-worker status counts it"
+    );
     assert!(
         claim(&client, "a").await.is_empty(),
         "a dead row waits for a human"

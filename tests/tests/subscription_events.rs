@@ -700,6 +700,15 @@ async fn a_second_stripe_subscription_claiming_one_row_is_flagged_not_applied() 
     assert_eq!(row.get::<_, String>(1), "active");
     assert!(row.get::<_, String>(2).contains("sub_someone_else"));
     assert_eq!(
+        count(
+            &client,
+            "SELECT (pay.status_report() ->> 'flagged_subscriptions')::bigint"
+        )
+        .await,
+        1,
+        "pgpay-worker status counts it"
+    );
+    assert_eq!(
         w.fulfillments(&client).await,
         0,
         "nothing provisioned for a stranger's invoice"

@@ -58,6 +58,15 @@ impl Status {
         );
         count("stuck_payments", "stuck payment(s)");
         count("flagged_payments", "flagged payment(s)");
+        count(
+            "dead_fulfillments",
+            "payment fulfillment(s) given up (pay.dead_fulfillments)",
+        );
+        count(
+            "dead_invoice_fulfillments",
+            "invoice fulfillment(s) given up (pay.dead_invoice_fulfillments)",
+        );
+        count("flagged_subscriptions", "flagged subscription(s)");
         count("open_findings", "open reconciliation finding(s)");
         if let Some(last) = r.get("last_reconciliation").filter(|v| v.is_object()) {
             if let Some(err) = last.get("error").and_then(Value::as_str) {
@@ -126,15 +135,18 @@ impl Status {
         };
         let _ = writeln!(s, "  oldest open command:      {oldest}");
         for (key, label) in [
-            ("dead_commands", "dead commands:           "),
-            ("expired_leases", "expired leases:          "),
-            ("stuck_payments", "stuck payments:          "),
-            ("flagged_payments", "flagged payments:        "),
-            ("open_findings", "open findings:           "),
+            ("dead_commands", "dead commands:"),
+            ("expired_leases", "expired leases:"),
+            ("stuck_payments", "stuck payments:"),
+            ("flagged_payments", "flagged payments:"),
+            ("dead_fulfillments", "dead fulfillments:"),
+            ("dead_invoice_fulfillments", "dead invoice fulfillments:"),
+            ("flagged_subscriptions", "flagged subscriptions:"),
+            ("open_findings", "open findings:"),
             ("webhook_rejections_24h", "webhook rejections (24h):"),
-            ("live_webhook_secrets", "live webhook secrets:    "),
+            ("live_webhook_secrets", "live webhook secrets:"),
         ] {
-            let _ = writeln!(s, "  {label} {}", n(r, key));
+            let _ = writeln!(s, "  {label:<26}{}", n(r, key));
         }
         match r.get("last_reconciliation").filter(|v| v.is_object()) {
             None => {
@@ -209,6 +221,9 @@ mod tests {
             (json!({"expired_leases": 2}), None, 1),
             (json!({"stuck_payments": 1}), None, 1),
             (json!({"flagged_payments": 1}), None, 1),
+            (json!({"dead_fulfillments": 2}), None, 1),
+            (json!({"dead_invoice_fulfillments": 1}), None, 1),
+            (json!({"flagged_subscriptions": 1}), None, 1),
             (json!({"open_findings": 3}), None, 1),
             (json!({"live_webhook_secrets": 0}), None, 1),
             (json!({"last_reconciliation": last_ok.clone()}), Some(60), 0),
